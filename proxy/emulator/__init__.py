@@ -1,0 +1,1 @@
+"""Local stand-ins for the AML scoring front end and control planes, for development and tests."""
