@@ -1,0 +1,40 @@
+# One obvious command per task. Everything installs into folders of this checkout.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TOOLS := .tools
+AMLVENV := $(TOOLS)/azmlinfsrv-venv
+AZMLINFSRV := $(abspath $(AMLVENV))/bin/azmlinfsrv
+# The real AML scoring server lives in its own venv: its pinned Flask/OpenTelemetry stack is not ours.
+AZMLINFSRV_VERSION := 1.5.1
+
+.PHONY: install test lint demo clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	@$(PY) -c 'import venv, ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+$(AMLVENV)/.installed:
+	@mkdir -p $(TOOLS)
+	$(PY) -m venv $(AMLVENV)
+	$(AMLVENV)/bin/pip install -q --disable-pip-version-check 'azureml-inference-server-http==$(AZMLINFSRV_VERSION)'
+	@touch $@
+
+install: $(BIN)/.installed $(AMLVENV)/.installed
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+	$(BIN)/mypy
+
+test: install lint
+	AZMLINFSRV=$(AZMLINFSRV) $(BIN)/pytest -q -p no:cacheprovider
+
+demo: install
+	$(BIN)/aml-auth-proxy demo --azmlinfsrv $(AZMLINFSRV)
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

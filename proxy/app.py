@@ -1,0 +1,124 @@
+"""Wiring: the only module that builds everything.
+
+`ProxyService` owns the proxy port (a low-level aiohttp server: one catch-all handler, no router), the admin
+port, each route's upstream session and credential task, and the shutdown order: readiness off, stop listening,
+let in-flight requests finish within the grace period, then release everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.config import Settings
+from proxy.credentials.keys import KeyFileProvider
+from proxy.forwarding import ProxyHandler, Router, RouteRuntime
+from proxy.health import Lifecycle, create_admin_app
+from proxy.logs import event
+from proxy.metrics import Metrics
+
+log = logging.getLogger("aml_auth_proxy.app")
+
+MAX_FIELD_SIZE = 16384
+
+
+def _guard(task: asyncio.Task[None], *, route: str) -> None:
+    """A background task that ends is a bug: say so loudly."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    event(log, logging.CRITICAL, "background_task_ended", route=route, error_type=type(exc).__name__ if exc else None)
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        for sock in getattr(server, "sockets", None) or ():
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return int(sock.getsockname()[1])
+    raise RuntimeError("site is not listening")
+
+
+class ProxyService:
+    """The running proxy: build with settings, `await start()`, later `await stop()`."""
+
+    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.lifecycle = Lifecycle()
+        self.routes: list[RouteRuntime] = []
+        for route in settings.routes:
+            rm = self.metrics.for_route(route.name)
+            provider = KeyFileProvider(route=route.name, auth=route.auth, metrics=rm)
+            self.routes.append(RouteRuntime(config=route, provider=provider, metrics=rm))
+        self.handler = ProxyHandler(
+            router=Router(self.routes), metrics=self.metrics, access_log_enabled=settings.access_log
+        )
+        self.admin_app = create_admin_app(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._proxy_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        """Load credentials, then listen. The first credential is loaded before any port reports ready."""
+        s = self.settings
+        self._admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None)
+        await self._admin_runner.setup()
+        await web.TCPSite(self._admin_runner, s.admin.host, s.admin.port).start()
+        self.admin_port = _bound_port(self._admin_runner)
+        for rt in self.routes:
+            rt.session = rt.make_session()
+            await rt.provider.start()
+            task = asyncio.create_task(rt.provider.run(), name=f"credentials:{rt.name}")
+            task.add_done_callback(functools.partial(_guard, route=rt.name))
+            self._tasks.append(task)
+        server = web.Server(self.handler, handler_cancellation=False, access_log=None, max_field_size=MAX_FIELD_SIZE)
+        self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace_seconds)
+        await self._proxy_runner.setup()
+        await web.TCPSite(self._proxy_runner, s.listen.host, s.listen.port, backlog=1024).start()
+        self.proxy_port = _bound_port(self._proxy_runner)
+        event(
+            log,
+            logging.INFO,
+            "started",
+            listen=f"{s.listen.host}:{self.proxy_port}",
+            admin=f"{s.admin.host}:{self.admin_port}",
+            routes=[rt.name for rt in self.routes],
+        )
+
+    async def stop(self) -> None:
+        """Graceful stop: unready at once, refuse new connections, drain within the grace period."""
+        self.lifecycle.shutting_down = True
+        event(
+            log,
+            logging.INFO,
+            "shutting_down",
+            in_flight=self.handler.in_flight,
+            grace_seconds=self.settings.shutdown_grace_seconds,
+        )
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()  # closes the listener, then waits for handlers
+            self._proxy_runner = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for rt in self.routes:
+            await rt.provider.close()
+            if rt.session is not None:
+                await rt.session.close()
+                rt.session = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        event(log, logging.INFO, "stopped")

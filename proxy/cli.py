@@ -1,0 +1,96 @@
+"""Command line: `run`, `check-config`, `emulator`, `demo`. Only wiring; the pieces live elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+from proxy.config import ConfigError, Settings, load
+from proxy.logs import event
+from proxy.logs import setup as setup_logging
+
+log = logging.getLogger("aml_auth_proxy.cli")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aml-auth-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"aml-auth-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", help="YAML config file (optional when AML_AUTH_PROXY_* variables set it all)")
+    check = sub.add_parser("check-config", help="validate a config without starting")
+    check.add_argument("--config", help="YAML config file")
+    sub.add_parser("emulator", help="run the local AML emulator (see `emulator --help`)", add_help=False)
+    demo = sub.add_parser("demo", help="emulator + proxy + a few scoring calls, then stop")
+    demo.add_argument("--azmlinfsrv", help="path of the azmlinfsrv executable (default: echo model)")
+    return parser
+
+
+def _load(path: str | None) -> Settings | None:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return None
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - the fallback is the standard loop
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. Returns the exit code."""
+    from proxy.app import ProxyService
+
+    service = ProxyService(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except OSError as exc:
+        event(log, logging.ERROR, "start_failed", reason=str(exc))
+        await service.stop()
+        return 1
+    await stop.wait()
+    await service.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["emulator"]:
+        from proxy.emulator.runner import main as emulator_main
+
+        return emulator_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+    if args.command == "check-config":
+        settings = _load(args.config)
+        if settings is None:
+            return EXIT_CONFIG
+        names = ", ".join(f"{r.name} ({r.match} -> {r.upstream})" for r in settings.routes)
+        print(f"config ok: {len(settings.routes)} route(s): {names}")
+        return 0
+    if args.command == "demo":
+        from proxy.demo import main as demo_main
+
+        return demo_main(azmlinfsrv=args.azmlinfsrv)
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    setup_logging(settings.log_level)
+    _install_uvloop()
+    return asyncio.run(serve(settings))

@@ -1,0 +1,505 @@
+"""Settings: the one place that reads the config file and the environment.
+
+`load(path, environ)` returns frozen, keyword-only dataclasses or raises `ConfigError` carrying one line per
+problem, each naming the key (and the environment variable when the value came from one), the bad value and
+what is allowed. The schema below is declarative so the environment-variable names, the validation and the
+documentation test all derive from one table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yarl import URL
+
+ENV_PREFIX = "AML_AUTH_PROXY_"
+ROUTE_ENV_PREFIX = ENV_PREFIX + "ROUTE_"
+
+AUTH_TYPES = ("key",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FORBIDDEN_INJECT_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "x-request-id",
+        "x-ms-client-request-id",
+    }
+)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` has one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class Listen:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    connect: float
+    read: float
+    total: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tls:
+    verify: bool
+    ca_file: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pool:
+    max_connections: int
+    keepalive_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyAuth:
+    type: str
+    primary_file: str
+    secondary_file: str | None
+    header: str
+    template: str
+    reload_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    name: str
+    region: str
+    upstream: URL
+    match: str
+    strip_prefix: bool
+    deployment: str | None
+    keep_caller_credential: bool
+    retry_buffer_bytes: int
+    tls: Tls
+    timeouts: Timeouts
+    pool: Pool
+    auth: KeyAuth
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    listen: Listen
+    admin: Listen
+    shutdown_grace_seconds: float
+    log_level: str
+    access_log: bool
+    routes: tuple[Route, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The schema. Each leaf: (dotted key, kind, default, constraint). REQUIRED marks keys without a default.
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Leaf:
+    key: str  # dotted, relative to the section (top level or one route)
+    kind: str  # str | int | float | bool | enum | optfloat | optstr
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+TOP_LEAVES: tuple[Leaf, ...] = (
+    Leaf("listen.host", "str", "127.0.0.1", "Address the proxy port binds to."),
+    Leaf("listen.port", "int", 8080, "Proxy port (0 picks a free port).", minimum=0, maximum=65535),
+    Leaf("admin.host", "str", "0.0.0.0", "Address of the admin port (/healthz, /readyz, /metrics)."),
+    Leaf("admin.port", "int", 9090, "Admin port (0 picks a free port).", minimum=0, maximum=65535),
+    Leaf(
+        "shutdown_grace_seconds",
+        "float",
+        20.0,
+        "After SIGTERM, how long in-flight requests may take before the process exits.",
+        minimum=0,
+        maximum=3600,
+    ),
+    Leaf("log_level", "enum", "info", "Lowest level logged.", choices=LOG_LEVELS),
+    Leaf("access_log", "bool", True, "Write one JSON access line per request."),
+)
+
+ROUTE_LEAVES: tuple[Leaf, ...] = (
+    Leaf("name", "str", "default", "Route name, used in metrics and logs ([a-z0-9_-], at most 63)."),
+    Leaf("region", "str", "unknown", "Region label for metrics (e.g. eastus)."),
+    Leaf("upstream", "str", REQUIRED, "Base URL of the AML endpoint (http or https; a path is allowed)."),
+    Leaf("match", "str", "/", "Path prefix this route serves; the longest matching prefix wins."),
+    Leaf("strip_prefix", "bool", False, "Remove the matched prefix before appending the path to upstream."),
+    Leaf("deployment", "optstr", None, "If set, sent as azureml-model-deployment, replacing the caller's."),
+    Leaf(
+        "keep_caller_credential",
+        "bool",
+        False,
+        "Forward the caller's own credential header instead of replacing it (opt-in).",
+    ),
+    Leaf(
+        "retry_buffer_bytes",
+        "int",
+        1048576,
+        "Request bodies up to this size are buffered so a 401 can be retried with the other key.",
+        minimum=0,
+        maximum=64 * 1048576,
+    ),
+    Leaf("tls.verify", "bool", True, "Verify the upstream TLS certificate."),
+    Leaf("tls.ca_file", "optstr", None, "PEM CA bundle to trust for the upstream instead of the system store."),
+    Leaf("timeouts.connect", "float", 10.0, "Seconds to connect (including TLS).", minimum=0.001),
+    Leaf("timeouts.read", "float", 60.0, "Seconds to wait for each read from the upstream.", minimum=0.001),
+    Leaf(
+        "timeouts.total", "optfloat", None, "Seconds for the whole upstream exchange; null = no limit.", minimum=0.001
+    ),
+    Leaf("pool.max_connections", "int", 100, "Open connections to the upstream at most.", minimum=1, maximum=100000),
+    Leaf("pool.keepalive_seconds", "float", 30.0, "How long an idle upstream connection is kept.", minimum=0),
+    Leaf("auth.type", "enum", "key", "Credential kind.", choices=AUTH_TYPES),
+    Leaf("auth.primary_file", "str", REQUIRED, "File holding the primary key (a mounted Secret key)."),
+    Leaf("auth.secondary_file", "optstr", None, "File holding the secondary key, used after a 401."),
+    Leaf("auth.header", "str", "Authorization", "Header that carries the credential."),
+    Leaf("auth.template", "str", "Bearer {key}", "Header value; {key} is replaced by the key."),
+    Leaf(
+        "auth.reload_seconds",
+        "float",
+        1.0,
+        "How often the key files are checked for changes.",
+        minimum=0.05,
+        maximum=3600,
+    ),
+)
+
+
+def env_name(key: str, *, route: bool) -> str:
+    """Environment variable that sets `key` (a top-level key, or a key of the single route)."""
+    stem = key.replace(".", "_").upper()
+    return (ROUTE_ENV_PREFIX if route else ENV_PREFIX) + stem
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.lines.append(f"{where}: {message}")
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _convert(leaf: Leaf, value: Any, where: str, problems: _Problems) -> Any:
+    """Check one value against its leaf; return the converted value or REQUIRED on error."""
+    bad = REQUIRED
+    if leaf.kind in ("optstr", "optfloat") and value is None:
+        return None
+    if leaf.kind in ("str", "optstr"):
+        if not isinstance(value, str) or not value:
+            problems.add(where, f"{_fmt(value)} is not allowed; expected a non-empty string")
+            return bad
+        if any(ch in value for ch in "\r\n\x00"):
+            problems.add(where, f"{_fmt(value)} is not allowed; CR, LF and NUL are not allowed")
+            return bad
+        return value
+    if leaf.kind == "enum":
+        if value not in leaf.choices:
+            problems.add(where, f"{_fmt(value)} is not allowed; allowed: {', '.join(leaf.choices)}")
+            return bad
+        return value
+    if leaf.kind == "bool":
+        if not isinstance(value, bool):
+            problems.add(where, f"{_fmt(value)} is not allowed; expected true or false")
+            return bad
+        return value
+    if leaf.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(where, f"{_fmt(value)} is not allowed; expected a whole number{_range(leaf)}")
+            return bad
+    elif leaf.kind in ("float", "optfloat"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.add(where, f"{_fmt(value)} is not allowed; expected a number{_range(leaf)}")
+            return bad
+        value = float(value)
+    if (leaf.minimum is not None and value < leaf.minimum) or (leaf.maximum is not None and value > leaf.maximum):
+        problems.add(where, f"{_fmt(value)} is out of range; expected a number{_range(leaf)}")
+        return bad
+    return value
+
+
+def _range(leaf: Leaf) -> str:
+    if leaf.minimum is not None and leaf.maximum is not None:
+        return f" from {leaf.minimum:g} to {leaf.maximum:g}"
+    if leaf.minimum is not None:
+        return f" >= {leaf.minimum:g}"
+    return ""
+
+
+def _read_section(
+    raw: Any,
+    leaves: tuple[Leaf, ...],
+    *,
+    prefix: str,
+    env_sources: Mapping[str, str],
+    problems: _Problems,
+) -> dict[str, Any]:
+    """Walk `raw` against `leaves`; returns {dotted key: value}. Unknown keys are problems (typos)."""
+    out: dict[str, Any] = {}
+    if not isinstance(raw, Mapping):
+        problems.add(prefix.rstrip(".") or "config", f"{_fmt(raw)} is not allowed; expected a mapping")
+        return out
+    groups = {leaf.key.split(".")[0] for leaf in leaves}
+    for key in raw:
+        if key not in groups:
+            problems.add(f"{prefix}{key}", f"unknown key; allowed: {', '.join(sorted(groups))}")
+    for group in sorted({leaf.key.split(".")[0] for leaf in leaves if "." in leaf.key}):
+        section = raw.get(group)
+        if section is None:
+            continue
+        if not isinstance(section, Mapping):
+            problems.add(f"{prefix}{group}", f"{_fmt(section)} is not allowed; expected a mapping")
+            continue
+        allowed = sorted(leaf.key.split(".", 1)[1] for leaf in leaves if leaf.key.startswith(group + "."))
+        for key in section:
+            if key not in allowed:
+                problems.add(f"{prefix}{group}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
+    for leaf in leaves:
+        parts = leaf.key.split(".")
+        node: Any = raw
+        for part in parts:
+            node = node.get(part, REQUIRED) if isinstance(node, Mapping) else REQUIRED
+        where = prefix + leaf.key
+        if where in env_sources:
+            where = f"{where} (from {env_sources[where]})"
+        if node is REQUIRED:
+            if leaf.default is REQUIRED:
+                problems.add(where, "is required")
+            out[leaf.key] = leaf.default
+            continue
+        out[leaf.key] = _convert(leaf, node, where, problems)
+    return out
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _env_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], problems: _Problems) -> dict[str, str]:
+    """Overlay environment variables on the raw document. Returns {config key: env var} for messages."""
+    sources: dict[str, str] = {}
+    known = {env_name(leaf.key, route=False) for leaf in TOP_LEAVES} | {
+        env_name(leaf.key, route=True) for leaf in ROUTE_LEAVES
+    }
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            problems.add(name, "unknown environment variable; see docs/configuration.md for the names")
+    for leaf in TOP_LEAVES:
+        name = env_name(leaf.key, route=False)
+        if name in environ:
+            _set_dotted(raw, leaf.key, _env_scalar(environ[name]))
+            sources[leaf.key] = name
+    route_env = [(leaf, env_name(leaf.key, route=True)) for leaf in ROUTE_LEAVES]
+    route_env = [(leaf, name) for leaf, name in route_env if name in environ]
+    if route_env:
+        routes = raw.get("routes")
+        if routes is None:
+            routes = [{}]
+            raw["routes"] = routes
+        if not isinstance(routes, list) or len(routes) != 1 or not isinstance(routes[0], dict):
+            problems.add(route_env[0][1], f"{ROUTE_ENV_PREFIX}* variables need exactly one route in the config file")
+            return sources
+        for leaf, name in route_env:
+            _set_dotted(routes[0], leaf.key, _env_scalar(environ[name]))
+            sources[f"routes[0].{leaf.key}"] = name
+    return sources
+
+
+def _check_route(values: dict[str, Any], where: str, problems: _Problems) -> URL | None:
+    """Cross-field checks of one route; returns the parsed upstream URL."""
+    name = values["name"]
+    if isinstance(name, str) and not _NAME_RE.match(name):
+        problems.add(f"{where}name", f"{_fmt(name)} is not allowed; use a-z, 0-9, '_' and '-', at most 63")
+    url: URL | None = None
+    upstream = values["upstream"]
+    if isinstance(upstream, str):
+        try:
+            url = URL(upstream)
+        except (ValueError, TypeError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            problems.add(f"{where}upstream", f"{_fmt(upstream)} is not allowed; expected an http(s) URL")
+            url = None
+        elif url.user or url.password or url.query_string or url.fragment:
+            problems.add(
+                f"{where}upstream",
+                f"{_fmt(upstream)} is not allowed; no credentials, query or fragment in the URL",
+            )
+            url = None
+    match = values["match"]
+    if isinstance(match, str) and (not match.startswith("/") or "?" in match or "/../" in match + "/"):
+        problems.add(f"{where}match", f"{_fmt(match)} is not allowed; expected a path prefix starting with /")
+    header = values["auth.header"]
+    if isinstance(header, str):
+        if not _TOKEN_RE.match(header):
+            problems.add(f"{where}auth.header", f"{_fmt(header)} is not allowed; expected an HTTP header name")
+        elif header.lower() in _FORBIDDEN_INJECT_HEADERS or header.lower().startswith("proxy-"):
+            problems.add(f"{where}auth.header", f"{_fmt(header)} is not allowed; it is a framing or reserved header")
+    template = values["auth.template"]
+    if isinstance(template, str):
+        rest = template.replace("{key}", "", 1)
+        if "{key}" not in template or "{" in rest or "}" in rest:
+            problems.add(
+                f"{where}auth.template",
+                f"{_fmt(template)} is not allowed; it must contain {{key}} exactly once and no other braces",
+            )
+        elif not template.isprintable():
+            problems.add(f"{where}auth.template", f"{_fmt(template)} is not allowed; control characters")
+    return url
+
+
+def parse(raw: Any, environ: Mapping[str, str]) -> Settings:
+    """Validate a raw document (already parsed YAML) plus environment overrides into Settings."""
+    problems = _Problems()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: {_fmt(raw)} is not allowed; expected a mapping at the top level"])
+    raw = dict(raw)
+    env_sources = _apply_env(raw, environ, problems)
+    top_raw = {k: v for k, v in raw.items() if k != "routes"}
+    top = _read_section(top_raw, TOP_LEAVES, prefix="", env_sources=env_sources, problems=problems)
+    routes_raw = raw.get("routes")
+    routes: list[Route] = []
+    if not isinstance(routes_raw, list) or not routes_raw:
+        problems.add("routes", f"{_fmt(routes_raw)} is not allowed; expected a list of at least one route")
+        routes_raw = []
+    seen_names: dict[str, int] = {}
+    seen_matches: dict[str, int] = {}
+    for i, route_raw in enumerate(routes_raw):
+        where = f"routes[{i}]."
+        values = _read_section(route_raw, ROUTE_LEAVES, prefix=where, env_sources=env_sources, problems=problems)
+        if not values:
+            continue
+        if len(routes_raw) > 1 and isinstance(route_raw, Mapping) and "match" not in route_raw:
+            problems.add(f"{where}match", "is required when there is more than one route")
+        url = _check_route(values, where, problems)
+        for key, seen in (("name", seen_names), ("match", seen_matches)):
+            value = values[key]
+            if isinstance(value, str):
+                if value in seen:
+                    problems.add(f"{where}{key}", f"{_fmt(value)} is already used by routes[{seen[value]}]")
+                seen[value] = i
+        if url is None or any(v is REQUIRED for v in values.values()):
+            continue
+        routes.append(_build_route(values, url))
+    if any(v is REQUIRED for v in top.values()) or problems.lines:
+        raise ConfigError(problems.lines)
+    return Settings(
+        listen=Listen(host=top["listen.host"], port=top["listen.port"]),
+        admin=Listen(host=top["admin.host"], port=top["admin.port"]),
+        shutdown_grace_seconds=top["shutdown_grace_seconds"],
+        log_level=top["log_level"],
+        access_log=top["access_log"],
+        routes=tuple(routes),
+    )
+
+
+def _build_route(values: dict[str, Any], url: URL) -> Route:
+    return Route(
+        name=values["name"],
+        region=values["region"],
+        upstream=url,
+        match=values["match"],
+        strip_prefix=values["strip_prefix"],
+        deployment=values["deployment"],
+        keep_caller_credential=values["keep_caller_credential"],
+        retry_buffer_bytes=values["retry_buffer_bytes"],
+        tls=Tls(verify=values["tls.verify"], ca_file=values["tls.ca_file"]),
+        timeouts=Timeouts(
+            connect=values["timeouts.connect"], read=values["timeouts.read"], total=values["timeouts.total"]
+        ),
+        pool=Pool(
+            max_connections=values["pool.max_connections"],
+            keepalive_seconds=values["pool.keepalive_seconds"],
+        ),
+        auth=KeyAuth(
+            type=values["auth.type"],
+            primary_file=values["auth.primary_file"],
+            secondary_file=values["auth.secondary_file"],
+            header=values["auth.header"],
+            template=values["auth.template"],
+            reload_seconds=values["auth.reload_seconds"],
+        ),
+    )
+
+
+def load(
+    path: str | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    reader: Callable[[str], str] | None = None,
+) -> Settings:
+    """Read the YAML file at `path` (optional when the environment defines the single route)."""
+    env = os.environ if environ is None else environ
+    raw: Any = None
+    if path is not None:
+        try:
+            text = reader(path) if reader else _read_text(path)
+        except OSError as exc:
+            raise ConfigError([f"--config: cannot read {path!r}: {exc.strerror or exc}"]) from exc
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError([f"--config: {path!r} is not valid YAML{at}"]) from exc
+    return parse(raw, env)
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()

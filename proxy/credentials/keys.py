@@ -1,0 +1,161 @@
+"""Key auth from files: primary and secondary keys from a mounted Kubernetes Secret.
+
+The files are polled (a `stat` per file per interval; a read only when the stat changes), which also sees
+kubelet's atomic `..data` symlink swap: the key path then resolves to a new inode. A bad or missing file keeps
+the last good value. A 401 switches to the other key; the key that works stays in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from proxy.config import KeyAuth
+from proxy.credentials.base import Credential
+from proxy.headers import render_credential
+from proxy.logs import REDACTOR, event
+from proxy.metrics import RouteMetrics
+
+log = logging.getLogger("aml_auth_proxy.credentials.keys")
+
+SLOTS = ("primary", "secondary")
+_MAX_KEY_FILE = 16384
+_Signature = tuple[int, int, int, int]
+
+
+class KeyFileError(Exception):
+    """A key file cannot be used; the message never contains the file's content."""
+
+
+def read_key_file(path: str) -> str:
+    """Read one key: surrounding whitespace (a trailing newline) trimmed, control characters refused."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_MAX_KEY_FILE + 1)
+    except FileNotFoundError as exc:
+        raise KeyFileError("file not found") from exc
+    except PermissionError as exc:
+        raise KeyFileError("permission denied") from exc
+    except IsADirectoryError as exc:
+        raise KeyFileError("is a directory") from exc
+    except OSError as exc:
+        raise KeyFileError(f"cannot read: {exc.strerror}") from exc
+    if len(data) > _MAX_KEY_FILE:
+        raise KeyFileError(f"larger than {_MAX_KEY_FILE} bytes")
+    try:
+        key = data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise KeyFileError("not ASCII text") from exc
+    if not key:
+        raise KeyFileError("empty")
+    if not key.isprintable():
+        raise KeyFileError("contains control characters")
+    return key
+
+
+def _signature(path: str) -> _Signature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class KeyFileProvider:
+    """Primary/secondary keys from files, with failover on 401."""
+
+    def __init__(self, *, route: str, auth: KeyAuth, metrics: RouteMetrics) -> None:
+        self._route = route
+        self._auth = auth
+        self._metrics = metrics
+        self._paths: dict[str, str] = {"primary": auth.primary_file}
+        if auth.secondary_file:
+            self._paths["secondary"] = auth.secondary_file
+        self._sigs: dict[str, _Signature | None] = {}
+        self._keys: dict[str, str] = {}
+        self._creds: dict[str, Credential] = {}
+        self._errors: dict[str, str] = {}
+        self._active = "primary"
+        self._current: Credential | None = None
+
+    @property
+    def current(self) -> Credential | None:
+        return self._current
+
+    def unauthorized(self, sent: Credential) -> Credential | None:
+        current = self._current
+        if current is not None and current is not sent:
+            return current  # another request already moved on; retry with what is current now
+        other = "secondary" if self._active == "primary" else "primary"
+        cred = self._creds.get(other)
+        if cred is None:
+            return None
+        self._active = other
+        self._current = cred
+        self._metrics.failovers.inc()
+        event(log, logging.WARNING, "key_failover", route=self._route, to=other)
+        return cred
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._current is not None:
+            return True, "ok"
+        reasons = [f"{slot} key file: {self._errors.get(slot, 'not loaded')}" for slot in self._paths]
+        return False, "; ".join(reasons)
+
+    async def start(self) -> None:
+        self.reload()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._auth.reload_seconds)
+            self.reload()
+
+    async def close(self) -> None:
+        return None
+
+    def reload(self) -> bool:
+        """Check every key file; returns True when a key value changed."""
+        changed = False
+        for slot, path in self._paths.items():
+            sig = _signature(path)
+            if sig is not None and sig == self._sigs.get(slot) and slot in self._keys:
+                continue
+            try:
+                key = read_key_file(path)
+            except KeyFileError as exc:
+                self._sigs[slot] = sig
+                self._metrics.reloads["error"].inc()
+                if self._errors.get(slot) != str(exc):
+                    self._errors[slot] = str(exc)
+                    kept = "keeping the last good key" if slot in self._keys else "no key loaded"
+                    event(
+                        log,
+                        logging.ERROR,
+                        "key_file_error",
+                        route=self._route,
+                        slot=slot,
+                        path=path,
+                        reason=str(exc),
+                        action=kept,
+                    )
+                continue
+            self._sigs[slot] = sig
+            if self._errors.pop(slot, None) is not None:
+                event(log, logging.INFO, "key_file_recovered", route=self._route, slot=slot, path=path)
+            if self._keys.get(slot) == key:
+                self._metrics.reloads["unchanged"].inc()
+                continue
+            REDACTOR.add(key)
+            self._keys[slot] = key
+            self._creds[slot] = Credential(
+                header=self._auth.header, value=render_credential(self._auth.template, key), label=slot
+            )
+            self._metrics.reloads["success"].inc()
+            event(log, logging.INFO, "key_loaded", route=self._route, slot=slot)
+            changed = True
+        if self._active not in self._creds and self._creds:
+            self._active = next(slot for slot in SLOTS if slot in self._creds)
+        self._current = self._creds.get(self._active)
+        self._metrics.ready.set(1 if self._current is not None else 0)
+        return changed

@@ -1,0 +1,390 @@
+"""The catch-all proxy handler: match a route, stream the request upstream with the route's credential, stream
+the answer back. One retry with the other credential after a 401 when the body could be buffered.
+
+What this module does not do: load credentials (credentials/), decide readiness (health.py), wire apps (app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import Route
+from proxy.credentials.base import Credential, CredentialProvider
+from proxy.headers import (
+    CLIENT_REQUEST_ID,
+    REQUEST_ID,
+    downstream_response_headers,
+    request_id,
+    upstream_request_headers,
+)
+from proxy.logs import event
+from proxy.metrics import Metrics, RouteMetrics
+
+log = logging.getLogger("aml_auth_proxy.forwarding")
+access_log = logging.getLogger("aml_auth_proxy.access")
+
+_READ_CHUNK = 1 << 16
+
+
+@dataclass(eq=False, kw_only=True)
+class RouteRuntime:
+    """One route, prepared at start-up: its config, credential provider, metrics and upstream session."""
+
+    config: Route
+    provider: CredentialProvider
+    metrics: RouteMetrics
+    session: aiohttp.ClientSession | None = None
+    timeout: aiohttp.ClientTimeout = field(init=False)
+    _origin: str = field(init=False)
+    _base_path: str = field(init=False)
+    _prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        up = self.config.upstream
+        self._origin = str(up.origin())
+        self._base_path = up.raw_path.rstrip("/")
+        self._prefix = self.config.match.rstrip("/")
+        t = self.config.timeouts
+        self.timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_connect=t.connect, sock_read=t.read)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def matches(self, path: str) -> bool:
+        prefix = self._prefix
+        return not prefix or path == prefix or path.startswith(prefix + "/")
+
+    def target(self, path: str, query: str) -> URL:
+        if self.config.strip_prefix and self._prefix:
+            path = path[len(self._prefix) :] or "/"
+        url = self._origin + self._base_path + path
+        if query:
+            url += "?" + query
+        return URL(url, encoded=True)
+
+    def make_session(self) -> aiohttp.ClientSession:
+        tls = self.config.tls
+        ssl_ctx: ssl.SSLContext | bool = True
+        if not tls.verify:
+            ssl_ctx = False
+        elif tls.ca_file:
+            ssl_ctx = ssl.create_default_context(cafile=tls.ca_file)
+        connector = aiohttp.TCPConnector(
+            limit=self.config.pool.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self.config.pool.keepalive_seconds,
+            ssl=ssl_ctx,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=self.timeout,
+        )
+
+
+class Router:
+    """Longest-prefix route match on the raw path."""
+
+    def __init__(self, routes: list[RouteRuntime]) -> None:
+        self.routes = sorted(routes, key=lambda r: len(r.config.match), reverse=True)
+
+    def match(self, path: str) -> RouteRuntime | None:
+        for rt in self.routes:
+            if rt.matches(path):
+                return rt
+        return None
+
+
+_Outcome = tuple[web.StreamResponse, int, int]
+
+
+class _ClientGone(Exception):
+    """The caller went away; nothing more can be sent to it."""
+
+
+def _has_dot_segment(path: str) -> bool:
+    """True when any segment is '.' or '..' raw, percent-encoded, or double-encoded."""
+    for candidate in (path, unquote(path), unquote(unquote(path))):
+        for seg in candidate.split("/"):
+            if seg in (".", "..") or seg.startswith(("..\\", ".\\")):
+                return True
+    return False
+
+
+def json_error(status: int, error: str, *, route: str | None, rid: str | None) -> web.Response:
+    body = json.dumps({"error": error, "route": route, "request_id": rid}).encode()
+    headers = {"Content-Type": "application/json"}
+    if rid is not None:
+        headers[REQUEST_ID] = rid
+        headers[CLIENT_REQUEST_ID] = rid
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _classify(exc: BaseException) -> tuple[int, str, str]:
+    """(status, metric kind, reason) for an upstream failure before the answer started."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return 502, "tls", "upstream TLS handshake failed"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return 504, "timeout", "upstream connect timed out"
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return 504, "timeout", "upstream timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return 502, "connect", "upstream connection failed"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return 502, "reset", "upstream broke off the body"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return 502, "reset", "upstream closed the connection"
+    return 502, "protocol", "upstream sent an invalid response"
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+    """The request body to send, and whether it is buffered (so a retry can resend it)."""
+    if not request.body_exists:
+        return None, True
+    content = request.content
+    length = request.content_length
+    if length is not None and length <= limit:
+        try:
+            return await content.readexactly(length), True
+        except asyncio.IncompleteReadError as exc:
+            raise _ClientGone from exc
+    prefix = b""
+    if length is None:  # chunked: buffer while it stays small enough
+        buf = bytearray()
+        while len(buf) <= limit:
+            chunk = await content.readany()
+            if not chunk:
+                return bytes(buf), True
+            buf += chunk
+        prefix = bytes(buf)
+    return _stream_body(prefix, content), False
+
+
+async def _stream_body(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+class ProxyHandler:
+    """The single handler of the proxy port."""
+
+    def __init__(self, *, router: Router, metrics: Metrics, access_log_enabled: bool) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.access_log_enabled = access_log_enabled
+        self.in_flight = 0
+
+    def _reject(self, status: int, error: str, reason: str, *, route: str | None, rid: str | None) -> web.Response:
+        self.metrics.rejected.labels(reason).inc()
+        return json_error(status, error, route=route, rid=rid)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw = request.raw_path
+        if request.method == "CONNECT":
+            return self._reject(
+                405, "CONNECT is not supported; this is not an open proxy", "connect", route=None, rid=None
+            )
+        if not raw.startswith("/"):
+            return self._reject(
+                400,
+                "only origin-form request targets are served; this is not an open proxy",
+                "absolute_form",
+                route=None,
+                rid=None,
+            )
+        path, _, query = raw.partition("?")
+        rid = request_id(request.headers)
+        if rid is None:
+            return self._reject(
+                400, "invalid x-ms-client-request-id or x-request-id header", "request_id", route=None, rid=None
+            )
+        if _has_dot_segment(path):
+            return self._reject(400, "dot segments are not allowed in the path", "dot_segment", route=None, rid=rid)
+        rt = self.router.match(path)
+        if rt is None:
+            return self._reject(404, "no route matches this path", "no_route", route=None, rid=rid)
+        rm = rt.metrics
+        start = time.perf_counter()
+        rm.in_flight.inc()
+        self.in_flight += 1
+        status = 0
+        sent = 0
+        try:
+            response, status, sent = await self._forward(request, rt, path, query, rid)
+        finally:
+            rm.in_flight.dec()
+            self.in_flight -= 1
+            elapsed = time.perf_counter() - start
+            rm.request_done(request.method, status, elapsed)
+            if self.access_log_enabled:
+                access_log.info(
+                    "access",
+                    extra={
+                        "event": "access",
+                        "fields": {
+                            "route": rt.name,
+                            "method": request.method,
+                            "path": path,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 3),
+                            "request_id": rid,
+                            "bytes_in": request.content_length,
+                            "bytes_out": sent,
+                        },
+                    },
+                )
+        return response
+
+    async def _forward(self, request: web.BaseRequest, rt: RouteRuntime, path: str, query: str, rid: str) -> _Outcome:
+        """Do the exchange; returns (response, status for metrics and logs, bytes sent)."""
+        cfg = rt.config
+        cred = rt.provider.current
+        if cred is None:
+            _ready, why = rt.provider.readiness()
+            return json_error(503, f"route has no usable credential: {why}", route=rt.name, rid=rid), 503, 0
+        try:
+            body, buffered = await _read_body(request, cfg.retry_buffer_bytes)
+        except (_ClientGone, ConnectionError, aiohttp.ClientPayloadError):
+            return self._client_gone(rt, rid, "request body")
+        url = rt.target(path, query)
+        headers = upstream_request_headers(
+            request.headers,
+            credential=(cred.header, cred.value),
+            keep_caller_credential=cfg.keep_caller_credential,
+            rid=rid,
+            deployment=cfg.deployment,
+        )
+        caller_credential = cfg.keep_caller_credential and cred.header in request.headers
+        session = rt.session
+        assert session is not None
+        try:
+            upstream = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
+            if upstream.status in (401, 403):
+                rt.metrics.auth_failures[str(upstream.status)].inc()
+            if upstream.status == 401 and not caller_credential:
+                upstream = await self._after_401(request, rt, upstream, cred, headers, url, body if buffered else None)
+        except (_ClientGone, aiohttp.ClientPayloadError) as exc:
+            if self._caller_gone(request):
+                return self._client_gone(rt, rid, "request body")
+            return self._upstream_failed(rt, rid, exc)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if self._caller_gone(request):
+                return self._client_gone(rt, rid, "request body")
+            return self._upstream_failed(rt, rid, exc)
+        try:
+            return await self._relay(request, rt, upstream, rid)
+        finally:
+            upstream.release()
+
+    async def _after_401(
+        self,
+        request: web.BaseRequest,
+        rt: RouteRuntime,
+        upstream: aiohttp.ClientResponse,
+        sent: Credential,
+        headers: CIMultiDict[str],
+        url: URL,
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Switch to the other credential; resend once when the body was buffered."""
+        other = rt.provider.unauthorized(sent)
+        if other is None or other is sent or (body is not None and not isinstance(body, bytes)):
+            return upstream
+        await upstream.read()  # drain the small 401 body so the connection is reused
+        upstream.release()
+        headers[other.header] = other.value
+        rt.metrics.retries.inc()
+        session = rt.session
+        assert session is not None
+        retried = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
+        if retried.status in (401, 403):
+            rt.metrics.auth_failures[str(retried.status)].inc()
+        return retried
+
+    async def _relay(
+        self, request: web.BaseRequest, rt: RouteRuntime, upstream: aiohttp.ClientResponse, rid: str
+    ) -> _Outcome:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=downstream_response_headers(upstream.headers, rid=rid),
+        )
+        sent = 0
+        try:
+            await response.prepare(request)
+            while True:
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                await response.write(chunk)
+                sent += len(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            self._client_gone(rt, rid, "response body")
+            upstream.close()
+            return response, 499, sent
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # The answer has started: the only honest signal left is to cut the caller's connection.
+            _status, kind, reason = _classify(exc)
+            rt.metrics.upstream_errors[kind].inc()
+            event(
+                log,
+                logging.WARNING,
+                "upstream_failed_mid_response",
+                route=rt.name,
+                request_id=rid,
+                kind=kind,
+                reason=reason,
+                bytes_sent=sent,
+            )
+            upstream.close()
+            if request.transport is not None:
+                request.transport.close()
+            return response, 502, sent
+        return response, upstream.status, sent
+
+    def _upstream_failed(self, rt: RouteRuntime, rid: str, exc: BaseException) -> _Outcome:
+        status, kind, reason = _classify(exc)
+        rt.metrics.upstream_errors[kind].inc()
+        event(
+            log,
+            logging.WARNING,
+            "upstream_failed",
+            route=rt.name,
+            request_id=rid,
+            kind=kind,
+            reason=reason,
+            error_type=type(exc).__name__,
+        )
+        return json_error(status, reason, route=rt.name, rid=rid), status, 0
+
+    @staticmethod
+    def _caller_gone(request: web.BaseRequest) -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    def _client_gone(self, rt: RouteRuntime, rid: str, during: str) -> _Outcome:
+        rt.metrics.disconnects.inc()
+        event(log, logging.DEBUG, "client_disconnected", route=rt.name, request_id=rid, during=during)
+        # 499 (client closed request) is only recorded; nothing reaches the caller.
+        return web.Response(status=499), 499, 0

@@ -1,0 +1,111 @@
+"""Pure header functions: hop-by-hop stripping, credential injection, request ids. No I/O here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1 plus the de-facto ones. Proxy-* headers are dropped by prefix below.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        # The proxy answers 100-continue itself; forwarding it would stall the upstream exchange.
+        "expect",
+    }
+)
+RESPONSE_DROP = frozenset({"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+
+REQUEST_ID = "x-request-id"
+CLIENT_REQUEST_ID = "x-ms-client-request-id"
+DEPLOYMENT = "azureml-model-deployment"
+_REQUEST_ID_RE = re.compile(r"^[!-~]{1,200}$")  # printable ASCII, no spaces, bounded
+
+
+def connection_tokens(values: Iterable[str]) -> set[str]:
+    """Header names listed in Connection headers; they are hop-by-hop for this hop only."""
+    names: set[str] = set()
+    for value in values:
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token:
+                names.add(token)
+    return names
+
+
+def request_id(headers: CIMultiDictProxy[str]) -> str | None:
+    """The caller's request id, a fresh one when absent, or None when the caller's is unusable."""
+    rid = headers.get(CLIENT_REQUEST_ID) or headers.get(REQUEST_ID)
+    if rid is None:
+        return uuid.uuid4().hex
+    return rid if _REQUEST_ID_RE.match(rid) else None
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    credential: tuple[str, str] | None,
+    keep_caller_credential: bool,
+    rid: str,
+    deployment: str | None,
+) -> CIMultiDict[str]:
+    """Headers to send upstream: caller's end-to-end headers, one credential, the request id."""
+    drop = HOP_BY_HOP
+    conn = incoming.getall("connection", ())
+    if conn:
+        drop = drop | connection_tokens(conn)
+    cred_name = credential[0].lower() if credential else None
+    caller_has_cred = cred_name is not None and cred_name in incoming
+    keep_cred = keep_caller_credential and caller_has_cred
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lname = name.lower()
+        if lname in drop or lname.startswith("proxy-"):
+            continue
+        if lname == "authorization" or lname == cred_name:
+            # Callers never pass a credential through unless the route opted in.
+            if not (keep_cred and lname == cred_name):
+                continue
+        elif lname in (REQUEST_ID, CLIENT_REQUEST_ID):
+            continue
+        elif deployment is not None and lname == DEPLOYMENT:
+            continue
+        out.add(name, value)
+    if credential is not None and not keep_cred:
+        out[credential[0]] = credential[1]
+    if deployment is not None:
+        out[DEPLOYMENT] = deployment
+    out[CLIENT_REQUEST_ID] = rid
+    out[REQUEST_ID] = rid
+    return out
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str], *, rid: str) -> CIMultiDict[str]:
+    """Headers to return to the caller: upstream's end-to-end headers plus our request id."""
+    drop = RESPONSE_DROP
+    conn = upstream.getall("connection", ())
+    if conn:
+        drop = drop | connection_tokens(conn)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lname = name.lower()
+        if lname in drop or lname.startswith("proxy-") or lname in (REQUEST_ID, CLIENT_REQUEST_ID):
+            continue
+        out.add(name, value)
+    out[REQUEST_ID] = rid
+    out[CLIENT_REQUEST_ID] = rid
+    return out
+
+
+def render_credential(template: str, key: str) -> str:
+    """The header value for `key`. The key must already be free of control characters."""
+    return template.replace("{key}", key, 1)

@@ -1,0 +1,55 @@
+"""The admin app: /healthz (the event loop answers), /readyz (every route has a usable credential), /metrics.
+
+Nothing here is per-request data or secret: readiness reasons name routes, slots and file problems only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.forwarding import RouteRuntime
+from proxy.metrics import Metrics
+
+
+@dataclass(eq=False)
+class Lifecycle:
+    """Process-wide state the probes read."""
+
+    shutting_down: bool = False
+
+
+def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[bool, dict[str, object]]:
+    not_ready: dict[str, str] = {}
+    for rt in routes:
+        ok, why = rt.provider.readiness()
+        rt.metrics.ready.set(1 if ok else 0)
+        if not ok:
+            not_ready[rt.name] = why
+    ready = not not_ready and not lifecycle.shutting_down
+    body: dict[str, object] = {"ready": ready, "not_ready": not_ready}
+    if lifecycle.shutting_down:
+        body["shutting_down"] = True
+    return ready, body
+
+
+def create_admin_app(*, routes: Sequence[RouteRuntime], metrics: Metrics, lifecycle: Lifecycle) -> web.Application:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready, body = readiness(routes, lifecycle)
+        return web.Response(status=200 if ready else 503, text=json.dumps(body), content_type="application/json")
+
+    async def metrics_handler(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

@@ -1,0 +1,89 @@
+"""Structured JSON logging with a last-line-of-defence redactor.
+
+Code never passes a secret to a logger on purpose. The redactor is the net under that rule: every credential
+value the proxy loads is registered here, and any formatted line that still contains one has it replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from typing import Any, TextIO
+
+LOGGER_NAME = "aml_auth_proxy"
+REDACTED = "[REDACTED]"
+_MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
+
+
+class Redactor:
+    """Holds the secret values currently known to the process."""
+
+    def __init__(self) -> None:
+        self._secrets: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def add(self, *values: str) -> None:
+        with self._lock:
+            self._secrets = self._secrets | {v for v in values if len(v) >= _MIN_SECRET_LEN}
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+REDACTOR = Redactor()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, event/message, and any `extra` fields given as `fields`.
+
+    `redact=False` exists for the test suite's own log capture, which must see what the code really logged.
+    """
+
+    def __init__(self, *, redact: bool = True) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        event = getattr(record, "event", None)
+        if event is not None:
+            doc["event"] = event
+        msg = record.getMessage()
+        if msg and msg != event:
+            doc["message"] = msg
+        fields = getattr(record, "fields", None)
+        if fields:
+            doc.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["error_type"] = record.exc_info[0].__name__
+            doc["traceback"] = self.formatException(record.exc_info)
+        line = json.dumps(doc, default=str, separators=(",", ":"))
+        return REDACTOR.scrub(line) if self.redact else line
+
+
+def setup(level: str = "info", *, stream: TextIO | None = None) -> None:
+    """Route our logger (and aiohttp's) to JSON lines on stdout."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access logger is off; ours writes one line per request.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
+    """Log a structured lifecycle event."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={"event": name, "fields": fields})

@@ -1,0 +1,136 @@
+"""Shared fixtures: real servers on 127.0.0.1, kubelet-style key directories, and the session log scan.
+
+Every credential a test creates is remembered; at the end of the session every log line written by the code
+under test (in-process, captured without redaction, and by every proxy subprocess) is scanned for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.app import ProxyService
+from proxy.config import parse
+from proxy.emulator.secretdir import write_secret_dir
+from proxy.logs import JsonFormatter
+from tests.logscan import scan_logs
+
+LOG_DIR = Path(tempfile.mkdtemp(prefix="aml-auth-proxy-test-logs-"))
+SESSION_SECRETS: set[str] = set()
+
+
+def remember(*values: str) -> None:
+    """Register credential values that must never appear in a log."""
+    SESSION_SECRETS.update(v for v in values if v)
+
+
+def new_key(label: str = "key") -> str:
+    value = f"{label}-{secrets.token_urlsafe(24)}"
+    remember(value)
+    return value
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    handler = logging.FileHandler(LOG_DIR / "in-process.log")
+    handler.setFormatter(JsonFormatter(redact=False))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    logging.getLogger("aml_auth_proxy").setLevel(logging.DEBUG)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    findings = scan_logs(LOG_DIR, SESSION_SECRETS)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = sum(len(f.read_bytes().splitlines()) for f in LOG_DIR.glob("*.log"))
+    summary = f"log scan: {len(SESSION_SECRETS)} secrets checked against {lines} log lines in {LOG_DIR}"
+    if reporter is not None:
+        reporter.write_line(summary)
+    if findings:
+        for finding in findings[:20]:
+            if reporter is not None:
+                reporter.write_line(f"SECRET IN LOG: {finding}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def subprocess_log(name: str) -> Path:
+    """A file for a subprocess's stdout/stderr that the session scan will read."""
+    return LOG_DIR / f"{name}-{secrets.token_hex(4)}.log"
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path) -> Callable[..., dict[str, str]]:
+    """Write primary/secondary keys the way kubelet mounts a Secret; returns the key paths."""
+    root = tmp_path / "secret"
+
+    def write(primary: str, secondary: str | None = None, *, trailing_newline: bool = True) -> dict[str, str]:
+        remember(primary, secondary or "")
+        nl = "\n" if trailing_newline else ""
+        data = {"primary": primary + nl}
+        if secondary is not None:
+            data["secondary"] = secondary + nl
+        write_secret_dir(root, data)
+        return {"primary_file": str(root / "primary"), "secondary_file": str(root / "secondary")}
+
+    return write
+
+
+ProxyFactory = Callable[..., Awaitable[ProxyService]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[ProxyFactory]:
+    """Start real ProxyService instances on 127.0.0.1 port 0 from route dicts."""
+    started: list[ProxyService] = []
+
+    async def factory(*routes: dict[str, Any], **top: Any) -> ProxyService:
+        doc: dict[str, Any] = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "routes": list(routes),
+        }
+        doc.update(top)
+        service = ProxyService(parse(doc, {}), registry=CollectorRegistry())
+        await service.start()
+        started.append(service)
+        return service
+
+    yield factory
+    for service in started:
+        await service.stop()
+
+
+async def start_app(app: web.Application, *, host: str = "127.0.0.1", **site_kw: Any) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0, **site_kw)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    scheme = "https" if site_kw.get("ssl_context") else "http"
+    return runner, f"{scheme}://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Serve an aiohttp app on 127.0.0.1:0; returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def factory(app: web.Application, **site_kw: Any) -> str:
+        runner, url = await start_app(app, **site_kw)
+        runners.append(runner)
+        return url
+
+    yield factory
+    for runner in runners:
+        await runner.cleanup()
