@@ -1,0 +1,380 @@
+"""The AML control planes (v1 model management and v2 ARM) plus the emulator's own admin API, in one app.
+
+v1 (MMS):  POST .../workspaces/{ws}/services/{name}/listkeys | regenerateKeys; GET .../workspaces/{ws}/operations/{id}
+v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerateKeys ?api-version=...
+           GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{region}
+               /mfeOperationResults/{id}?api-version=...   (the Location of a regenerateKeys)
+Admin:     /_emulator/faults, /_emulator/latency, /_emulator/services (no auth: loopback dev tool)
+
+Key regeneration is synchronous here: the new key is live before the 202 goes out, every v1 operation reads
+"Succeeded" on the first poll and every v2 Location answers 200 on the first poll. Each plane answers errors in
+its own shape; a v1 path finds only v1 services and a v2 path only v2 ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from aiohttp import web
+
+from proxy.emulator import faults
+from proxy.emulator.state import EmulatorState, KeyType, Service
+
+Plane = Literal["v1", "v2"]
+BaseUrl = str | Callable[[], str] | None
+
+_PROVIDER = "providers/Microsoft.MachineLearningServices"
+V1_WORKSPACE = "/modelmanagement/v1.0/subscriptions/{sub}/resourceGroups/{rg}/" + _PROVIDER + "/workspaces/{ws}"
+V2_WORKSPACE = "/subscriptions/{sub}/resourceGroups/{rg}/" + _PROVIDER + "/workspaces/{ws}"
+V2_OPERATION = "/subscriptions/{sub}/" + _PROVIDER + "/locations/{region}/mfeOperationResults/{op}"
+
+STATE = web.AppKey("emulator_control_state", EmulatorState)
+BASE_URL: web.AppKey[BaseUrl] = web.AppKey("emulator_control_base_url")
+
+_FAULT_FIELDS = frozenset({"target", "service", "action", "status", "seconds", "count"})
+
+
+def create_control_app(state: EmulatorState, *, base_url: BaseUrl = None) -> web.Application:
+    """Both control planes and the admin API.
+
+    `base_url` is the public origin put into Operation-Location and Location headers (a string, or a callable
+    read per request, handy when the port is only known after binding); None means the request's own origin.
+    """
+    app = web.Application()
+    app[STATE] = state
+    app[BASE_URL] = base_url
+    app.router.add_post(V1_WORKSPACE + "/services/{name}/{action}", _v1_service_action)
+    app.router.add_get(V1_WORKSPACE + "/operations/{op}", _v1_operation)
+    app.router.add_post(V2_WORKSPACE + "/onlineEndpoints/{name}/{action}", _v2_endpoint_action)
+    app.router.add_get(V2_OPERATION, _v2_operation)
+    app.router.add_get("/_emulator/faults", _list_faults)
+    app.router.add_post("/_emulator/faults", _add_fault)
+    app.router.add_delete("/_emulator/faults", _clear_faults)
+    app.router.add_get("/_emulator/latency", _get_latency)
+    app.router.add_put("/_emulator/latency", _put_latency)
+    app.router.add_get("/_emulator/services", _list_services)
+    return app
+
+
+# -- error shapes ------------------------------------------------------------------------------------------------
+
+
+def v1_error(status: int, code: str, text: str) -> web.Response:
+    """MMS `ModelErrorResponse`."""
+    return web.json_response({"code": code, "statusCode": status, "message": text, "details": []}, status=status)
+
+
+def v2_error(status: int, code: str, text: str) -> web.Response:
+    """ARM `ErrorResponse`."""
+    return web.json_response({"error": {"code": code, "message": text}}, status=status)
+
+
+def _error(plane: Plane, status: int, code: str, text: str) -> web.Response:
+    return v1_error(status, code, text) if plane == "v1" else v2_error(status, code, text)
+
+
+def _fault_error(plane: Plane) -> faults.ErrorBody:
+    return lambda status, text: _error(plane, status, "EmulatedFault", text)
+
+
+# -- shared plumbing ---------------------------------------------------------------------------------------------
+
+
+def _check_token(request: web.Request, plane: Plane) -> web.Response | None:
+    values = request.headers.getall("Authorization", [])
+    if not values:
+        return _error(
+            plane, 401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing."
+        )
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if len(values) != 1 or scheme.lower() != "bearer" or not token:
+        return _error(plane, 401, "InvalidAuthenticationToken", "The 'Authorization' header is malformed.")
+    if not request.app[STATE].accepts_control_token(token):
+        return _error(plane, 401, "InvalidAuthenticationToken", "The access token is invalid.")
+    return None
+
+
+def _check_api_version(request: web.Request) -> web.Response | None:
+    if not request.query.get("api-version"):
+        return v2_error(
+            400,
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        )
+    return None
+
+
+def _find_service(request: web.Request, plane: Plane) -> Service | None:
+    info = request.match_info
+    service = request.app[STATE].services.get(info["name"])
+    if service is None or service.api != plane:
+        return None
+    if not service.in_workspace(subscription=info["sub"], resource_group=info["rg"], workspace=info["ws"]):
+        return None
+    return service
+
+
+def _not_found(plane: Plane, what: str) -> web.Response:
+    code = "NotFound" if plane == "v1" else "ResourceNotFound"
+    return _error(plane, 404, code, f"{what} was not found.")
+
+
+def _base_url(request: web.Request) -> str:
+    configured = request.app[BASE_URL]
+    if callable(configured):
+        configured = configured()
+    if isinstance(configured, str):
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+async def _serve(
+    request: web.Request,
+    plane: Plane,
+    service: Service,
+    work: Callable[[], Awaitable[web.Response]],
+) -> web.StreamResponse:
+    """Apply faults and the region's latency around the real work of an authorised, resolved call."""
+    state = request.app[STATE]
+    fault = state.take_fault("control", service.name)
+    early = await faults.before_handler(request, fault, _fault_error(plane))
+    if early is not None:
+        return early
+    latency = state.latency_for(service.region)
+    if latency > 0:
+        await asyncio.sleep(latency)
+    response = await work()
+    if fault is not None and faults.is_body_fault(fault):
+        return await faults.send_slowly(request, response, fault)
+    return response
+
+
+async def _read_regenerate_body(request: web.Request) -> tuple[KeyType, str | None] | str:
+    """(keyType, keyValue) from a regenerateKeys body, or the reason it is unusable."""
+    try:
+        body: Any = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return "The request body is not valid JSON."
+    if not isinstance(body, dict):
+        return "The request body must be a JSON object with keyType and keyValue."
+    key_type = body.get("keyType")
+    canonical: KeyType
+    if isinstance(key_type, str) and key_type.lower() == "primary":
+        canonical = "Primary"
+    elif isinstance(key_type, str) and key_type.lower() == "secondary":
+        canonical = "Secondary"
+    else:
+        return "keyType must be 'Primary' or 'Secondary'."
+    key_value = body.get("keyValue")
+    if key_value is not None and (not isinstance(key_value, str) or not key_value):
+        return "keyValue must be a non-empty string or null."
+    return canonical, key_value
+
+
+def _keys_body(service: Service) -> dict[str, str]:
+    return {"primaryKey": service.primary_key, "secondaryKey": service.secondary_key}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- v1 model management -----------------------------------------------------------------------------------------
+
+
+async def _v1_service_action(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v1")
+    if denied is not None:
+        return denied
+    service = _find_service(request, "v1")
+    if service is None:
+        return _not_found("v1", f"Service {request.match_info['name']!r}")
+    action = request.match_info["action"].lower()
+    state = request.app[STATE]
+
+    async def list_keys() -> web.Response:
+        return web.json_response(_keys_body(state.services[service.name]))
+
+    async def regenerate() -> web.Response:
+        parsed = await _read_regenerate_body(request)
+        if isinstance(parsed, str):
+            return v1_error(400, "BadRequest", parsed)
+        key_type, key_value = parsed
+        current = state.regenerate_key(service.name, key_type, key_value)
+        op = state.record_operation(service=current.name, operation_type="Service")
+        location = (
+            _base_url(request)
+            + V1_WORKSPACE.format(sub=current.subscription, rg=current.resource_group, ws=current.workspace)
+            + f"/operations/{op.id}"
+        )
+        return web.Response(status=202, headers={"Operation-Location": location})
+
+    if action == "listkeys":
+        return await _serve(request, "v1", service, list_keys)
+    if action == "regeneratekeys":
+        return await _serve(request, "v1", service, regenerate)
+    return _not_found("v1", f"Operation {request.match_info['action']!r}")
+
+
+async def _v1_operation(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v1")
+    if denied is not None:
+        return denied
+    state = request.app[STATE]
+    info = request.match_info
+    op = state.operations.get(info["op"])
+    service = state.services.get(op.service) if op is not None else None
+    if (
+        op is None
+        or service is None
+        or not service.in_workspace(subscription=info["sub"], resource_group=info["rg"], workspace=info["ws"])
+    ):
+        return _not_found("v1", f"Operation {info['op']!r}")
+
+    async def status() -> web.Response:
+        return web.json_response(
+            {
+                "id": op.id,
+                "operationType": op.operation_type,
+                "state": "Succeeded",
+                "createdTime": _iso(op.created),
+                "endTime": _iso(op.ended),
+                "resourceLocation": f"/services/{service.name}",
+            }
+        )
+
+    return await _serve(request, "v1", service, status)
+
+
+# -- v2 ARM ------------------------------------------------------------------------------------------------------
+
+
+async def _v2_endpoint_action(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v2") or _check_api_version(request)
+    if denied is not None:
+        return denied
+    service = _find_service(request, "v2")
+    if service is None:
+        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
+    action = request.match_info["action"].lower()
+    state = request.app[STATE]
+    api_version = request.query["api-version"]
+
+    async def list_keys() -> web.Response:
+        return web.json_response(_keys_body(state.services[service.name]))
+
+    async def regenerate() -> web.Response:
+        parsed = await _read_regenerate_body(request)
+        if isinstance(parsed, str):
+            return v2_error(400, "BadRequest", parsed)
+        key_type, key_value = parsed
+        current = state.regenerate_key(service.name, key_type, key_value)
+        op = state.record_operation(service=current.name, operation_type="RegenerateKeys")
+        location = (
+            _base_url(request)
+            + V2_OPERATION.format(sub=current.subscription, region=current.region, op=op.id)
+            + f"?api-version={api_version}"
+        )
+        return web.Response(status=202, headers={"Location": location, "Retry-After": "1"})
+
+    if action == "listkeys":
+        return await _serve(request, "v2", service, list_keys)
+    if action == "regeneratekeys":
+        return await _serve(request, "v2", service, regenerate)
+    return _not_found("v2", f"Action {request.match_info['action']!r}")
+
+
+async def _v2_operation(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v2") or _check_api_version(request)
+    if denied is not None:
+        return denied
+    state = request.app[STATE]
+    info = request.match_info
+    op = state.operations.get(info["op"])
+    service = state.services.get(op.service) if op is not None else None
+    if op is None or service is None or service.subscription.lower() != info["sub"].lower():
+        return _not_found("v2", f"Operation {info['op']!r}")
+
+    async def done() -> web.Response:
+        # ARM's Location polling: 202 means running, 200 means finished; regenerateKeys has no result body.
+        return web.Response(status=200)
+
+    return await _serve(request, "v2", service, done)
+
+
+# -- admin API ---------------------------------------------------------------------------------------------------
+
+
+def _admin_error(status: int, text: str) -> web.Response:
+    return web.json_response({"message": text}, status=status)
+
+
+async def _read_object(request: web.Request) -> dict[str, Any] | str:
+    try:
+        body: Any = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return "the request body is not valid JSON"
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    return body
+
+
+async def _add_fault(request: web.Request) -> web.Response:
+    body = await _read_object(request)
+    if isinstance(body, str):
+        return _admin_error(400, body)
+    unknown = sorted(set(body) - _FAULT_FIELDS)
+    if unknown:
+        return _admin_error(400, f"unknown field(s) {unknown}; allowed: {sorted(_FAULT_FIELDS)}")
+    if "target" not in body or "action" not in body:
+        return _admin_error(400, "target and action are required")
+    try:
+        fault = request.app[STATE].add_fault(
+            target=body["target"],
+            action=body["action"],
+            service=body.get("service"),
+            status=body.get("status"),
+            seconds=body.get("seconds", 0.0),
+            count=body.get("count"),
+        )
+    except ValueError as exc:
+        return _admin_error(400, str(exc))
+    return web.json_response(fault.as_json(), status=201)
+
+
+async def _list_faults(request: web.Request) -> web.Response:
+    return web.json_response({"faults": [f.as_json() for f in request.app[STATE].faults]})
+
+
+async def _clear_faults(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cleared = len(state.faults)
+    state.clear_faults()
+    return web.json_response({"cleared": cleared})
+
+
+async def _get_latency(request: web.Request) -> web.Response:
+    return web.json_response({"latency": dict(request.app[STATE].latency)})
+
+
+async def _put_latency(request: web.Request) -> web.Response:
+    body = await _read_object(request)
+    if isinstance(body, str):
+        return _admin_error(400, body)
+    try:
+        region: Any = body.get("region")
+        seconds: Any = body.get("seconds")
+        request.app[STATE].set_latency(region, seconds)
+    except ValueError as exc:
+        return _admin_error(400, str(exc))
+    return web.json_response({"latency": dict(request.app[STATE].latency)})
+
+
+async def _list_services(request: web.Request) -> web.Response:
+    services = request.app[STATE].services.values()
+    return web.json_response({"services": [s.public_view() for s in services]})
