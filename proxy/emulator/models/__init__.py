@@ -1,0 +1,1 @@
+"""Entry scripts for the real AML scoring server (azmlinfsrv); shipped as package data."""
