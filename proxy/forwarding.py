@@ -152,15 +152,15 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
     return 502, "protocol", "upstream sent an invalid response"
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
-    """The request body to send, and whether it is buffered (so a retry can resend it)."""
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes | AsyncIterator[bytes] | None:
+    """The request body to send: bytes when it fits the retry buffer (so a retry can resend it), else a stream."""
     if not request.body_exists:
-        return None, True
+        return None
     content = request.content
     length = request.content_length
     if length is not None and length <= limit:
         try:
-            return await content.readexactly(length), True
+            return await content.readexactly(length)
         except asyncio.IncompleteReadError as exc:
             raise _ClientGone from exc
     prefix = b""
@@ -169,10 +169,10 @@ async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes | Asyn
         while len(buf) <= limit:
             chunk = await content.readany()
             if not chunk:
-                return bytes(buf), True
+                return bytes(buf)
             buf += chunk
         prefix = bytes(buf)
-    return _stream_body(prefix, content), False
+    return _stream_body(prefix, content)
 
 
 async def _stream_body(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -263,7 +263,7 @@ class ProxyHandler:
             _ready, why = rt.provider.readiness()
             return json_error(503, f"route has no usable credential: {why}", route=rt.name, rid=rid), 503, 0
         try:
-            body, buffered = await _read_body(request, cfg.retry_buffer_bytes)
+            body = await _read_body(request, cfg.retry_buffer_bytes)
         except (_ClientGone, ConnectionError, aiohttp.ClientPayloadError):
             return self._client_gone(rt, rid, "request body")
         url = rt.target(path, query)
@@ -282,12 +282,8 @@ class ProxyHandler:
             if upstream.status in (401, 403):
                 rt.metrics.auth_failures[str(upstream.status)].inc()
             if upstream.status == 401 and not caller_credential:
-                upstream = await self._after_401(request, rt, upstream, cred, headers, url, body if buffered else None)
-        except (_ClientGone, aiohttp.ClientPayloadError) as exc:
-            if self._caller_gone(request):
-                return self._client_gone(rt, rid, "request body")
-            return self._upstream_failed(rt, rid, exc)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                upstream = await self._after_401(request, rt, upstream, cred, headers, url, body)
+        except (_ClientGone, TimeoutError, aiohttp.ClientError) as exc:
             if self._caller_gone(request):
                 return self._client_gone(rt, rid, "request body")
             return self._upstream_failed(rt, rid, exc)
@@ -306,9 +302,9 @@ class ProxyHandler:
         url: URL,
         body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
-        """Switch to the other credential; resend once when the body was buffered."""
+        """Switch to the other credential; resend once when the body was buffered (a stream cannot be resent)."""
         other = rt.provider.unauthorized(sent)
-        if other is None or other is sent or (body is not None and not isinstance(body, bytes)):
+        if other is None or other is sent or not (body is None or isinstance(body, bytes)):
             return upstream
         await upstream.read()  # drain the small 401 body so the connection is reused
         upstream.release()

@@ -433,7 +433,7 @@ async def test_keep_alive_connections_are_reused(proxy: Any) -> None:
 
 async def test_access_log_line_per_request_without_credentials(proxy: Any, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="aml_auth_proxy.access"):
-        resp, _seen = await echo_call(
+        _resp, _seen = await echo_call(
             proxy, "POST", "/q?secret-looking=1", data=b"12345", headers={"x-request-id": "rid-1"}
         )
     records = [r for r in caplog.records if getattr(r, "event", None) == "access"]

@@ -1,0 +1,226 @@
+"""Config: YAML plus environment, `check-config`, and one clear line per problem with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config import ROUTE_LEAVES, TOP_LEAVES, ConfigError, env_name, load, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = {
+    "routes": [
+        {
+            "name": "scoring",
+            "region": "eastus",
+            "upstream": "https://my-endpoint.eastus.inference.ml.azure.com",
+            "auth": {"type": "key", "primary_file": "/var/run/secrets/aml/primary"},
+        }
+    ]
+}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AML_AUTH_PROXY_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
+    )
+
+
+def test_defaults_are_safe() -> None:
+    settings = parse(GOOD, {})
+    assert settings.listen.host == "127.0.0.1" and settings.listen.port == 8080
+    assert settings.admin.port == 9090 and settings.shutdown_grace_seconds == 20
+    route = settings.routes[0]
+    assert route.tls.verify is True and route.keep_caller_credential is False
+    assert route.auth.header == "Authorization" and route.auth.template == "Bearer {key}"
+    assert route.retry_buffer_bytes == 1024 * 1024 and route.match == "/"
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "config ok: 1 route(s): scoring" in result.stdout
+
+
+def _route(**changes: object) -> dict[str, object]:
+    route = {**GOOD["routes"][0], **changes}  # type: ignore[dict-item]
+    return {"routes": [route]}
+
+
+BROKEN: list[tuple[str, object, list[str]]] = [
+    ("not yaml", "routes: [unclosed", ["is not valid YAML at line"]),
+    ("no routes", {"listen": {"port": 8080}}, ["routes: None is not allowed; expected a list of at least one route"]),
+    ("missing upstream", {"routes": [{"auth": {"primary_file": "/k"}}]}, ["routes[0].upstream: is required"]),
+    (
+        "bad upstream scheme",
+        _route(upstream="ftp://x"),
+        ["routes[0].upstream: 'ftp://x' is not allowed; expected an http(s) URL"],
+    ),
+    (
+        "credentials in the URL",
+        _route(upstream="https://user:pw@x.example/"),
+        ["routes[0].upstream: 'https://user:pw@x.example/' is not allowed; no credentials, query or fragment"],
+    ),
+    (
+        "port out of range",
+        {**GOOD, "listen": {"port": 70000}},
+        ["listen.port: 70000 is out of range; expected a number from 0 to 65535"],
+    ),
+    (
+        "port not a number",
+        {**GOOD, "admin": {"port": "x"}},
+        ["admin.port: 'x' is not allowed; expected a whole number"],
+    ),
+    ("unknown top-level key", {**GOOD, "lisen": {}}, ["lisen: unknown key; allowed: access_log, admin, listen"]),
+    (
+        "typo in a nested key",
+        _route(timeouts={"conect": 3}),
+        ["routes[0].timeouts.conect: unknown key; allowed: connect, read, total"],
+    ),
+    (
+        "bad auth type",
+        _route(auth={"type": "token", "primary_file": "/k"}),
+        ["routes[0].auth.type: 'token' is not allowed; allowed: key"],
+    ),
+    (
+        "template without {key}",
+        _route(auth={"primary_file": "/k", "template": "Bearer"}),
+        ["routes[0].auth.template: 'Bearer' is not allowed; it must contain {key} exactly once"],
+    ),
+    (
+        "framing header as key header",
+        _route(auth={"primary_file": "/k", "header": "Content-Length"}),
+        ["routes[0].auth.header: 'Content-Length' is not allowed; it is a framing or reserved header"],
+    ),
+    (
+        "negative timeout",
+        _route(timeouts={"read": -1}),
+        ["routes[0].timeouts.read: -1.0 is out of range; expected a number >= 0.001"],
+    ),
+    (
+        "bad log level",
+        {**GOOD, "log_level": "loud"},
+        ["log_level: 'loud' is not allowed; allowed: debug, info, warning, error"],
+    ),
+    (
+        "duplicate route names and prefixes",
+        {"routes": [{**GOOD["routes"][0], "match": "/a"}, {**GOOD["routes"][0], "match": "/a"}]},  # type: ignore[dict-item]
+        [
+            "routes[1].name: 'scoring' is already used by routes[0]",
+            "routes[1].match: '/a' is already used by routes[0]",
+        ],
+    ),
+    (
+        "several routes without match",
+        {"routes": [GOOD["routes"][0], {**GOOD["routes"][0], "name": "b"}]},  # type: ignore[dict-item]
+        ["routes[0].match: is required when there is more than one route"],
+    ),
+    ("bad route name", _route(name="Bad Name!"), ["routes[0].name: 'Bad Name!' is not allowed; use a-z, 0-9"]),
+    (
+        "bool as string",
+        _route(strip_prefix="yes please"),
+        ["routes[0].strip_prefix: 'yes please' is not allowed; expected true or false"],
+    ),
+    (
+        "header injection in deployment",
+        _route(deployment="blue\r\nX-Evil: 1"),
+        ["routes[0].deployment: 'blue\\r\\nX-Evil: 1' is not allowed; CR, LF and NUL"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "document", "expected"), BROKEN, ids=[c[0] for c in BROKEN])
+def test_check_config_names_each_problem_and_exits_2(
+    tmp_path: Path, case: str, document: object, expected: list[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(document if isinstance(document, str) else yaml.safe_dump(document))
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 2, (case, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    for want in expected:
+        assert any(want in line for line in lines), (want, lines)
+    assert all(line.startswith("config error: ") for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_several_problems_give_one_line_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"listen": {"port": -1}, "routes": [{"upstream": "nope", "auth": {}}]}, {})
+    assert info.value.problems == [
+        "listen.port: -1 is out of range; expected a number from 0 to 65535",
+        "routes[0].auth.primary_file: is required",
+        "routes[0].upstream: 'nope' is not allowed; expected an http(s) URL",
+    ]
+
+
+def test_run_with_a_bad_config_exits_2_before_starting(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("routes: []\n")
+    result = cli("run", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("config error: routes: [] is not allowed")
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    result = cli("check-config", "--config", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_environment_alone_defines_a_single_route() -> None:
+    env = {
+        "AML_AUTH_PROXY_ROUTE_UPSTREAM": "http://127.0.0.1:5001/api/v1/service/demo",
+        "AML_AUTH_PROXY_ROUTE_AUTH_PRIMARY_FILE": "/keys/primary",
+        "AML_AUTH_PROXY_ROUTE_TIMEOUTS_READ": "2.5",
+        "AML_AUTH_PROXY_ROUTE_STRIP_PREFIX": "true",
+        "AML_AUTH_PROXY_LISTEN_PORT": "18080",
+        "AML_AUTH_PROXY_SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    settings = load(None, env)
+    route = settings.routes[0]
+    assert str(route.upstream) == "http://127.0.0.1:5001/api/v1/service/demo"
+    assert route.timeouts.read == 2.5 and route.strip_prefix is True
+    assert settings.listen.port == 18080 and settings.shutdown_grace_seconds == 5
+
+
+def test_environment_overrides_the_file_and_errors_name_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    settings = load(str(path), {"AML_AUTH_PROXY_ROUTE_REGION": "westeurope"})
+    assert settings.routes[0].region == "westeurope"
+    result = cli("check-config", "--config", str(path), env={"AML_AUTH_PROXY_ROUTE_TIMEOUTS_CONNECT": "soon"})
+    assert result.returncode == 2
+    assert "routes[0].timeouts.connect (from AML_AUTH_PROXY_ROUTE_TIMEOUTS_CONNECT): 'soon'" in result.stderr
+    result = cli("check-config", "--config", str(path), env={"AML_AUTH_PROXY_ROUTE_TIMEOUT": "1"})
+    assert "AML_AUTH_PROXY_ROUTE_TIMEOUT: unknown environment variable" in result.stderr
+
+
+def test_route_variables_need_exactly_one_route() -> None:
+    doc = {"routes": [{**GOOD["routes"][0], "match": "/a"}, {**GOOD["routes"][0], "name": "b", "match": "/b"}]}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="need exactly one route"):
+        parse(doc, {"AML_AUTH_PROXY_ROUTE_REGION": "x"})
+
+
+def test_every_key_and_variable_is_documented() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for leaf in TOP_LEAVES:
+        assert f"`{leaf.key}`" in doc, leaf.key
+        assert env_name(leaf.key, route=False) in doc
+    for leaf in ROUTE_LEAVES:
+        assert f"`routes[].{leaf.key}`" in doc, leaf.key
+        assert env_name(leaf.key, route=True) in doc
+
+
+def test_example_config_in_the_repo_is_valid() -> None:
+    result = cli("check-config", "--config", str(ROOT / "docs" / "example-config.yaml"))
+    assert result.returncode == 0, result.stderr
