@@ -407,6 +407,36 @@ async def test_admin_lists_services_without_keys(emu: RunningEmulator, http: aio
         assert secret not in text
 
 
+async def test_service_objects_show_scoring_uri_and_auth_in_each_plane(
+    emu: RunningEmulator, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(emu.control_url + V1_WS + "/services/demo", headers=CP) as resp:
+        v1 = await resp.json()
+    assert v1["scoringUri"] == emu.service_urls["demo"] + "/score" and v1["authEnabled"] is True
+    async with http.get(f"{emu.control_url}{V2_WS}/onlineEndpoints/ep?{API}", headers=CP) as resp:
+        v2 = await resp.json()
+    assert v2["properties"]["scoringUri"] == emu.service_urls["ep"] + "/score"
+    assert v2["properties"]["authMode"] == "Key"
+    async with http.get(emu.control_url + V1_WS + "/services/ep", headers=CP) as resp:
+        assert resp.status == 404
+
+
+async def test_regeneration_during_a_burst_of_requests_never_rejects_the_untouched_key(
+    emu: RunningEmulator, http: aiohttp.ClientSession
+) -> None:
+    url = emu.control_url + V1_WS + "/services/demo/regenerateKeys"
+
+    async def regenerate_secondary() -> int:
+        async with http.post(url, json={"keyType": "Secondary"}, headers=CP) as resp:
+            return resp.status
+
+    calls = [score(http, emu, V1_PRIMARY) for _ in range(40)] + [regenerate_secondary() for _ in range(10)]
+    async with asyncio.timeout(15):
+        statuses = await asyncio.gather(*calls)
+    assert statuses[:40] == [200] * 40 and statuses[40:] == [202] * 10
+    assert await score(http, emu, V1_SECONDARY) == 401
+
+
 # -- faults ------------------------------------------------------------------------------------------------------
 
 
@@ -623,6 +653,13 @@ def test_parse_config_names_every_bad_key() -> None:
         "colour: unknown key",
     ):
         assert fragment in text
+
+
+def test_example_config_is_valid() -> None:
+    from proxy.emulator.runner import load_config_file
+
+    cfg = load_config_file(REPO / "proxy" / "emulator" / "emulator.example.yaml")
+    assert [s.name for s in cfg.services] == ["demo", "endpoint"]
 
 
 def test_runner_main_bad_config_exits_2_with_one_line_per_problem(

@@ -1,7 +1,9 @@
 """The AML control planes (v1 model management and v2 ARM) plus the emulator's own admin API, in one app.
 
 v1 (MMS):  POST .../workspaces/{ws}/services/{name}/listkeys | regenerateKeys; GET .../workspaces/{ws}/operations/{id}
+           GET .../workspaces/{ws}/services/{name}   (the service object: scoringUri, authEnabled, ...)
 v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerateKeys ?api-version=...
+           GET .../workspaces/{ws}/onlineEndpoints/{name}?api-version=...   (the endpoint resource)
            GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{region}
                /mfeOperationResults/{id}?api-version=...   (the Location of a regenerateKeys)
 Admin:     /_emulator/faults, /_emulator/latency, /_emulator/services (no auth: loopback dev tool)
@@ -26,6 +28,7 @@ from proxy.emulator.state import EmulatorState, KeyType, Service
 
 Plane = Literal["v1", "v2"]
 BaseUrl = str | Callable[[], str] | None
+ScoringUrlFor = Callable[[str], str | None]
 
 _PROVIDER = "providers/Microsoft.MachineLearningServices"
 V1_WORKSPACE = "/modelmanagement/v1.0/subscriptions/{sub}/resourceGroups/{rg}/" + _PROVIDER + "/workspaces/{ws}"
@@ -34,21 +37,29 @@ V2_OPERATION = "/subscriptions/{sub}/" + _PROVIDER + "/locations/{region}/mfeOpe
 
 STATE = web.AppKey("emulator_control_state", EmulatorState)
 BASE_URL: web.AppKey[BaseUrl] = web.AppKey("emulator_control_base_url")
+SCORING_URL_FOR: web.AppKey[ScoringUrlFor] = web.AppKey("emulator_control_scoring_url_for")
 
 _FAULT_FIELDS = frozenset({"target", "service", "action", "status", "seconds", "count"})
 
 
-def create_control_app(state: EmulatorState, *, base_url: BaseUrl = None) -> web.Application:
+def create_control_app(
+    state: EmulatorState, *, base_url: BaseUrl = None, scoring_url_for: ScoringUrlFor | None = None
+) -> web.Application:
     """Both control planes and the admin API.
 
     `base_url` is the public origin put into Operation-Location and Location headers (a string, or a callable
     read per request, handy when the port is only known after binding); None means the request's own origin.
+    `scoring_url_for(name)` gives a service's scoring base URL for the service objects (`scoringUri` is that
+    plus `/score`); without it `scoringUri` is null.
     """
     app = web.Application()
     app[STATE] = state
     app[BASE_URL] = base_url
+    app[SCORING_URL_FOR] = scoring_url_for or (lambda name: None)
+    app.router.add_get(V1_WORKSPACE + "/services/{name}", _v1_service_object)
     app.router.add_post(V1_WORKSPACE + "/services/{name}/{action}", _v1_service_action)
     app.router.add_get(V1_WORKSPACE + "/operations/{op}", _v1_operation)
+    app.router.add_get(V2_WORKSPACE + "/onlineEndpoints/{name}", _v2_endpoint_object)
     app.router.add_post(V2_WORKSPACE + "/onlineEndpoints/{name}/{action}", _v2_endpoint_action)
     app.router.add_get(V2_OPERATION, _v2_operation)
     app.router.add_get("/_emulator/faults", _list_faults)
@@ -184,7 +195,37 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
 
+def _scoring_uri(request: web.Request, service: Service) -> str | None:
+    base = request.app[SCORING_URL_FOR](service.name)
+    return None if base is None else base.rstrip("/") + "/score"
+
+
 # -- v1 model management -----------------------------------------------------------------------------------------
+
+
+async def _v1_service_object(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v1")
+    if denied is not None:
+        return denied
+    service = _find_service(request, "v1")
+    if service is None:
+        return _not_found("v1", f"Service {request.match_info['name']!r}")
+
+    async def describe() -> web.Response:
+        current = request.app[STATE].services[service.name]
+        return web.json_response(
+            {
+                "name": current.name,
+                "computeType": "AKS",
+                "state": "Healthy",
+                "scoringUri": _scoring_uri(request, current),
+                "authEnabled": current.auth_mode == "key",
+                "aadAuthEnabled": False,  # AML's name for token auth; only key auth is emulated so far
+                "location": current.region,
+            }
+        )
+
+    return await _serve(request, "v1", service, describe)
 
 
 async def _v1_service_action(request: web.Request) -> web.StreamResponse:
@@ -252,6 +293,40 @@ async def _v1_operation(request: web.Request) -> web.StreamResponse:
 
 
 # -- v2 ARM ------------------------------------------------------------------------------------------------------
+
+_V2_AUTH_MODES = {"key": "Key", "aml_token": "AMLToken", "aad_token": "AADToken"}
+
+
+async def _v2_endpoint_object(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v2") or _check_api_version(request)
+    if denied is not None:
+        return denied
+    service = _find_service(request, "v2")
+    if service is None:
+        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
+
+    async def describe() -> web.Response:
+        current = request.app[STATE].services[service.name]
+        resource_id = (
+            V2_WORKSPACE.format(sub=current.subscription, rg=current.resource_group, ws=current.workspace)
+            + f"/onlineEndpoints/{current.name}"
+        )
+        return web.json_response(
+            {
+                "id": resource_id,
+                "name": current.name,
+                "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints",
+                "location": current.region,
+                "properties": {
+                    "authMode": _V2_AUTH_MODES[current.auth_mode],
+                    "scoringUri": _scoring_uri(request, current),
+                    "provisioningState": "Succeeded",
+                    "traffic": {current.default_deployment: 100},
+                },
+            }
+        )
+
+    return await _serve(request, "v2", service, describe)
 
 
 async def _v2_endpoint_action(request: web.Request) -> web.StreamResponse:

@@ -3,6 +3,10 @@
 A fault acts in two places: before the handler does its work (`status`, `reset`, `delay`) and while the response
 body is written (`stall_after_headers`, `trickle`). The body-time faults keep the real status and headers, so a
 client sees a normal-looking response that arrives slowly.
+
+Where a fault is taken: at the scoring front end once the service is known and before the key check (so a fault
+can be played against any client); at the control planes after the token check and the service lookup (so only
+authorised, well-formed calls use up a counted fault). One request takes at most one fault: the oldest match.
 """
 
 from __future__ import annotations

@@ -444,7 +444,9 @@ async def _start(emulator: RunningEmulator, cfg: EmulatorConfig, ssl_context: ss
             emulator.mirror_keys(service)
         state.keys_listeners.append(emulator.mirror_keys)
 
-    control_app = create_control_app(state, base_url=lambda: emulator.control_url)
+    control_app = create_control_app(
+        state, base_url=lambda: emulator.control_url, scoring_url_for=emulator.service_urls.get
+    )
     runner, emulator.control_url = await _serve_app(
         control_app, host=cfg.host, port=cfg.control_port, ssl_context=ssl_context
     )
