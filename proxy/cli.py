@@ -93,4 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(settings.log_level)
     _install_uvloop()
-    return asyncio.run(serve(settings))
+    code = asyncio.run(serve(settings))
+    # Shutdown is complete: a repeated SIGTERM (kubelet, a supervisor) must not turn exit 0 into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code

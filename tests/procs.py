@@ -1,0 +1,97 @@
+"""The proxy as users run it: the `aml-auth-proxy` console script in a subprocess, logs to a scanned file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.conftest import subprocess_log
+
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("aml-auth-proxy"))
+
+
+class ProxyProcess:
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.proxy_url = ""
+        self.admin_url = ""
+
+    @classmethod
+    async def start(cls, config: dict[str, Any], tmp_path: Path, *, name: str = "proxy") -> ProxyProcess:
+        doc = {"listen": {"host": "127.0.0.1", "port": 0}, "admin": {"host": "127.0.0.1", "port": 0}, **config}
+        config_path = tmp_path / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(doc))
+        log_path = subprocess_log(name)
+        with log_path.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                CONSOLE_SCRIPT,
+                "run",
+                "--config",
+                str(config_path),
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self = cls(process, log_path)
+        async with asyncio.timeout(30):
+            while not self.proxy_url:
+                if process.returncode is not None:
+                    raise RuntimeError(f"proxy exited {process.returncode}: {self.log_path.read_text()[-2000:]}")
+                for event in self.events():
+                    if event.get("event") == "started":
+                        self.proxy_url = "http://" + event["listen"]
+                        self.admin_url = "http://" + event["admin"]
+                await asyncio.sleep(0.05)
+        return self
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "non-json", "line": line})
+        return out
+
+    @property
+    def port(self) -> int:
+        return int(self.proxy_url.rsplit(":", 1)[1])
+
+    def status_kib(self, field: str) -> int:
+        """A /proc/PID/status field in KiB (VmRSS now, VmHWM peak)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        async with aiohttp.ClientSession() as client, client.get(self.admin_url + "/metrics") as resp:
+            text = await resp.text()
+        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        for line in text.splitlines():
+            if line.startswith(want + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async def stop(self, sig: int = signal.SIGTERM, *, within: float = 30) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        return await self.wait(within=within)
+
+    async def wait(self, *, within: float = 30) -> int:
+        try:
+            async with asyncio.timeout(within):
+                return await self.process.wait()
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+            raise
