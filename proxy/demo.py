@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,11 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def _score(client: aiohttp.ClientSession, url: str, data: list[float]) -> None:
-    async with client.post(url, json={"data": data}) as resp:
+async def _score(client: aiohttp.ClientSession, url: str, data: Sequence[float]) -> None:
+    async with client.post(url, json={"data": list(data)}) as resp:
         body = await resp.text()
         say(
-            f"  POST /score {json.dumps({'data': data})} -> {resp.status} {body.strip()}"
+            f"  POST /score {json.dumps({'data': list(data)})} -> {resp.status} {body.strip()}"
             f"  (request id {resp.headers.get('x-request-id')})"
         )
 
