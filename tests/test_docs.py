@@ -1,0 +1,35 @@
+"""The references in docs/ stay true to the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_metric_and_label_is_documented_and_nothing_else() -> None:
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    metrics = Metrics(CollectorRegistry())
+    metrics.for_route("r")
+    metrics.requests.labels("r", "GET", "200").inc()
+    metrics.rejected.labels("no_route").inc()
+    exposed: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        exposed[name] = {k for s in family.samples for k in s.labels if k != "le"}
+    rows = dict(re.findall(r"^\| `(aml_auth_proxy_[a-z_]+)` \| \w+ \| ([a-z, ]+) \|", doc, re.M))
+    assert set(rows) == set(exposed)
+    for name, labels in exposed.items():
+        assert {x.strip() for x in rows[name].split(",")} == labels, name
+
+
+def test_readme_quick_start_has_exactly_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^(make \w+)$", quick, re.M)
+    assert commands == ["make demo", "make test"]
