@@ -341,18 +341,7 @@ class ProxyHandler:
             return response, 499, sent
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The answer has started: the only honest signal left is to cut the caller's connection.
-            _status, kind, reason = _classify(exc)
-            rt.metrics.upstream_errors[kind].inc()
-            event(
-                log,
-                logging.WARNING,
-                "upstream_failed_mid_response",
-                route=rt.name,
-                request_id=rid,
-                kind=kind,
-                reason=reason,
-                bytes_sent=sent,
-            )
+            self._count_failure(rt, rid, exc, "upstream_failed_mid_response", bytes_sent=sent)
             upstream.close()
             if request.transport is not None:
                 request.transport.close()
@@ -360,19 +349,26 @@ class ProxyHandler:
         return response, upstream.status, sent
 
     def _upstream_failed(self, rt: RouteRuntime, rid: str, exc: BaseException) -> _Outcome:
+        status, reason = self._count_failure(rt, rid, exc, "upstream_failed")
+        return json_error(status, reason, route=rt.name, rid=rid), status, 0
+
+    @staticmethod
+    def _count_failure(rt: RouteRuntime, rid: str, exc: BaseException, name: str, **extra: object) -> tuple[int, str]:
+        """Classify an upstream failure, count it and log it once; returns (status, reason)."""
         status, kind, reason = _classify(exc)
         rt.metrics.upstream_errors[kind].inc()
         event(
             log,
             logging.WARNING,
-            "upstream_failed",
+            name,
             route=rt.name,
             request_id=rid,
             kind=kind,
             reason=reason,
             error_type=type(exc).__name__,
+            **extra,
         )
-        return json_error(status, reason, route=rt.name, rid=rid), status, 0
+        return status, reason
 
     @staticmethod
     def _caller_gone(request: web.BaseRequest) -> bool:
