@@ -16,12 +16,30 @@ import socket
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.config import Settings
+from proxy.clock import Clock, SystemClock
+from proxy.config import (
+    AAD,
+    AML_ENDPOINT_TOKEN,
+    AML_KEYS,
+    AML_SERVICE_TOKEN,
+    JWT_FILE,
+    KEY_FILE,
+    MLSERVER,
+    Route,
+    Settings,
+    placeholder_for,
+)
+from proxy.credentials.aml import AadSource, AmlEndpointTokenSource, AmlKeysSource, AmlServiceTokenSource
+from proxy.credentials.base import CredentialProvider
+from proxy.credentials.identity import AzureIdentity
+from proxy.credentials.jwt_file import JwtFileSource
 from proxy.credentials.keys import KeyFileProvider
+from proxy.credentials.mlserver import MlServerSource
 from proxy.forwarding import ProxyHandler, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
 from proxy.logs import event
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, RouteMetrics
+from proxy.refresher import Refresher, TokenSource
 
 log = logging.getLogger("aml_auth_proxy.app")
 
@@ -36,6 +54,39 @@ def _guard(task: asyncio.Task[None], *, route: str) -> None:
     event(log, logging.CRITICAL, "background_task_ended", route=route, error_type=type(exc).__name__ if exc else None)
 
 
+def build_provider(route: Route, *, metrics: Metrics, route_metrics: RouteMetrics, clock: Clock) -> CredentialProvider:
+    """The credential provider for one route: key files, or a refresher around the kind's token source."""
+    auth = route.auth
+    if auth.type == KEY_FILE:
+        return KeyFileProvider(route=route.name, auth=auth, metrics=route_metrics)
+    source: TokenSource
+    if auth.type == MLSERVER:
+        source = MlServerSource(auth=auth, base_url=auth.url or str(route.upstream.origin()))
+    elif auth.type == JWT_FILE:
+        source = JwtFileSource(auth=auth)
+    else:
+        assert auth.identity is not None
+        identity = AzureIdentity(config=auth.identity, ca_file=auth.ca_file, metrics=metrics)
+        kinds: dict[str, type[AmlServiceTokenSource | AmlEndpointTokenSource | AmlKeysSource | AadSource]] = {
+            AML_SERVICE_TOKEN: AmlServiceTokenSource,
+            AML_ENDPOINT_TOKEN: AmlEndpointTokenSource,
+            AML_KEYS: AmlKeysSource,
+            AAD: AadSource,
+        }
+        source = kinds[auth.type](auth=auth, identity=identity)
+    assert auth.refresh is not None
+    return Refresher(
+        route=route.name,
+        source=source,
+        header=auth.header,
+        template=auth.template,
+        placeholder=placeholder_for(auth.type),
+        policy=auth.refresh,
+        metrics=route_metrics,
+        clock=clock,
+    )
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     for site in runner.sites:
         server = getattr(site, "_server", None)
@@ -48,14 +99,17 @@ def _bound_port(runner: web.BaseRunner) -> int:
 class ProxyService:
     """The running proxy: build with settings, `await start()`, later `await stop()`."""
 
-    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, registry: CollectorRegistry | None = None, clock: Clock | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
         self.lifecycle = Lifecycle()
         self.routes: list[RouteRuntime] = []
+        self.clock = clock or SystemClock()
         for route in settings.routes:
-            rm = self.metrics.for_route(route.name)
-            provider = KeyFileProvider(route=route.name, auth=route.auth, metrics=rm)
+            rm = self.metrics.for_route(route.name, region=route.region, kind=route.auth.type)
+            provider = build_provider(route, metrics=self.metrics, route_metrics=rm, clock=self.clock)
             self.routes.append(RouteRuntime(config=route, provider=provider, metrics=rm))
         self.handler = ProxyHandler(
             router=Router(self.routes), metrics=self.metrics, access_log_enabled=settings.access_log

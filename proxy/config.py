@@ -21,7 +21,26 @@ from yarl import URL
 ENV_PREFIX = "AML_AUTH_PROXY_"
 ROUTE_ENV_PREFIX = ENV_PREFIX + "ROUTE_"
 
-AUTH_TYPES = ("key",)
+KEY_FILE = "key"
+AML_KEYS = "aml-keys"
+AML_SERVICE_TOKEN = "aml-service-token"
+AML_ENDPOINT_TOKEN = "aml-endpoint-token"
+AAD = "aad"
+MLSERVER = "mlserver"
+JWT_FILE = "jwt-file"
+AUTH_TYPES = (KEY_FILE, AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD, MLSERVER, JWT_FILE)
+KEY_TYPES = (KEY_FILE, AML_KEYS)
+TOKEN_TYPES = (AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD, MLSERVER, JWT_FILE)
+REFRESHED_TYPES = (*TOKEN_TYPES, AML_KEYS)
+CONTROL_PLANE_TYPES = (AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN)
+IDENTITY_TYPES = (AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD)
+IDENTITY_KINDS = ("workload", "managed", "client_secret")
+ARM_URL = "https://management.azure.com"
+ARM_API_VERSION = "2025-12-01"
+# Scopes from the protocol doc: v1 (MMS) asks for the classic ARM resource, v2 for management.azure.com.
+V1_SCOPE = "https://management.core.windows.net//.default"
+V2_SCOPE = "https://management.azure.com/.default"
+AML_SCOPE = "https://ml.azure.com/.default"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -75,13 +94,62 @@ class Pool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class KeyAuth:
+class Identity:
+    """The proxy's own Azure identity (azure-identity async credentials)."""
+
     type: str
-    primary_file: str
-    secondary_file: str | None
+    client_id: str | None
+    tenant_id: str | None
+    authority_host: str | None
+    token_file: str | None
+    client_secret_file: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshPolicy:
+    """When to renew a token, and how to back off when renewing fails."""
+
+    margin_seconds: float
+    jitter_seconds: float
+    safety_seconds: float
+    fraction: float
+    min_interval_seconds: float
+    backoff_initial_seconds: float
+    backoff_max_seconds: float
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Auth:
+    """One route's credential: the kind plus the fields that kind uses (others are None)."""
+
+    type: str
     header: str
     template: str
-    reload_seconds: float
+    primary_file: str | None = None
+    secondary_file: str | None = None
+    reload_seconds: float = 1.0
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    workspace: str | None = None
+    service: str | None = None
+    endpoint: str | None = None
+    mms_url: str | None = None
+    arm_url: str = ARM_URL
+    api_version: str = ARM_API_VERSION
+    scope: str | None = None
+    ca_file: str | None = None
+    refetch_seconds: float = 3600.0
+    url: str | None = None
+    username_file: str | None = None
+    password_file: str | None = None
+    token_file: str | None = None
+    identity: Identity | None = None
+    refresh: RefreshPolicy | None = None
+
+    @property
+    def is_token(self) -> bool:
+        return self.type in TOKEN_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +165,7 @@ class Route:
     tls: Tls
     timeouts: Timeouts
     pool: Pool
-    auth: KeyAuth
+    auth: Auth
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +199,8 @@ class Leaf:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    types: tuple[str, ...] | None = None  # auth types that use this key; None = every route
+    required_for: tuple[str, ...] = ()  # auth types for which the key has no default
 
 
 TOP_LEAVES: tuple[Leaf, ...] = (
@@ -180,18 +250,237 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
     ),
     Leaf("pool.max_connections", "int", 100, "Open connections to the upstream at most.", minimum=1, maximum=100000),
     Leaf("pool.keepalive_seconds", "float", 30.0, "How long an idle upstream connection is kept.", minimum=0),
-    Leaf("auth.type", "enum", "key", "Credential kind.", choices=AUTH_TYPES),
-    Leaf("auth.primary_file", "str", REQUIRED, "File holding the primary key (a mounted Secret key)."),
-    Leaf("auth.secondary_file", "optstr", None, "File holding the secondary key, used after a 401."),
+    Leaf("auth.type", "enum", KEY_FILE, "Credential kind.", choices=AUTH_TYPES),
     Leaf("auth.header", "str", "Authorization", "Header that carries the credential."),
-    Leaf("auth.template", "str", "Bearer {key}", "Header value; {key} is replaced by the key."),
+    Leaf(
+        "auth.template",
+        "optstr",
+        None,
+        "Header value; {key} (key kinds) or {token} (token kinds) is replaced. Default: Bearer {key} / Bearer {token}.",
+    ),
+    Leaf(
+        "auth.primary_file",
+        "str",
+        None,
+        "File holding the primary key (a mounted Secret key).",
+        types=(KEY_FILE,),
+        required_for=(KEY_FILE,),
+    ),
+    Leaf("auth.secondary_file", "optstr", None, "File holding the secondary key, used after a 401.", types=(KEY_FILE,)),
     Leaf(
         "auth.reload_seconds",
         "float",
         1.0,
-        "How often the key files are checked for changes.",
+        "How often the key or token files are checked for changes.",
         minimum=0.05,
         maximum=3600,
+        types=(KEY_FILE, JWT_FILE),
+    ),
+    Leaf(
+        "auth.subscription_id",
+        "str",
+        None,
+        "Azure subscription of the workspace.",
+        types=CONTROL_PLANE_TYPES,
+        required_for=CONTROL_PLANE_TYPES,
+    ),
+    Leaf(
+        "auth.resource_group",
+        "str",
+        None,
+        "Resource group of the workspace.",
+        types=CONTROL_PLANE_TYPES,
+        required_for=CONTROL_PLANE_TYPES,
+    ),
+    Leaf(
+        "auth.workspace",
+        "str",
+        None,
+        "AML workspace name.",
+        types=CONTROL_PLANE_TYPES,
+        required_for=CONTROL_PLANE_TYPES,
+    ),
+    Leaf(
+        "auth.service",
+        "optstr",
+        None,
+        "AKS web service name (AML v1). aml-keys: set service or endpoint.",
+        types=(AML_KEYS, AML_SERVICE_TOKEN),
+        required_for=(AML_SERVICE_TOKEN,),
+    ),
+    Leaf(
+        "auth.endpoint",
+        "optstr",
+        None,
+        "Online endpoint name (AML v2). aml-keys: set service or endpoint.",
+        types=(AML_KEYS, AML_ENDPOINT_TOKEN),
+        required_for=(AML_ENDPOINT_TOKEN,),
+    ),
+    Leaf(
+        "auth.mms_url",
+        "optstr",
+        None,
+        "AML v1 model management host of the workspace's region, e.g. https://eastus.api.azureml.ms.",
+        types=(AML_KEYS, AML_SERVICE_TOKEN),
+    ),
+    Leaf(
+        "auth.arm_url",
+        "str",
+        ARM_URL,
+        "Azure Resource Manager base URL (AML v2).",
+        types=(AML_KEYS, AML_ENDPOINT_TOKEN),
+    ),
+    Leaf(
+        "auth.api_version",
+        "str",
+        ARM_API_VERSION,
+        "ARM api-version for online endpoint calls.",
+        types=(AML_KEYS, AML_ENDPOINT_TOKEN),
+    ),
+    Leaf(
+        "auth.scope",
+        "optstr",
+        None,
+        f"Entra ID scope requested. Default: the ARM scope of the plane, or {AML_SCOPE} for aad.",
+        types=IDENTITY_TYPES,
+    ),
+    Leaf(
+        "auth.ca_file",
+        "optstr",
+        None,
+        "PEM CA bundle for the control plane, Entra ID and ML Server calls.",
+        types=(*IDENTITY_TYPES, MLSERVER),
+    ),
+    Leaf(
+        "auth.refetch_seconds",
+        "float",
+        3600.0,
+        "aml-keys: how often the keys are fetched again.",
+        minimum=1,
+        types=(AML_KEYS,),
+    ),
+    Leaf(
+        "auth.url", "optstr", None, "ML Server base URL for /login. Default: the upstream's origin.", types=(MLSERVER,)
+    ),
+    Leaf(
+        "auth.username_file",
+        "str",
+        None,
+        "File holding the ML Server user name.",
+        types=(MLSERVER,),
+        required_for=(MLSERVER,),
+    ),
+    Leaf(
+        "auth.password_file",
+        "str",
+        None,
+        "File holding the ML Server password.",
+        types=(MLSERVER,),
+        required_for=(MLSERVER,),
+    ),
+    Leaf(
+        "auth.token_file",
+        "str",
+        None,
+        "File holding a JWT that something else keeps fresh.",
+        types=(JWT_FILE,),
+        required_for=(JWT_FILE,),
+    ),
+    Leaf(
+        "auth.identity.type",
+        "enum",
+        "workload",
+        "The proxy's Azure identity.",
+        choices=IDENTITY_KINDS,
+        types=IDENTITY_TYPES,
+    ),
+    Leaf("auth.identity.client_id", "optstr", None, "Client id (default: AZURE_CLIENT_ID).", types=IDENTITY_TYPES),
+    Leaf("auth.identity.tenant_id", "optstr", None, "Tenant id (default: AZURE_TENANT_ID).", types=IDENTITY_TYPES),
+    Leaf(
+        "auth.identity.authority_host",
+        "optstr",
+        None,
+        "Entra ID host, https (default: AZURE_AUTHORITY_HOST, else login.microsoftonline.com).",
+        types=IDENTITY_TYPES,
+    ),
+    Leaf(
+        "auth.identity.token_file",
+        "optstr",
+        None,
+        "workload: the federated token file (default: AZURE_FEDERATED_TOKEN_FILE).",
+        types=IDENTITY_TYPES,
+    ),
+    Leaf(
+        "auth.identity.client_secret_file",
+        "optstr",
+        None,
+        "client_secret: file holding the client secret.",
+        types=IDENTITY_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.margin_seconds",
+        "float",
+        0.0,
+        "Refresh this long before the server's refresh time.",
+        minimum=0,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.jitter_seconds",
+        "float",
+        5.0,
+        "Up to this much earlier, at random (capped at 10% of the time left), so replicas do not refresh together.",
+        minimum=0,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.safety_seconds",
+        "float",
+        60.0,
+        "Never refresh later than expiry minus this (capped at 10% of the lifetime).",
+        minimum=0,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.fraction",
+        "float",
+        0.8,
+        "Without a server refresh time, refresh at this fraction of the lifetime.",
+        minimum=0.1,
+        maximum=0.95,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.min_interval_seconds",
+        "float",
+        1.0,
+        "Least time between two refreshes (forced ones included).",
+        minimum=0.01,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.backoff_initial_seconds",
+        "float",
+        1.0,
+        "First retry delay cap after a failure.",
+        minimum=0.01,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.backoff_max_seconds",
+        "float",
+        60.0,
+        "Largest retry delay (full jitter below it).",
+        minimum=0.01,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.timeout_seconds",
+        "float",
+        10.0,
+        "Timeout of one control-plane or Entra ID call.",
+        minimum=0.01,
+        types=REFRESHED_TYPES,
     ),
 )
 
@@ -264,6 +553,23 @@ def _range(leaf: Leaf) -> str:
     return ""
 
 
+def _check_unknown(raw: Mapping[str, Any], keys: list[str], prefix: str, problems: _Problems) -> None:
+    """Unknown keys at every level are problems: a typo never falls back to a default silently."""
+    allowed = sorted({k.split(".")[0] for k in keys})
+    for key in raw:
+        if key not in allowed:
+            problems.add(f"{prefix}{key}", f"unknown key; allowed: {', '.join(allowed)}")
+    for name in allowed:
+        deeper = [k.split(".", 1)[1] for k in keys if k.startswith(name + ".")]
+        section = raw.get(name)
+        if not deeper or section is None:
+            continue
+        if not isinstance(section, Mapping):
+            problems.add(f"{prefix}{name}", f"{_fmt(section)} is not allowed; expected a mapping")
+            continue
+        _check_unknown(section, deeper, f"{prefix}{name}.", problems)
+
+
 def _read_section(
     raw: Any,
     leaves: tuple[Leaf, ...],
@@ -272,41 +578,39 @@ def _read_section(
     env_sources: Mapping[str, str],
     problems: _Problems,
 ) -> dict[str, Any]:
-    """Walk `raw` against `leaves`; returns {dotted key: value}. Unknown keys are problems (typos)."""
+    """Walk `raw` against `leaves`; returns {dotted key: value}. Keys of other auth types are refused."""
     out: dict[str, Any] = {}
     if not isinstance(raw, Mapping):
         problems.add(prefix.rstrip(".") or "config", f"{_fmt(raw)} is not allowed; expected a mapping")
         return out
-    groups = {leaf.key.split(".")[0] for leaf in leaves}
-    for key in raw:
-        if key not in groups:
-            problems.add(f"{prefix}{key}", f"unknown key; allowed: {', '.join(sorted(groups))}")
-    for group in sorted({leaf.key.split(".")[0] for leaf in leaves if "." in leaf.key}):
-        section = raw.get(group)
-        if section is None:
-            continue
-        if not isinstance(section, Mapping):
-            problems.add(f"{prefix}{group}", f"{_fmt(section)} is not allowed; expected a mapping")
-            continue
-        allowed = sorted(leaf.key.split(".", 1)[1] for leaf in leaves if leaf.key.startswith(group + "."))
-        for key in section:
-            if key not in allowed:
-                problems.add(f"{prefix}{group}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
+    _check_unknown(raw, [leaf.key for leaf in leaves], prefix, problems)
+    auth = raw.get("auth")
+    auth_type = auth.get("type", KEY_FILE) if isinstance(auth, Mapping) else KEY_FILE
     for leaf in leaves:
-        parts = leaf.key.split(".")
         node: Any = raw
-        for part in parts:
+        for part in leaf.key.split("."):
             node = node.get(part, REQUIRED) if isinstance(node, Mapping) else REQUIRED
         where = prefix + leaf.key
         if where in env_sources:
             where = f"{where} (from {env_sources[where]})"
-        if node is REQUIRED:
-            if leaf.default is REQUIRED:
-                problems.add(where, "is required")
+        if leaf.types is not None and auth_type not in leaf.types:
+            if node is not REQUIRED and auth_type in AUTH_TYPES:
+                problems.add(where, f"is not used with auth.type {auth_type!r}; used by: {', '.join(leaf.types)}")
             out[leaf.key] = leaf.default
+            continue
+        if node is REQUIRED:
+            if leaf.default is REQUIRED or auth_type in leaf.required_for:
+                problems.add(where, f"is required{_for_type(leaf, auth_type)}")
+                out[leaf.key] = REQUIRED
+            else:
+                out[leaf.key] = leaf.default
             continue
         out[leaf.key] = _convert(leaf, node, where, problems)
     return out
+
+
+def _for_type(leaf: Leaf, auth_type: str) -> str:
+    return f" with auth.type {auth_type!r}" if auth_type in leaf.required_for else ""
 
 
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
@@ -388,16 +692,55 @@ def _check_route(values: dict[str, Any], where: str, problems: _Problems) -> URL
             problems.add(f"{where}auth.header", f"{_fmt(header)} is not allowed; expected an HTTP header name")
         elif header.lower() in _FORBIDDEN_INJECT_HEADERS or header.lower().startswith("proxy-"):
             problems.add(f"{where}auth.header", f"{_fmt(header)} is not allowed; it is a framing or reserved header")
+    auth_type = values["auth.type"]
+    placeholder = placeholder_for(auth_type if isinstance(auth_type, str) else KEY_FILE)
     template = values["auth.template"]
     if isinstance(template, str):
-        rest = template.replace("{key}", "", 1)
-        if "{key}" not in template or "{" in rest or "}" in rest:
+        rest = template.replace(placeholder, "", 1)
+        if placeholder not in template or "{" in rest or "}" in rest:
             problems.add(
                 f"{where}auth.template",
-                f"{_fmt(template)} is not allowed; it must contain {{key}} exactly once and no other braces",
+                f"{_fmt(template)} is not allowed; it must contain {placeholder} exactly once and no other braces",
             )
         elif not template.isprintable():
             problems.add(f"{where}auth.template", f"{_fmt(template)} is not allowed; control characters")
+    if auth_type == AML_KEYS and (values["auth.service"] is None) == (values["auth.endpoint"] is None):
+        problems.add(f"{where}auth.service", "aml-keys needs exactly one of auth.service (v1) or auth.endpoint (v2)")
+    if auth_type in (AML_KEYS, AML_SERVICE_TOKEN) and values["auth.service"] and not values["auth.mms_url"]:
+        problems.add(f"{where}auth.mms_url", f"is required with auth.type {auth_type!r} and auth.service (v1)")
+    for key in ("auth.mms_url", "auth.arm_url", "auth.identity.authority_host"):
+        _check_https(values.get(key), f"{where}{key}", problems)
+    if isinstance(values.get("auth.url"), str):
+        _check_http_url(values["auth.url"], f"{where}auth.url", problems)
+    identity_type = values.get("auth.identity.type")
+    if auth_type in IDENTITY_TYPES and identity_type == "client_secret":
+        for key in ("auth.identity.client_secret_file", "auth.identity.tenant_id", "auth.identity.client_id"):
+            if values.get(key) is None:
+                problems.add(f"{where}{key}", "is required with auth.identity.type 'client_secret'")
+    return url
+
+
+def placeholder_for(auth_type: str) -> str:
+    """`{key}` in key templates, `{token}` in token templates."""
+    return "{token}" if auth_type in TOKEN_TYPES else "{key}"
+
+
+def _check_https(value: Any, where: str, problems: _Problems) -> None:
+    if not isinstance(value, str):
+        return
+    url = _check_http_url(value, where, problems)
+    if url is not None and url.scheme != "https":
+        problems.add(where, f"{_fmt(value)} is not allowed; expected an https URL (credentials travel on it)")
+
+
+def _check_http_url(value: str, where: str, problems: _Problems) -> URL | None:
+    try:
+        url = URL(value)
+    except (ValueError, TypeError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
+        problems.add(where, f"{_fmt(value)} is not allowed; expected an http(s) URL without query")
+        return None
     return url
 
 
@@ -466,14 +809,54 @@ def _build_route(values: dict[str, Any], url: URL) -> Route:
             max_connections=values["pool.max_connections"],
             keepalive_seconds=values["pool.keepalive_seconds"],
         ),
-        auth=KeyAuth(
-            type=values["auth.type"],
-            primary_file=values["auth.primary_file"],
-            secondary_file=values["auth.secondary_file"],
-            header=values["auth.header"],
-            template=values["auth.template"],
-            reload_seconds=values["auth.reload_seconds"],
-        ),
+        auth=_build_auth(values),
+    )
+
+
+def _build_auth(values: dict[str, Any]) -> Auth:
+    auth_type = values["auth.type"]
+    template = values["auth.template"] or f"Bearer {placeholder_for(auth_type)}"
+    names = (
+        "primary_file",
+        "secondary_file",
+        "reload_seconds",
+        "subscription_id",
+        "resource_group",
+        "workspace",
+        "service",
+        "endpoint",
+        "mms_url",
+        "arm_url",
+        "api_version",
+        "scope",
+        "ca_file",
+        "refetch_seconds",
+        "url",
+        "username_file",
+        "password_file",
+        "token_file",
+    )
+    fields = {name: values[f"auth.{name}"] for name in names if values[f"auth.{name}"] is not None}
+    identity = None
+    if auth_type in IDENTITY_TYPES:
+        identity = Identity(
+            type=values["auth.identity.type"],
+            client_id=values["auth.identity.client_id"],
+            tenant_id=values["auth.identity.tenant_id"],
+            authority_host=values["auth.identity.authority_host"],
+            token_file=values["auth.identity.token_file"],
+            client_secret_file=values["auth.identity.client_secret_file"],
+        )
+    refresh = None
+    if auth_type in REFRESHED_TYPES:
+        refresh = RefreshPolicy(**{k.split(".")[-1]: v for k, v in values.items() if k.startswith("auth.refresh.")})
+    return Auth(
+        type=auth_type,
+        header=values["auth.header"],
+        template=template,
+        identity=identity,
+        refresh=refresh,
+        **fields,
     )
 
 

@@ -261,7 +261,9 @@ class ProxyHandler:
         cred = rt.provider.current
         if cred is None:
             _ready, why = rt.provider.readiness()
-            return json_error(503, f"route has no usable credential: {why}", route=rt.name, rid=rid), 503, 0
+            response = json_error(503, f"route has no usable credential: {why}", route=rt.name, rid=rid)
+            response.headers["Retry-After"] = str(rt.provider.retry_after())
+            return response, 503, 0
         try:
             body = await _read_body(request, cfg.retry_buffer_bytes)
         except (_ClientGone, ConnectionError, aiohttp.ClientPayloadError):
@@ -303,7 +305,7 @@ class ProxyHandler:
         body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
         """Switch to the other credential; resend once when the body was buffered (a stream cannot be resent)."""
-        other = rt.provider.unauthorized(sent)
+        other = await rt.provider.unauthorized(sent)
         if other is None or other is sent or not (body is None or isinstance(body, bytes)):
             return upstream
         await upstream.read()  # drain the small 401 body so the connection is reused

@@ -25,19 +25,23 @@ class Lifecycle:
 
 def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[bool, dict[str, object]]:
     not_ready: dict[str, str] = {}
+    detail: dict[str, object] = {}
     for rt in routes:
         ok, why = rt.provider.readiness()
         rt.metrics.ready.set(1 if ok else 0)
+        detail[rt.name] = {"ready": ok, "reason": why, **rt.provider.details()}
         if not ok:
             not_ready[rt.name] = why
     ready = not not_ready and not lifecycle.shutting_down
-    body: dict[str, object] = {"ready": ready, "not_ready": not_ready}
+    body: dict[str, object] = {"ready": ready, "not_ready": not_ready, "routes": detail}
     if lifecycle.shutting_down:
         body["shutting_down"] = True
     return ready, body
 
 
 def create_admin_app(*, routes: Sequence[RouteRuntime], metrics: Metrics, lifecycle: Lifecycle) -> web.Application:
+    by_name = {rt.name: rt for rt in routes}
+
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -48,8 +52,23 @@ def create_admin_app(*, routes: Sequence[RouteRuntime], metrics: Metrics, lifecy
     async def metrics_handler(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def refresh(request: web.Request) -> web.Response:
+        """Force one refresh of a route's credential (joins one already in flight)."""
+        name = request.query.get("route")
+        rt = by_name.get(name or "")
+        if rt is None:
+            return web.json_response(
+                {"error": "unknown route; pass ?route=NAME", "routes": sorted(by_name)}, status=404
+            )
+        await rt.provider.refresh_now("operator")
+        ok, why = rt.provider.readiness()
+        return web.json_response(
+            {"route": rt.name, "ready": ok, "reason": why, **rt.provider.details()}, status=200 if ok else 503
+        )
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_post("/refresh", refresh)
     return app

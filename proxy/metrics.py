@@ -17,6 +17,11 @@ NS = "aml_auth_proxy"
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "protocol")
 RELOAD_OUTCOMES = ("success", "unchanged", "error")
+REFRESH_OUTCOMES = ("success", "transient_error", "permanent_error")
+ENTRA_OUTCOMES = ("acquired", "cached", "error")
+# Token calls go to the workspace's region: 5 ms (same region) to 10 s (a struggling one) must resolve.
+REFRESH_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+REMAINING_BUCKETS = (0.5, 1, 2, 5, 15, 60, 300, 900, 1800, 3600, 7200, 21600, 43200, 86400)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -79,13 +84,65 @@ class Metrics:
         self.rejected = Counter(
             f"{NS}_rejected_requests", "Requests the proxy refused itself, by reason.", ("reason",), registry=r
         )
+        self.token_refresh_duration = Histogram(
+            f"{NS}_token_refresh_duration_seconds",
+            "Time to fetch a credential from its control plane, Entra ID or ML Server; the region is the route's.",
+            ("route", "region", "kind", "outcome"),
+            buckets=REFRESH_BUCKETS,
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            f"{NS}_token_refreshes",
+            "Credential fetches by outcome (success, transient_error, permanent_error).",
+            ("route", "region", "kind", "outcome"),
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            f"{NS}_token_expiry_timestamp_seconds",
+            "When the current token expires (epoch seconds; 0 = none).",
+            ("route",),
+            registry=r,
+        )
+        self.token_next_refresh = Gauge(
+            f"{NS}_token_next_refresh_timestamp_seconds",
+            "When the next fetch is scheduled (epoch seconds).",
+            ("route",),
+            registry=r,
+        )
+        self.token_failures = Gauge(
+            f"{NS}_token_refresh_consecutive_failures",
+            "Failed fetches since the last success.",
+            ("route",),
+            registry=r,
+        )
+        self.token_remaining = Histogram(
+            f"{NS}_token_remaining_validity_at_refresh_seconds",
+            "Validity the replaced token still had when a refresh succeeded: how early the proxy refreshes.",
+            ("route",),
+            buckets=REMAINING_BUCKETS,
+            registry=r,
+        )
+        self.entra_requests = Counter(
+            f"{NS}_entra_token_requests",
+            "Entra ID token requests by identity kind and outcome "
+            "(acquired = a new token, cached = azure-identity's cache answered, error).",
+            ("identity", "outcome"),
+            registry=r,
+        )
+        self.entra_duration = Histogram(
+            f"{NS}_entra_token_duration_seconds",
+            "Latency of Entra ID token acquisitions (cache hits excluded).",
+            ("identity",),
+            buckets=REFRESH_BUCKETS,
+            registry=r,
+        )
         self.build_info = Gauge(
             f"{NS}_build_info", "Always 1; labels carry the version.", ("version", "python"), registry=r
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
-    def for_route(self, route: str) -> RouteMetrics:
-        rm = RouteMetrics(route=route, metrics=self)
+    def for_route(self, route: str, *, region: str = "unknown", kind: str = "key") -> RouteMetrics:
+        rm = RouteMetrics(route=route, region=region, kind=kind, metrics=self)
         for kind in UPSTREAM_ERROR_KINDS:
             rm.upstream_errors[kind] = self.upstream_errors.labels(route, kind)
         for outcome in RELOAD_OUTCOMES:
@@ -101,6 +158,8 @@ class RouteMetrics:
     """Children of every family for one route, resolved once."""
 
     route: str
+    region: str
+    kind: str
     metrics: Metrics
     upstream_errors: dict[str, Counter] = field(default_factory=dict)
     reloads: dict[str, Counter] = field(default_factory=dict)
@@ -115,6 +174,23 @@ class RouteMetrics:
         self.retries = m.retries.labels(self.route)
         self.disconnects = m.client_disconnects.labels(self.route)
         self.ready = m.route_ready.labels(self.route)
+        self._refresh_duration = {
+            o: m.token_refresh_duration.labels(self.route, self.region, self.kind, o) for o in REFRESH_OUTCOMES
+        }
+        self._refreshes = {o: m.token_refreshes.labels(self.route, self.region, self.kind, o) for o in REFRESH_OUTCOMES}
+        self.token_expiry = m.token_expiry.labels(self.route)
+        self.token_next_refresh = m.token_next_refresh.labels(self.route)
+        self.token_failures = m.token_failures.labels(self.route)
+        self.token_remaining_at_refresh = m.token_remaining.labels(self.route)
+
+    def token_refresh(self, outcome: str, seconds: float) -> None:
+        self._refreshes[outcome].inc()
+        self._refresh_duration[outcome].observe(seconds)
+
+    def token_state(self, *, expires_at: float | None, next_refresh_at: float, failures: int) -> None:
+        self.token_expiry.set(expires_at or 0)
+        self.token_next_refresh.set(next_refresh_at)
+        self.token_failures.set(failures)
 
     def request_done(self, method: str, status: int, seconds: float) -> None:
         label = method if method in METHODS else "other"

@@ -62,6 +62,39 @@ BROKEN: list[tuple[str, object, list[str]]] = [
     ("no routes", {"listen": {"port": 8080}}, ["routes: None is not allowed; expected a list of at least one route"]),
     ("missing upstream", {"routes": [{"auth": {"primary_file": "/k"}}]}, ["routes[0].upstream: is required"]),
     (
+        "key of another auth type",
+        _route(auth={"primary_file": "/k", "service": "svc"}),
+        ["routes[0].auth.service: is not used with auth.type 'key'; used by: aml-keys, aml-service-token"],
+    ),
+    (
+        "token kind without its fields",
+        _route(auth={"type": "aml-endpoint-token", "identity": {"type": "client_secret"}}),
+        [
+            "routes[0].auth.endpoint: is required with auth.type 'aml-endpoint-token'",
+            "routes[0].auth.subscription_id: is required with auth.type 'aml-endpoint-token'",
+            "routes[0].auth.identity.client_secret_file: is required with auth.identity.type 'client_secret'",
+        ],
+    ),
+    (
+        "plain http for a control plane",
+        _route(
+            auth={
+                "type": "aml-service-token",
+                "subscription_id": "s",
+                "resource_group": "r",
+                "workspace": "w",
+                "service": "x",
+                "mms_url": "http://eastus.api.azureml.ms",
+            }
+        ),
+        ["routes[0].auth.mms_url: 'http://eastus.api.azureml.ms' is not allowed; expected an https URL"],
+    ),
+    (
+        "token template with {key}",
+        _route(auth={"type": "jwt-file", "token_file": "/t", "template": "Bearer {key}"}),
+        ["routes[0].auth.template: 'Bearer {key}' is not allowed; it must contain {token} exactly once"],
+    ),
+    (
         "bad upstream scheme",
         _route(upstream="ftp://x"),
         ["routes[0].upstream: 'ftp://x' is not allowed; expected an http(s) URL"],
@@ -159,7 +192,7 @@ def test_several_problems_give_one_line_each() -> None:
         parse({"listen": {"port": -1}, "routes": [{"upstream": "nope", "auth": {}}]}, {})
     assert info.value.problems == [
         "listen.port: -1 is out of range; expected a number from 0 to 65535",
-        "routes[0].auth.primary_file: is required",
+        "routes[0].auth.primary_file: is required with auth.type 'key'",
         "routes[0].upstream: 'nope' is not allowed; expected an http(s) URL",
     ]
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.config import KeyAuth
+from proxy.config import Auth
 from proxy.credentials.keys import KeyFileError, KeyFileProvider, read_key_file
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.metrics import Metrics
@@ -25,7 +25,7 @@ Serve = Callable[..., Awaitable[str]]
 
 def provider_for(primary: Path, secondary: Path | None = None) -> tuple[KeyFileProvider, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    auth = KeyAuth(
+    auth = Auth(
         type="key",
         primary_file=str(primary),
         secondary_file=str(secondary) if secondary else None,
@@ -131,10 +131,10 @@ async def test_unauthorized_switches_to_the_other_key_once_per_credential(tmp_pa
     await provider.start()
     first = provider.current
     assert first is not None and first.label == "primary"
-    second = provider.unauthorized(first)
+    second = await provider.unauthorized(first)
     assert second is not None and second.label == "secondary" and provider.current is second
     # A concurrent request that also got 401 with the primary retries with what is current now: no flip back.
-    assert provider.unauthorized(first) is second
+    assert await provider.unauthorized(first) is second
     assert metrics.registry.get_sample_value("aml_auth_proxy_key_failovers_total", {"route": "r"}) == 1
     # A reload keeps the slot that works.
     write_secret_dir(root, {"primary": new_key("p2"), "secondary": new_key("s")})
@@ -148,7 +148,7 @@ async def test_without_a_secondary_a_401_has_nothing_to_fail_over_to(tmp_path: P
     provider, _ = provider_for(root / "primary")
     await provider.start()
     assert provider.current is not None
-    assert provider.unauthorized(provider.current) is None
+    assert await provider.unauthorized(provider.current) is None
 
 
 def auth_checking_app(valid: set[str], seen: list[str]) -> web.Application:

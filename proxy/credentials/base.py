@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -29,11 +29,23 @@ class CredentialProvider(Protocol):
     def current(self) -> Credential | None:
         """The credential to send now, or None while none is usable. Never blocks."""
 
-    def unauthorized(self, sent: Credential) -> Credential | None:
-        """The upstream answered 401 to `sent`; return a different credential to retry with, if any."""
+    async def unauthorized(self, sent: Credential) -> Credential | None:
+        """The upstream answered 401 to `sent`; return a different credential to retry with, if any.
+
+        Key kinds answer at once (the other key); token kinds join one forced, rate-limited refresh.
+        """
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason) for /readyz."""
+
+    def details(self) -> dict[str, Any]:
+        """Non-secret state for /readyz: kind, expires_in, refresh_in, last outcome, failures."""
+
+    def retry_after(self) -> int:
+        """Seconds a caller should wait when there is no usable credential (a 503's Retry-After)."""
+
+    async def refresh_now(self, reason: str) -> None:
+        """Reload or refetch now (operators: POST /refresh on the admin port)."""
 
     async def start(self) -> None:
         """Load the first credential. Errors leave the provider unready instead of raising."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
 
-from proxy.config import KeyAuth
+from proxy.config import Auth
 from proxy.credentials.base import Credential
 from proxy.headers import render_credential
 from proxy.logs import REDACTOR, event
@@ -65,10 +66,11 @@ def _signature(path: str) -> _Signature | None:
 class KeyFileProvider:
     """Primary/secondary keys from files, with failover on 401."""
 
-    def __init__(self, *, route: str, auth: KeyAuth, metrics: RouteMetrics) -> None:
+    def __init__(self, *, route: str, auth: Auth, metrics: RouteMetrics) -> None:
         self._route = route
         self._auth = auth
         self._metrics = metrics
+        assert auth.primary_file is not None  # config requires it for this kind
         self._paths: dict[str, str] = {"primary": auth.primary_file}
         if auth.secondary_file:
             self._paths["secondary"] = auth.secondary_file
@@ -83,7 +85,20 @@ class KeyFileProvider:
     def current(self) -> Credential | None:
         return self._current
 
-    def unauthorized(self, sent: Credential) -> Credential | None:
+    async def unauthorized(self, sent: Credential) -> Credential | None:
+        return self.fail_over(sent)
+
+    def details(self) -> dict[str, Any]:
+        return {"kind": "key", "active": self._active, "loaded": sorted(self._keys)}
+
+    def retry_after(self) -> int:
+        return max(1, round(self._auth.reload_seconds))
+
+    async def refresh_now(self, reason: str) -> None:
+        self.reload()
+
+    def fail_over(self, sent: Credential) -> Credential | None:
+        """Switch to the other key after a 401 with `sent` (once per credential)."""
         current = self._current
         if current is not None and current is not sent:
             return current  # another request already moved on; retry with what is current now

@@ -1,0 +1,179 @@
+"""Credentials fetched from AML with the proxy's Azure identity: v1 service tokens, v2 endpoint tokens,
+v1/v2 keys, and Entra ID tokens for `aad_token` endpoints. Wire formats: shared/docs/aml-protocol.md §1, §3, §4.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+from proxy.config import (
+    AAD,
+    AML_ENDPOINT_TOKEN,
+    AML_KEYS,
+    AML_SCOPE,
+    AML_SERVICE_TOKEN,
+    V1_SCOPE,
+    V2_SCOPE,
+    Auth,
+)
+from proxy.credentials.http import CredentialHttp, epoch, jwt_times, require
+from proxy.credentials.identity import AzureIdentity
+from proxy.refresher import Token, TransientError, skew_corrected
+
+_PROVIDER = "providers/Microsoft.MachineLearningServices"
+
+
+def _workspace_path(auth: Auth) -> str:
+    return (
+        f"/subscriptions/{quote(auth.subscription_id or '', safe='')}"
+        f"/resourceGroups/{quote(auth.resource_group or '', safe='')}"
+        f"/{_PROVIDER}/workspaces/{quote(auth.workspace or '', safe='')}"
+    )
+
+
+def v1_service_url(auth: Auth, action: str) -> str:
+    """`{mms}/modelmanagement/v1.0/subscriptions/.../workspaces/{ws}/services/{name}/{action}`."""
+    base = (auth.mms_url or "").rstrip("/")
+    return f"{base}/modelmanagement/v1.0{_workspace_path(auth)}/services/{quote(auth.service or '', safe='')}/{action}"
+
+
+def v2_endpoint_url(auth: Auth, action: str) -> str:
+    """`{arm}/subscriptions/.../onlineEndpoints/{ep}/{action}?api-version=...`."""
+    base = auth.arm_url.rstrip("/")
+    endpoint = quote(auth.endpoint or "", safe="")
+    return f"{base}{_workspace_path(auth)}/onlineEndpoints/{endpoint}/{action}?api-version={quote(auth.api_version)}"
+
+
+def default_scope(auth: Auth) -> str:
+    if auth.scope:
+        return auth.scope
+    if auth.type == AAD:
+        return AML_SCOPE
+    return V1_SCOPE if auth.service else V2_SCOPE
+
+
+def _token_from(access: str, *, expiry: float, refresh_after: float | None, server_now: float | None) -> Token:
+    """Move the server's times onto the local clock and trust the earlier of expiry and the JWT's exp."""
+    local_now = time.time()
+    iat, exp = jwt_times(access)
+    if server_now is None and iat is not None:
+        server_now = iat
+    expires_at = skew_corrected(expiry, server_now=server_now, local_now=local_now)
+    if exp is not None:
+        jwt_expires = skew_corrected(exp, server_now=server_now, local_now=local_now)
+        if jwt_expires is not None and expires_at is not None:
+            expires_at = min(expires_at, jwt_expires)
+    refresh_at = skew_corrected(refresh_after, server_now=server_now, local_now=local_now)
+    return Token(value=access, expires_at=expires_at, refresh_at=refresh_at)
+
+
+class _ControlPlaneSource:
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, what: str) -> None:
+        self.auth = auth
+        self.identity = identity
+        assert auth.refresh is not None
+        self.http = CredentialHttp(what=what, ca_file=auth.ca_file, timeout=auth.refresh.timeout_seconds)
+        self.scope = default_scope(auth)
+
+    async def _bearer(self) -> dict[str, str]:
+        info = await self.identity.token(self.scope)
+        return {"Authorization": f"Bearer {info.token}"}
+
+    async def revoke(self, token: Token) -> None:
+        return None  # AML tokens and keys cannot be revoked by their holder
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.identity.close()
+
+
+class AmlServiceTokenSource(_ControlPlaneSource):
+    """v1 AKS web service token: `POST .../services/{name}/token` → accessToken, refreshAfter, expiryOn."""
+
+    kind = AML_SERVICE_TOKEN
+
+    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
+        super().__init__(auth=auth, identity=identity, what="AML v1 token endpoint")
+        self.url = v1_service_url(auth, "token")
+
+    async def fetch(self, previous: Token | None) -> Token:
+        answer = await self.http.request("POST", self.url, headers=await self._bearer())
+        body = answer.body
+        require(body, "AML v1 token endpoint", "accessToken", "expiryOn")
+        refresh = body.get("refreshAfter")
+        return _token_from(
+            str(body["accessToken"]),
+            expiry=epoch(body, "AML v1 token endpoint", "expiryOn"),
+            refresh_after=None if refresh is None else epoch(body, "AML v1 token endpoint", "refreshAfter"),
+            server_now=answer.server_now,
+        )
+
+
+class AmlEndpointTokenSource(_ControlPlaneSource):
+    """v2 online endpoint aml_token: `POST .../onlineEndpoints/{ep}/token` → expiryTimeUtc, refreshAfterTimeUtc."""
+
+    kind = AML_ENDPOINT_TOKEN
+
+    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
+        super().__init__(auth=auth, identity=identity, what="AML v2 token endpoint")
+        self.url = v2_endpoint_url(auth, "token")
+
+    async def fetch(self, previous: Token | None) -> Token:
+        answer = await self.http.request("POST", self.url, headers=await self._bearer())
+        body = answer.body
+        what = "AML v2 token endpoint"
+        require(body, what, "accessToken", "expiryTimeUtc")
+        refresh = body.get("refreshAfterTimeUtc")
+        return _token_from(
+            str(body["accessToken"]),
+            expiry=epoch(body, what, "expiryTimeUtc"),
+            refresh_after=None if refresh is None else epoch(body, what, "refreshAfterTimeUtc"),
+            server_now=answer.server_now,
+        )
+
+
+class AmlKeysSource(_ControlPlaneSource):
+    """Keys from v1 `listkeys` or v2 `listKeys`; fetched again periodically and after a 401 with both keys."""
+
+    kind = AML_KEYS
+
+    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
+        v1 = auth.service is not None
+        super().__init__(auth=auth, identity=identity, what="AML v1 listkeys" if v1 else "AML v2 listKeys")
+        self.url = v1_service_url(auth, "listkeys") if v1 else v2_endpoint_url(auth, "listKeys")
+
+    async def fetch(self, previous: Token | None) -> Token:
+        answer = await self.http.request("POST", self.url, headers=await self._bearer())
+        body = answer.body
+        require(body, "AML listKeys", "primaryKey")
+        primary = str(body["primaryKey"]).strip()
+        secondary = str(body.get("secondaryKey") or "").strip() or None
+        if not primary.isprintable() or (secondary is not None and not secondary.isprintable()):
+            raise TransientError("AML listKeys: a key contains control characters")
+        return Token(
+            value=primary, secondary=secondary, expires_at=None, refresh_at=time.time() + self.auth.refetch_seconds
+        )
+
+
+class AadSource:
+    """An Entra ID token for `https://ml.azure.com/.default` (managed endpoints in aad_token mode)."""
+
+    kind = AAD
+
+    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
+        self.identity = identity
+        self.scope = default_scope(auth)
+
+    async def fetch(self, previous: Token | None) -> Token:
+        info = await self.identity.token(self.scope)
+        refresh_on = getattr(info, "refresh_on", None)
+        return Token(
+            value=info.token, expires_at=float(info.expires_on), refresh_at=float(refresh_on) if refresh_on else None
+        )
+
+    async def revoke(self, token: Token) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self.identity.close()

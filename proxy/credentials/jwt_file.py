@@ -1,0 +1,64 @@
+"""A JWT from a file that something else keeps fresh (a run token, a sidecar's output).
+
+The expiry is the JWT `exp`, read with pyjwt without verifying the signature (the proxy does not hold the
+issuer's key; the upstream verifies). The file is re-read when it changes and ahead of expiry; an expired token
+with no newer one makes the route unready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+import jwt
+
+from proxy.config import JWT_FILE, Auth
+from proxy.credentials.keys import KeyFileError, read_key_file
+from proxy.refresher import PermanentError, Token, TransientError
+
+
+class JwtFileSource:
+    kind = JWT_FILE
+
+    def __init__(self, *, auth: Auth) -> None:
+        assert auth.token_file is not None
+        self.path = auth.token_file
+        self.poll_seconds = auth.reload_seconds
+        self._signature: tuple[int, int, int, int] | None = None
+
+    async def fetch(self, previous: Token | None) -> Token:
+        self._signature = _signature(self.path)
+        try:
+            token = read_key_file(self.path)
+        except KeyFileError as exc:
+            raise TransientError(f"token file: {exc}") from exc
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise PermanentError("token file: not a JWT") from exc
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float):
+            raise PermanentError("token file: the JWT has no numeric exp claim")
+        return Token(value=token, expires_at=float(exp), refresh_at=None)
+
+    async def watch(self, changed: Callable[[str], Awaitable[None]]) -> None:
+        """Poll the file; a change (kubelet's symlink swap included) triggers a re-read at once."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            if _signature(self.path) != self._signature:
+                await changed("file_changed")
+
+    async def revoke(self, token: Token) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _signature(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)

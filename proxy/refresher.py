@@ -1,0 +1,357 @@
+"""Keeps one route's token fresh: when to fetch, never how (that is the `TokenSource` of each kind).
+
+- Schedule: at the server's refresh time (or a fraction of the lifetime) minus a margin and a little jitter,
+  never later than expiry minus a safety gap, never sooner than `min_interval` after the last attempt.
+- Single flight: the schedule, a 401 from upstream, an operator and start-up share one in-flight fetch.
+- Failure: exponential backoff with full jitter, capped; Retry-After honoured; permanent errors retry at the
+  cap. The current token is served until it really expires; only then does the route go unready.
+- The request path reads `current`: an attribute and a clock comparison, never an await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.clock import Clock
+from proxy.config import RefreshPolicy
+from proxy.credentials.base import Credential
+from proxy.logs import REDACTOR, event
+from proxy.metrics import RouteMetrics
+
+log = logging.getLogger("aml_auth_proxy.refresher")
+
+TRANSIENT = "transient_error"
+PERMANENT = "permanent_error"
+SUCCESS = "success"
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Token:
+    """A fetched credential with its times on the local clock (sources correct server clock skew).
+
+    `value` and `secondary` are secrets; `state` is kind-specific (the ML Server refresh token, say).
+    """
+
+    value: str
+    expires_at: float | None  # None: never expires (keys)
+    refresh_at: float | None  # the server's "refresh after" hint, if it gave one
+    secondary: str | None = None
+    state: Any = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"Token(expires_at={self.expires_at}, refresh_at={self.refresh_at})"
+
+
+class RefreshError(Exception):
+    """A fetch failed. `reason` is safe to log and show: it never contains a credential."""
+
+    outcome = TRANSIENT
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class TransientError(RefreshError):
+    """Network errors, timeouts, 5xx, 429: worth retrying soon."""
+
+
+class PermanentError(RefreshError):
+    """Other 4xx, bad configuration: retrying soon will not help; retry at the backoff cap."""
+
+    outcome = PERMANENT
+
+
+class TokenSource(Protocol):
+    """How to get one kind of token."""
+
+    kind: str
+
+    async def fetch(self, previous: Token | None) -> Token:
+        """Fetch a new token (or keys). Raise TransientError or PermanentError."""
+
+    async def revoke(self, token: Token) -> None:
+        """Give the token back at shutdown, where the kind can."""
+
+    async def close(self) -> None:
+        """Release clients."""
+
+
+def skew_corrected(server_time: float | None, *, server_now: float | None, local_now: float) -> float | None:
+    """A server's absolute time moved onto the local clock, using the server's idea of now."""
+    if server_time is None:
+        return None
+    if server_now is None:
+        return server_time
+    return local_now + (server_time - server_now)
+
+
+class Refresher:
+    """A CredentialProvider for fetched tokens and keys."""
+
+    def __init__(
+        self,
+        *,
+        route: str,
+        source: TokenSource,
+        header: str,
+        template: str,
+        placeholder: str,
+        policy: RefreshPolicy,
+        metrics: RouteMetrics,
+        clock: Clock,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._route = route
+        self._source = source
+        self._header = header
+        self._template = template
+        self._placeholder = placeholder
+        self._policy = policy
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng
+        self._token: Token | None = None
+        self._creds: list[Credential] = []
+        self._active = 0
+        self._next_at = 0.0
+        self._last_attempt = -1e18
+        self._last_success = -1e18
+        self._failures = 0
+        self._last_outcome = "none"
+        self._last_reason = ""
+        self._inflight: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # -- the request path ------------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Credential | None:
+        token = self._token
+        if token is None or (token.expires_at is not None and self._clock.time() >= token.expires_at):
+            return None
+        return self._creds[self._active]
+
+    async def unauthorized(self, sent: Credential) -> Credential | None:
+        """The upstream refused `sent`: try the other key if there is one, else one forced refresh."""
+        current = self.current
+        if current is not None and current is not sent:
+            return current
+        if len(self._creds) > 1 and self._creds[self._active] is sent and self._active == 0:
+            self._active = 1
+            self._metrics.failovers.inc()
+            event(log, logging.WARNING, "key_failover", route=self._route, to="secondary")
+            return self._creds[1]
+        if self._inflight is None and self._clock.time() - self._last_attempt < self._policy.min_interval_seconds:
+            return None  # a token this fresh was refused: refreshing again at once would not help
+        await self.refresh_now("unauthorized")
+        fresh = self.current
+        return fresh if fresh is not None and fresh is not sent else None
+
+    def retry_after(self) -> int:
+        """Seconds until the next fetch attempt, for a 503's Retry-After."""
+        return max(1, round(self._next_at - self._clock.time()))
+
+    # -- probes and operators --------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.current is not None:
+            return True, "ok"
+        if self._token is None:
+            return False, f"no {self._source.kind} token yet" + (f": {self._last_reason}" if self._last_reason else "")
+        return False, f"{self._source.kind} token expired" + (
+            f"; last refresh: {self._last_reason}" if self._last_reason else ""
+        )
+
+    def details(self) -> dict[str, Any]:
+        now = self._clock.time()
+        token = self._token
+        expires = None if token is None or token.expires_at is None else round(token.expires_at - now, 3)
+        return {
+            "kind": self._source.kind,
+            "expires_in": expires,
+            "refresh_in": round(self._next_at - now, 3),
+            "last_refresh": self._last_outcome,
+            "consecutive_failures": self._failures,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh_now("startup")
+
+    async def run(self) -> None:
+        watch = getattr(self._source, "watch", None)
+        if watch is None:
+            await self._schedule_loop()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._schedule_loop())
+            group.create_task(watch(self.refresh_now))
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            delay = self._next_at - self._clock.time()
+            if delay > 0:
+                self._wake.clear()
+                sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+                waker = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    sleeper.cancel()
+                    waker.cancel()
+                continue  # the schedule may have moved: recompute
+            await self.refresh_now("scheduled")
+
+    async def close(self) -> None:
+        if self._inflight is not None:
+            self._inflight.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inflight
+        if self._token is not None:
+            try:
+                await self._source.revoke(self._token)
+            except Exception as exc:  # shutdown must go on
+                event(log, logging.WARNING, "revoke_failed", route=self._route, error_type=type(exc).__name__)
+        await self._source.close()
+
+    async def refresh_now(self, reason: str) -> None:
+        """Fetch now, or join the fetch already in flight."""
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._refresh(reason), name=f"refresh:{self._route}")
+            self._inflight.add_done_callback(self._clear_inflight)
+        await asyncio.shield(self._inflight)
+
+    def _clear_inflight(self, task: asyncio.Task[None]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+
+    # -- the fetch and the schedule ----------------------------------------------------------------------------
+
+    async def _refresh(self, reason: str) -> None:
+        m = self._metrics
+        started = self._clock.time()
+        self._last_attempt = started
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            async with asyncio.timeout(self._policy.timeout_seconds * 3):
+                token = await self._source.fetch(self._token)
+        except RefreshError as exc:
+            self._failed(exc, loop.time() - t0)
+            return
+        except TimeoutError:
+            self._failed(TransientError("timed out"), loop.time() - t0)
+            return
+        except Exception as exc:  # a bug in a source must not kill the refresher
+            self._failed(TransientError(f"unexpected {type(exc).__name__}"), loop.time() - t0)
+            return
+        elapsed = loop.time() - t0
+        now = self._clock.time()
+        previous = self._token
+        if previous is not None and previous.expires_at is not None:
+            m.token_remaining_at_refresh.observe(max(0.0, previous.expires_at - now))
+        self._install(token)
+        m.token_refresh(SUCCESS, elapsed)
+        recovered = self._failures > 0
+        self._failures = 0
+        self._last_outcome = SUCCESS
+        self._last_reason = ""
+        self._last_success = now
+        self._next_at = self._schedule(token, now)
+        m.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=0)
+        level = logging.INFO if recovered or reason in ("startup", "unauthorized", "operator") else logging.DEBUG
+        event(
+            log,
+            level,
+            "token_refreshed",
+            route=self._route,
+            kind=self._source.kind,
+            trigger=reason,
+            duration_ms=round(elapsed * 1000, 1),
+            expires_in=_round(token.expires_at, now),
+            refresh_in=round(self._next_at - now, 3),
+            recovered=recovered,
+        )
+        self._wake.set()
+
+    def _install(self, token: Token) -> None:
+        secrets = [token.value] + ([token.secondary] if token.secondary else [])
+        REDACTOR.add(*secrets)
+        self._creds = [
+            Credential(header=self._header, value=self._template.replace(self._placeholder, s, 1), label=label)
+            for s, label in zip(secrets, ("primary", "secondary"), strict=False)
+        ]
+        self._active = 0
+        self._token = token
+        self._metrics.ready.set(1)
+
+    def _failed(self, exc: RefreshError, elapsed: float) -> None:
+        m = self._metrics
+        now = self._clock.time()
+        self._failures += 1
+        changed = exc.outcome != self._last_outcome or exc.reason != self._last_reason
+        self._last_outcome = exc.outcome
+        self._last_reason = exc.reason
+        m.token_refresh(exc.outcome, elapsed)
+        p = self._policy
+        if exc.outcome == PERMANENT:
+            delay = p.backoff_max_seconds
+        else:
+            ceiling = min(p.backoff_max_seconds, p.backoff_initial_seconds * 2 ** (self._failures - 1))
+            delay = max(p.min_interval_seconds * 0.1, self._rng() * ceiling)  # full jitter, never a hot loop
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, p.backoff_max_seconds))
+        self._next_at = now + delay
+        token = self._token
+        m.token_state(
+            expires_at=None if token is None else token.expires_at,
+            next_refresh_at=self._next_at,
+            failures=self._failures,
+        )
+        m.ready.set(1 if self.current is not None else 0)
+        level = logging.ERROR if exc.outcome == PERMANENT else logging.WARNING
+        if not changed:
+            level = logging.DEBUG  # one line per state change, not one per retry
+        event(
+            log,
+            level,
+            "token_refresh_failed",
+            route=self._route,
+            kind=self._source.kind,
+            outcome=exc.outcome,
+            reason=exc.reason,
+            consecutive_failures=self._failures,
+            retry_in=round(delay, 3),
+            still_valid_for=_round(None if token is None else token.expires_at, now),
+        )
+        self._wake.set()
+
+    def _schedule(self, token: Token, now: float) -> float:
+        p = self._policy
+        floor = now + p.min_interval_seconds
+        if token.expires_at is None:  # keys: fetch again periodically
+            base = token.refresh_at if token.refresh_at is not None else now + 3600
+            return max(floor, base)
+        lifetime = max(0.0, token.expires_at - now)
+        if token.refresh_at is not None:
+            target = token.refresh_at - p.margin_seconds
+        else:
+            target = now + p.fraction * lifetime
+        latest = token.expires_at - min(p.safety_seconds, 0.1 * lifetime)
+        target = min(target, latest)
+        target -= self._rng() * min(p.jitter_seconds, 0.1 * max(0.0, target - now))
+        # Times already past on arrival (clock skew, a stale token): soon, but not in a loop.
+        return max(target, floor)
+
+
+def _round(at: float | None, now: float) -> float | None:
+    return None if at is None else round(at - now, 3)
