@@ -1,16 +1,22 @@
 """The AML control planes (v1 model management and v2 ARM) plus the emulator's own admin API, in one app.
 
-v1 (MMS):  POST .../workspaces/{ws}/services/{name}/listkeys | regenerateKeys; GET .../workspaces/{ws}/operations/{id}
+v1 (MMS):  POST .../workspaces/{ws}/services/{name}/listkeys | regenerateKeys | token
+           GET .../workspaces/{ws}/operations/{id}
            GET .../workspaces/{ws}/services/{name}   (the service object: scoringUri, authEnabled, ...)
-v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerateKeys ?api-version=...
+v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerateKeys | token ?api-version=...
            GET .../workspaces/{ws}/onlineEndpoints/{name}?api-version=...   (the endpoint resource)
            GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{region}
                /mfeOperationResults/{id}?api-version=...   (the Location of a regenerateKeys)
-Admin:     /_emulator/faults, /_emulator/latency, /_emulator/services (no auth: loopback dev tool)
+Admin:     /_emulator/faults, /_emulator/latency, /_emulator/clock, /_emulator/calls, /_emulator/services,
+           /_emulator/mlserver/revoke-all (no auth: loopback dev tool)
+
+Both planes take `Authorization: Bearer <t>` where t is one of the configured static control-plane tokens or an
+unexpired Entra stand-in token for Azure Resource Manager (any of the `ARM_AUDIENCES` spellings).
 
 Key regeneration is synchronous here: the new key is live before the 202 goes out, every v1 operation reads
-"Succeeded" on the first poll and every v2 Location answers 200 on the first poll. Each plane answers errors in
-its own shape; a v1 path finds only v1 services and a v2 path only v2 ones.
+"Succeeded" on the first poll and every v2 Location answers 200 on the first poll. The token operation issues an
+AML token (see `EmulatorState.issue_aml_token`) for services whose auth mode is aml_token. Each plane answers
+errors in its own shape; a v1 path finds only v1 services and a v2 path only v2 ones.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from typing import Any, Literal
 from aiohttp import web
 
 from proxy.emulator import faults
-from proxy.emulator.state import EmulatorState, KeyType, Service
+from proxy.emulator.dates import use_clock_for_date
+from proxy.emulator.state import EmulatorState, Fault, KeyType, Service
+from proxy.emulator.tokens import ARM_AUDIENCES, TokenRejected
 
 Plane = Literal["v1", "v2"]
 BaseUrl = str | Callable[[], str] | None
@@ -39,7 +47,7 @@ STATE = web.AppKey("emulator_control_state", EmulatorState)
 BASE_URL: web.AppKey[BaseUrl] = web.AppKey("emulator_control_base_url")
 SCORING_URL_FOR: web.AppKey[ScoringUrlFor] = web.AppKey("emulator_control_scoring_url_for")
 
-_FAULT_FIELDS = frozenset({"target", "service", "action", "status", "seconds", "count"})
+_FAULT_FIELDS = frozenset({"target", "service", "region", "action", "status", "retry_after", "seconds", "count"})
 
 
 def create_control_app(
@@ -56,6 +64,7 @@ def create_control_app(
     app[STATE] = state
     app[BASE_URL] = base_url
     app[SCORING_URL_FOR] = scoring_url_for or (lambda name: None)
+    use_clock_for_date(app, state.now)
     app.router.add_get(V1_WORKSPACE + "/services/{name}", _v1_service_object)
     app.router.add_post(V1_WORKSPACE + "/services/{name}/{action}", _v1_service_action)
     app.router.add_get(V1_WORKSPACE + "/operations/{op}", _v1_operation)
@@ -67,6 +76,10 @@ def create_control_app(
     app.router.add_delete("/_emulator/faults", _clear_faults)
     app.router.add_get("/_emulator/latency", _get_latency)
     app.router.add_put("/_emulator/latency", _put_latency)
+    app.router.add_get("/_emulator/clock", _get_clock)
+    app.router.add_put("/_emulator/clock", _put_clock)
+    app.router.add_get("/_emulator/calls", _get_calls)
+    app.router.add_post("/_emulator/mlserver/revoke-all", _mlserver_revoke_all)
     app.router.add_get("/_emulator/services", _list_services)
     return app
 
@@ -105,8 +118,24 @@ def _check_token(request: web.Request, plane: Plane) -> web.Response | None:
     token = token.strip()
     if len(values) != 1 or scheme.lower() != "bearer" or not token:
         return _error(plane, 401, "InvalidAuthenticationToken", "The 'Authorization' header is malformed.")
-    if not request.app[STATE].accepts_control_token(token):
+    state = request.app[STATE]
+    if state.accepts_control_token(token):
+        return None
+    if token.count(".") != 2:  # not a JWT either
         return _error(plane, 401, "InvalidAuthenticationToken", "The access token is invalid.")
+    try:
+        state.accepts_entra_token(token, audiences=ARM_AUDIENCES)
+    except TokenRejected as exc:
+        if exc.reason == "audience":
+            return _error(
+                plane,
+                401,
+                "InvalidAuthenticationTokenAudience",
+                "The access token has an invalid audience; request it for https://management.azure.com/.",
+            )
+        if exc.reason == "expired":
+            return _error(plane, 401, "ExpiredAuthenticationToken", "The access token has expired.")
+        return _error(plane, 401, "InvalidAuthenticationToken", f"The access token is invalid: {exc.detail}.")
     return None
 
 
@@ -151,15 +180,56 @@ async def _serve(
     work: Callable[[], Awaitable[web.Response]],
 ) -> web.StreamResponse:
     """Apply faults and the region's latency around the real work of an authorised, resolved call."""
-    state = request.app[STATE]
-    fault = state.take_fault("control", service.name)
+    fault = request.app[STATE].take_fault("control", service.name, service.region)
+    early = await _fault_then_latency(request, plane, service, fault)
+    if early is not None:
+        return early
+    response = await work()
+    if fault is not None and faults.is_body_fault(fault):
+        return await faults.send_slowly(request, response, fault)
+    return response
+
+
+async def _fault_then_latency(
+    request: web.Request, plane: Plane, service: Service, fault: Fault | None
+) -> web.Response | None:
     early = await faults.before_handler(request, fault, _fault_error(plane))
     if early is not None:
         return early
-    latency = state.latency_for(service.region)
+    latency = request.app[STATE].latency_for(service.region)
     if latency > 0:
         await asyncio.sleep(latency)
-    response = await work()
+    return None
+
+
+async def _serve_token(request: web.Request, plane: Plane, service: Service) -> web.StreamResponse:
+    """The AML token operation of either plane, with `token` and `control` faults and the region's latency."""
+    state = request.app[STATE]
+    state.token_calls[service.name] += 1
+    if service.auth_mode != "aml_token":
+        text = f"Token authentication is not enabled for {service.name!r}; its auth mode is {service.auth_mode!r}."
+        return _error(plane, 400, "BadRequest" if plane == "v1" else "BadArgument", text)
+    fault = state.take_fault(("token", "control"), service.name, service.region)
+    early = await _fault_then_latency(request, plane, service, fault)
+    if early is not None:
+        return early
+    token = state.issue_aml_token(service.name)
+    payload: dict[str, Any]
+    if plane == "v1":
+        payload = {
+            "accessToken": token.access_token,
+            "tokenType": "Bearer",
+            "refreshAfter": token.refresh_after,
+            "expiryOn": token.expiry_on,
+        }
+    else:
+        payload = {
+            "accessToken": token.access_token,
+            "expiryTimeUtc": token.expiry_on,
+            "refreshAfterTimeUtc": token.refresh_after,
+            "tokenType": "Bearer",
+        }
+    response = web.json_response(faults.without_fields(payload, fault, ["accessToken"]))
     if fault is not None and faults.is_body_fault(fault):
         return await faults.send_slowly(request, response, fault)
     return response
@@ -220,7 +290,7 @@ async def _v1_service_object(request: web.Request) -> web.StreamResponse:
                 "state": "Healthy",
                 "scoringUri": _scoring_uri(request, current),
                 "authEnabled": current.auth_mode == "key",
-                "aadAuthEnabled": False,  # AML's name for token auth; only key auth is emulated so far
+                "aadAuthEnabled": current.auth_mode == "aml_token",  # AML's name for token auth
                 "location": current.region,
             }
         )
@@ -259,6 +329,8 @@ async def _v1_service_action(request: web.Request) -> web.StreamResponse:
         return await _serve(request, "v1", service, list_keys)
     if action == "regeneratekeys":
         return await _serve(request, "v1", service, regenerate)
+    if action == "token":
+        return await _serve_token(request, "v1", service)
     return _not_found("v1", f"Operation {request.match_info['action']!r}")
 
 
@@ -361,6 +433,8 @@ async def _v2_endpoint_action(request: web.Request) -> web.StreamResponse:
         return await _serve(request, "v2", service, list_keys)
     if action == "regeneratekeys":
         return await _serve(request, "v2", service, regenerate)
+    if action == "token":
+        return await _serve_token(request, "v2", service)
     return _not_found("v2", f"Action {request.match_info['action']!r}")
 
 
@@ -413,7 +487,9 @@ async def _add_fault(request: web.Request) -> web.Response:
             target=body["target"],
             action=body["action"],
             service=body.get("service"),
+            region=body.get("region"),
             status=body.get("status"),
+            retry_after=body.get("retry_after"),
             seconds=body.get("seconds", 0.0),
             count=body.get("count"),
         )
@@ -448,6 +524,44 @@ async def _put_latency(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _admin_error(400, str(exc))
     return web.json_response({"latency": dict(request.app[STATE].latency)})
+
+
+def _clock_view(state: EmulatorState) -> dict[str, float]:
+    return {"offset_seconds": state.clock_offset_seconds, "now": state.now()}
+
+
+async def _get_clock(request: web.Request) -> web.Response:
+    return web.json_response(_clock_view(request.app[STATE]))
+
+
+async def _put_clock(request: web.Request) -> web.Response:
+    body = await _read_object(request)
+    if isinstance(body, str):
+        return _admin_error(400, body)
+    unknown = sorted(set(body) - {"offset_seconds"})
+    if unknown or "offset_seconds" not in body:
+        return _admin_error(400, 'the body must be {"offset_seconds": <number>}')
+    try:
+        request.app[STATE].set_clock_offset(body["offset_seconds"])
+    except ValueError as exc:
+        return _admin_error(400, str(exc))
+    return web.json_response(_clock_view(request.app[STATE]))
+
+
+async def _get_calls(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "token": dict(state.token_calls),
+            "entra_token": dict(state.entra_token_calls),
+            "mlserver": dict(state.mlserver_calls),
+            "mlserver_revoked": len(state.mlserver_revoked),
+        }
+    )
+
+
+async def _mlserver_revoke_all(request: web.Request) -> web.Response:
+    return web.json_response({"revoked": request.app[STATE].mlserver_revoke_all()})
 
 
 async def _list_services(request: web.Request) -> web.Response:

@@ -1,24 +1,29 @@
 """How a queued fault (see `state.Fault`) is played out on an HTTP exchange.
 
-A fault acts in two places: before the handler does its work (`status`, `reset`, `delay`) and while the response
-body is written (`stall_after_headers`, `trickle`). The body-time faults keep the real status and headers, so a
-client sees a normal-looking response that arrives slowly.
+A fault acts in two places: before the handler does its work (`status`, `reset`, `delay`, `invalid_json`) and
+while the response body is written (`stall_after_headers`, `trickle`). The body-time faults keep the real status
+and headers, so a client sees a normal-looking response that arrives slowly. `missing_fields` is played by the
+token handlers themselves (`without_fields`): a 200 whose JSON lacks the token.
 
-Where a fault is taken: at the scoring front end once the service is known and before the key check (so a fault
-can be played against any client); at the control planes after the token check and the service lookup (so only
-authorised, well-formed calls use up a counted fault). One request takes at most one fault: the oldest match.
+Where a fault is taken: at the scoring front end once the service is known and before the credential check (so
+a fault can be played against any client); at the control planes after the token check and the service lookup
+(so only authorised, well-formed calls use up a counted fault); at the Entra ID and ML Server stand-ins before
+any check. One request takes at most one fault: the oldest match.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 
 from proxy.emulator.state import Fault
 
 ErrorBody = Callable[[int, str], web.Response]
+# What `invalid_json` sends: a 200 that says JSON but is an HTML error page, as a misbehaving gateway might.
+INVALID_JSON_BODY = b"<html><body><h1>Temporarily unavailable</h1></body></html>"
 
 
 async def before_handler(request: web.Request, fault: Fault | None, error: ErrorBody) -> web.Response | None:
@@ -27,7 +32,12 @@ async def before_handler(request: web.Request, fault: Fault | None, error: Error
         return None
     if fault.action == "status":
         status = fault.status if fault.status is not None else 500
-        return error(status, f"Emulated fault {fault.id}: status {status}.")
+        response = error(status, f"Emulated fault {fault.id}: status {status}.")
+        if fault.retry_after is not None:
+            response.headers["Retry-After"] = str(fault.retry_after)
+        return response
+    if fault.action == "invalid_json":
+        return web.Response(status=200, body=INVALID_JSON_BODY, content_type="application/json")
     if fault.action == "reset":
         return reset_connection(request)
     if fault.action == "delay":
@@ -86,6 +96,14 @@ async def send_slowly(request: web.Request, response: web.Response, fault: Fault
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
+
+
+def without_fields(payload: dict[str, Any], fault: Fault | None, fields: Iterable[str]) -> dict[str, Any]:
+    """`payload` minus `fields` when `fault` is a `missing_fields` fault; else `payload` itself."""
+    if fault is None or fault.action != "missing_fields":
+        return payload
+    dropped = set(fields)
+    return {name: value for name, value in payload.items() if name not in dropped}
 
 
 def is_body_fault(fault: Fault | None) -> bool:

@@ -1,8 +1,11 @@
-"""The scoring front end: checks the service key, picks a deployment, streams the exchange to its backend.
+"""The scoring front end: checks the caller's credential, picks a deployment, streams the exchange to its backend.
 
-It plays azureml-fe (v1 AKS) and the managed online endpoint gateway (v2). The backend behind it (azmlinfsrv or
-the echo app) does no authentication of its own, exactly as in AML. This module does not know about key
-regeneration: it reads the current `Service` from the state on every request.
+It plays azureml-fe (v1 AKS) and the managed online endpoint gateway (v2). The credential depends on the
+service's auth mode: one of its keys (`key`), an AML token issued by the control plane for this service
+(`aml_token`), or an Entra ID token for `https://ml.azure.com` (`aad_token`); tokens are checked against the
+emulator's clock. The backend behind it (azmlinfsrv or the echo app) does no authentication of its own, exactly
+as in AML. This module does not know about key regeneration: it reads the current `Service` from the state on
+every request. `forward` is shared with the ML Server stand-in.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.emulator import faults
+from proxy.emulator.dates import use_clock_for_date
 from proxy.emulator.state import EmulatorState, Fault, Service
+from proxy.emulator.tokens import TokenRejected
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ def create_scoring_app(state: EmulatorState, *, default_service: str | None = No
     """The front end: `/api/v1/service/{name}/...` for v1 services, and every other path for `default_service`."""
     app = web.Application()
     app[STATE] = state
+    use_clock_for_date(app, state.now)
     app.router.add_route("*", "/api/v1/service/{name}", _handle_v1)
     app.router.add_route("*", "/api/v1/service/{name}/{tail:.*}", _handle_v1)
     if default_service is not None:
@@ -60,14 +66,18 @@ def create_scoring_app(state: EmulatorState, *, default_service: str | None = No
     return app
 
 
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with aiohttp.ClientSession(
+def backend_session() -> aiohttp.ClientSession:
+    """A client session fit for forwarding: no decompression, no cookies, no headers of its own."""
+    return aiohttp.ClientSession(
         auto_decompress=False,
-        timeout=timeout,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         cookie_jar=aiohttp.DummyCookieJar(),  # a shared jar would leak one caller's cookies to the next
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-    ) as session:
+    )
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    async with backend_session() as session:
         app[CLIENT] = session
         yield
 
@@ -96,7 +106,8 @@ async def _handle_default(request: web.Request) -> web.StreamResponse:
     return await _handle(request, service, request.rel_url.raw_path)
 
 
-def _presented_key(headers: CIMultiDictProxy[str]) -> str | None:
+def presented_bearer(headers: CIMultiDictProxy[str]) -> str | None:
+    """The credential of the one `Authorization: Bearer <credential>` header; None when absent or malformed."""
     values = headers.getall("Authorization", [])
     if len(values) != 1:
         return None
@@ -109,20 +120,16 @@ def _presented_key(headers: CIMultiDictProxy[str]) -> str | None:
 
 async def _handle(request: web.Request, service: Service, tail: str) -> web.StreamResponse:
     state = request.app[STATE]
-    fault = state.take_fault("scoring", service.name)
+    fault = state.take_fault("scoring", service.name, service.region)
     early = await faults.before_handler(request, fault, message)
     if early is not None:
         return early
 
-    if "Authorization" not in request.headers:
-        return message(401, "Authorization header is missing; send 'Authorization: Bearer <key>'.")
-    key = _presented_key(request.headers)
-    if key is None:
-        return message(401, "Authorization header is malformed; send 'Authorization: Bearer <key>'.")
     # Read the service again: a regeneration may have happened while a delay fault slept.
     current = state.services.get(service.name, service)
-    if not current.accepts_key(key):
-        return message(401, "The key is not valid for this service.")
+    denied = _check_credential(state, current, request.headers)
+    if denied is not None:
+        return denied
 
     deployment = request.headers.get(DEPLOYMENT_HEADER)
     if deployment is None:
@@ -130,7 +137,40 @@ async def _handle(request: web.Request, service: Service, tail: str) -> web.Stre
     backend = current.deployments.get(deployment)
     if backend is None:
         return message(404, f"Deployment {deployment!r} was not found for service {current.name!r}.")
-    return await _forward(request, backend=backend, tail=tail, deployment=deployment, fault=fault)
+    return await forward(
+        request,
+        session=request.app[CLIENT],
+        backend=backend,
+        tail=tail,
+        what=f"deployment {deployment!r}",
+        fault=fault,
+        response_headers={DEPLOYMENT_HEADER: deployment},
+    )
+
+
+_TOKEN_REJECTIONS = {
+    "expired": "The token has expired.",
+    "not_yet_valid": "The token is not valid yet.",
+}
+
+
+def _check_credential(state: EmulatorState, service: Service, headers: CIMultiDictProxy[str]) -> web.Response | None:
+    """None when the request carries this service's credential; else the 401 to send (never quoting it)."""
+    kind = "key" if service.auth_mode == "key" else "token"
+    if "Authorization" not in headers:
+        return message(401, f"Authorization header is missing; send 'Authorization: Bearer <{kind}>'.")
+    presented = presented_bearer(headers)
+    if presented is None:
+        return message(401, f"Authorization header is malformed; send 'Authorization: Bearer <{kind}>'.")
+    if service.auth_mode == "key":
+        if not service.accepts_key(presented):
+            return message(401, "The key is not valid for this service.")
+        return None
+    try:
+        state.check_scoring_token(service, presented)
+    except TokenRejected as exc:
+        return message(401, _TOKEN_REJECTIONS.get(exc.reason, "The token is invalid for this service."))
+    return None
 
 
 def _request_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -147,15 +187,20 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     }
 
 
-async def _forward(
+async def forward(
     request: web.Request,
     *,
+    session: aiohttp.ClientSession,
     backend: str,
     tail: str,
-    deployment: str,
+    what: str,
     fault: Fault | None,
+    response_headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
-    session = request.app[CLIENT]
+    """Stream `request` to `backend` + `tail` (query kept) and the answer back; `what` names the backend in errors.
+
+    Authorization, Host and hop-by-hop headers stay here; `response_headers` are added to the answer.
+    """
     query = request.rel_url.raw_query_string
     url = URL(backend.rstrip("/") + tail + (f"?{query}" if query else ""), encoded=True)
     body = request.content if request.body_exists else None
@@ -168,8 +213,8 @@ async def _forward(
             allow_redirects=False,
         )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        log.info("backend %s for deployment %s unreachable: %s", url.origin(), deployment, type(exc).__name__)
-        return message(502, f"The backend of deployment {deployment!r} could not be reached.")
+        log.info("backend %s for %s unreachable: %s", url.origin(), what, type(exc).__name__)
+        return message(502, f"The backend of {what} could not be reached.")
 
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -177,13 +222,14 @@ async def _forward(
         for name, value in upstream.headers.items():
             if name.lower() not in drop:
                 response.headers.add(name, value)
-        response.headers[DEPLOYMENT_HEADER] = deployment
+        for name, value in (response_headers or {}).items():
+            response.headers[name] = value
         await response.prepare(request)
         try:
             await faults.write_body(response, upstream.content.iter_chunked(CHUNK_SIZE), fault)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # Headers are gone already, so a truncated body must look truncated: drop the connection.
-            log.info("stream for deployment %s broke: %s", deployment, type(exc).__name__)
+            log.info("stream for %s broke: %s", what, type(exc).__name__)
             if request.transport is not None:
                 request.transport.abort()
         return response

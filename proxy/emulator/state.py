@@ -1,9 +1,13 @@
-"""What the emulator knows: services, their keys, accepted control-plane tokens, faults and latency.
+"""What the emulator knows: services, their keys, accepted control-plane tokens, faults, latency and its clock.
 
 Service descriptions are frozen; a key regeneration swaps the whole `Service` object in `EmulatorState.services`
 in one assignment, so a request that has read a service sees one consistent pair of keys. Everything here runs on
-the event loop, so no locks are needed. This module owns no HTTP: the apps in `scoring.py` and `control.py` read
-and change the state, `faults.py` says how a fault is played out.
+the event loop, so no locks are needed. This module owns no HTTP: the apps in `scoring.py`, `control.py`,
+`entra.py` and `mlserver.py` read and change the state, `faults.py` says how a fault is played out.
+
+Time: everything the emulator issues or checks (iat/nbf/exp, refreshAfter, expiryOn, expires_on, Date headers)
+uses `EmulatorState.now()`, the injected clock plus `clock_offset_seconds`, so a test can run the emulator's clock
+ahead of or behind the client's without sleeping.
 """
 
 from __future__ import annotations
@@ -15,18 +19,29 @@ import math
 import secrets
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+
+from proxy.emulator.identities import EntraDirectory, MLServerSessions
+from proxy.emulator.tokens import (
+    ML_AUDIENCES,
+    WORKLOAD_IDENTITY_AUDIENCE,
+    SigningKeys,
+    TokenRejected,
+    aml_audience,
+)
 
 ApiKind = Literal["v1", "v2"]
-# Only "key" is served today; "aml_token" and "aad_token" are the other AML modes and fit in here later.
-AuthMode = Literal["key"]
+# key: the service's keys; aml_token: tokens from the AML token operation; aad_token: Entra ID tokens (v2 only).
+AuthMode = Literal["key", "aml_token", "aad_token"]
 KeyType = Literal["Primary", "Secondary"]
-FaultTarget = Literal["scoring", "control"]
-FaultAction = Literal["status", "reset", "delay", "stall_after_headers", "trickle"]
+# control: every control-plane call, token calls included; token: only the AML token operations (both planes);
+# entra: the Entra ID token endpoint and IMDS; mlserver: ML Server login and refresh.
+FaultTarget = Literal["scoring", "control", "token", "entra", "mlserver"]
+FaultAction = Literal["status", "reset", "delay", "stall_after_headers", "trickle", "invalid_json", "missing_fields"]
 
 API_KINDS: tuple[str, ...] = get_args(ApiKind)
 AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
@@ -35,6 +50,14 @@ FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 
 MAX_OPERATIONS = 1000  # finished operations kept for polling; older ones are forgotten
 MAX_FAULT_SECONDS = 3600.0
+MAX_CLOCK_OFFSET_SECONDS = 366 * 24 * 3600.0
+DEFAULT_TOKEN_LIFETIME = 3600
+SERVICE_ACCOUNT_TOKEN_LIFETIME = 3600
+# The issuer of the emulator's service-account tokens, in the place of an AKS cluster's OIDC issuer URL.
+SERVICE_ACCOUNT_ISSUER = "https://oidc.emulator.invalid/aml-auth-proxy/"
+# Faults that replace a token response by a malformed one; only token-issuing targets have such a response.
+MALFORMED_ACTIONS = frozenset({"invalid_json", "missing_fields"})
+TOKEN_FAULT_TARGETS = frozenset({"token", "entra", "mlserver"})
 
 
 def new_key() -> str:
@@ -57,12 +80,27 @@ class Service:
     auth_mode: AuthMode = "key"
     primary_key: str = field(default_factory=new_key, repr=False)
     secondary_key: str = field(default_factory=new_key, repr=False)
+    token_lifetime_seconds: int = DEFAULT_TOKEN_LIFETIME
+    token_refresh_after_seconds: int | None = None  # None: half the lifetime
 
     def __post_init__(self) -> None:
         if self.api not in API_KINDS:
             raise ValueError(f"service {self.name!r}: api must be one of {API_KINDS}, not {self.api!r}")
         if self.auth_mode not in AUTH_MODES:
             raise ValueError(f"service {self.name!r}: auth_mode must be one of {AUTH_MODES}, not {self.auth_mode!r}")
+        if self.auth_mode == "aad_token" and self.api != "v2":
+            raise ValueError(f"service {self.name!r}: auth_mode 'aad_token' is only for v2 online endpoints")
+        lifetime = self.token_lifetime_seconds
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or lifetime < 1:
+            raise ValueError(f"service {self.name!r}: token_lifetime_seconds must be a positive integer")
+        refresh_after = self.token_refresh_after_seconds
+        if refresh_after is not None and (
+            isinstance(refresh_after, bool) or not isinstance(refresh_after, int) or not 0 <= refresh_after <= lifetime
+        ):
+            raise ValueError(
+                f"service {self.name!r}: token_refresh_after_seconds must be an integer from 0 to "
+                f"token_lifetime_seconds ({lifetime})"
+            )
         if not self.deployments:
             raise ValueError(f"service {self.name!r}: needs at least one deployment")
         if self.default_deployment not in self.deployments:
@@ -74,6 +112,17 @@ class Service:
             raise ValueError(f"service {self.name!r}: keys must not be empty")
         # A read-only copy, so nobody changes routing behind the state's back.
         object.__setattr__(self, "deployments", MappingProxyType(dict(self.deployments)))
+
+    @property
+    def refresh_after_seconds(self) -> int:
+        if self.token_refresh_after_seconds is None:
+            return self.token_lifetime_seconds // 2
+        return self.token_refresh_after_seconds
+
+    @property
+    def audience(self) -> str:
+        """The `aud` of this service's AML tokens."""
+        return aml_audience(self.api, self.name)
 
     def accepts_key(self, presented: str) -> bool:
         """Whether `presented` is the current primary or secondary key (constant-time for each)."""
@@ -102,6 +151,8 @@ class Service:
             "auth_mode": self.auth_mode,
             "deployments": dict(self.deployments),
             "default_deployment": self.default_deployment,
+            "token_lifetime_seconds": self.token_lifetime_seconds,
+            "token_refresh_after_seconds": self.refresh_after_seconds,
         }
 
 
@@ -113,12 +164,19 @@ class Fault:
     target: FaultTarget
     action: FaultAction
     service: str | None = None
+    region: str | None = None
     status: int | None = None
+    retry_after: int | None = None
     seconds: float = 0.0
     remaining: int | None = None
 
-    def matches(self, target: str, service: str | None) -> bool:
-        return self.target == target and (self.service is None or self.service == service)
+    def matches(self, targets: Iterable[str], service: str | None, region: str | None = None) -> bool:
+        """A region-scoped fault never matches a call that has no region (Entra ID, ML Server)."""
+        return (
+            self.target in targets
+            and (self.service is None or self.service == service)
+            and (self.region is None or self.region == region)
+        )
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -126,10 +184,29 @@ class Fault:
             "target": self.target,
             "action": self.action,
             "service": self.service,
+            "region": self.region,
             "status": self.status,
+            "retry_after": self.retry_after,
             "seconds": self.seconds,
             "count": self.remaining,
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class AmlToken:
+    """One issued AML scoring token with its times in epoch seconds of the emulator's clock."""
+
+    access_token: str = field(repr=False)
+    refresh_after: int
+    expiry_on: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntraToken:
+    access_token: str = field(repr=False)
+    expires_in: int
+    expires_on: int
+    not_before: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +232,10 @@ class EmulatorState:
         services: Iterable[Service] = (),
         control_plane_tokens: Iterable[str] = (),
         latency: Mapping[str, float] | None = None,
+        entra: EntraDirectory | None = None,
+        mlserver: MLServerSessions | None = None,
+        clock: Callable[[], float] = time.time,
+        clock_offset_seconds: float = 0.0,
     ) -> None:
         self.services: dict[str, Service] = {}
         for service in services:
@@ -169,6 +250,31 @@ class EmulatorState:
         self.operations: OrderedDict[str, Operation] = OrderedDict()
         self.keys_listeners: list[KeysListener] = []
         self._fault_ids = itertools.count(1)
+        self.entra = entra if entra is not None else EntraDirectory()
+        self.entra_url = ""  # the Entra stand-in's origin, for `iss`; set once its listener is bound
+        self.mlserver = mlserver
+        self.signing_keys = SigningKeys()
+        self._clock = clock
+        self.clock_offset_seconds = 0.0
+        self.set_clock_offset(clock_offset_seconds)
+        # Call counters, for tests that assert how often a client asked (faulted calls count too).
+        self.token_calls: Counter[str] = Counter()  # AML token operation, per service name
+        self.entra_token_calls: Counter[str] = Counter()  # Entra token endpoint and IMDS, per client id
+        self.mlserver_calls: Counter[str] = Counter()  # per operation: login, refresh, revoke, forward
+        self.mlserver_revoked: list[str] = []  # SHA-256 hex of each revoked refresh token, never the token
+
+    # -- clock -----------------------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The emulator's idea of the current epoch time."""
+        return self._clock() + self.clock_offset_seconds
+
+    def set_clock_offset(self, seconds: float) -> None:
+        """Run the emulator's clock `seconds` ahead of the real one (negative: behind)."""
+        limit = MAX_CLOCK_OFFSET_SECONDS
+        if isinstance(seconds, bool) or not _finite_between(seconds, -limit, limit):
+            raise ValueError(f"offset_seconds must be a number from {-limit} to {limit}, not {seconds!r}")
+        self.clock_offset_seconds = float(seconds)
 
     # -- control-plane identity ------------------------------------------------------------------------------
 
@@ -179,6 +285,97 @@ class EmulatorState:
             # No early exit: the time taken does not tell which token was close.
             ok = hmac.compare_digest(given, token.encode()) or ok
         return ok
+
+    def accepts_entra_token(self, presented: str, *, audiences: Iterable[str]) -> dict[str, Any]:
+        """The claims of an Entra stand-in token for one of `audiences` from this tenant; raises TokenRejected."""
+        claims = self.signing_keys.entra.decode(presented, audiences=frozenset(audiences), now=self.now())
+        if claims.get("tid") != self.entra.tenant:
+            raise TokenRejected("invalid", "the token is from another tenant")
+        return claims
+
+    # -- tokens the emulator issues --------------------------------------------------------------------------
+
+    def issue_aml_token(self, name: str) -> AmlToken:
+        """An AML scoring token for service `name`, valid for the service's token lifetime from now."""
+        service = self.services[name]
+        now = int(self.now())
+        expiry_on = now + service.token_lifetime_seconds
+        claims = {"aud": service.audience, "iat": now, "nbf": now, "exp": expiry_on, "jti": str(uuid.uuid4())}
+        return AmlToken(
+            access_token=self.signing_keys.aml.sign(claims),
+            refresh_after=now + service.refresh_after_seconds,
+            expiry_on=expiry_on,
+        )
+
+    def check_scoring_token(self, service: Service, presented: str) -> None:
+        """Raise TokenRejected unless `presented` opens `service` (an aml_token or aad_token service)."""
+        if service.auth_mode == "aml_token":
+            self.signing_keys.aml.decode(presented, audiences=[service.audience], now=self.now())
+        elif service.auth_mode == "aad_token":
+            self.accepts_entra_token(presented, audiences=ML_AUDIENCES)
+        else:
+            raise TokenRejected("invalid", "this service takes keys, not tokens")
+
+    def issue_entra_token(self, *, client_id: str, audience: str) -> EntraToken:
+        """An Entra stand-in access token for an app or managed identity (no check that the client exists)."""
+        now = int(self.now())
+        lifetime = self.entra.token_lifetime_seconds
+        tenant = self.entra.tenant
+        oid = self.entra.object_id(client_id)
+        claims = {
+            "aud": audience,
+            "iss": f"{self.entra_url}/{tenant}/v2.0",
+            "iat": now,
+            "nbf": now,
+            "exp": now + lifetime,
+            "tid": tenant,
+            "appid": client_id,
+            "azp": client_id,
+            "oid": oid,
+            "sub": oid,
+            "idtyp": "app",
+            "ver": "2.0",
+        }
+        return EntraToken(
+            access_token=self.signing_keys.entra.sign(claims),
+            expires_in=lifetime,
+            expires_on=now + lifetime,
+            not_before=now,
+        )
+
+    def service_account_token(self, client_id: str, *, lifetime_seconds: int = SERVICE_ACCOUNT_TOKEN_LIFETIME) -> str:
+        """A projected service-account token that the Entra stand-in accepts as `client_id`'s assertion."""
+        subject = self.entra.federated.get(client_id)
+        if subject is None:
+            raise KeyError(f"client id {client_id!r} has no federated credential (entra.federated)")
+        now = int(self.now())
+        claims: dict[str, Any] = {
+            "aud": [WORKLOAD_IDENTITY_AUDIENCE],
+            "iss": SERVICE_ACCOUNT_ISSUER,
+            "sub": subject,
+            "iat": now,
+            "nbf": now,
+            "exp": now + lifetime_seconds,
+        }
+        parts = subject.split(":")
+        if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+            claims["kubernetes.io"] = {"namespace": parts[2], "serviceaccount": {"name": parts[3]}}
+        return self.signing_keys.service_account.sign(claims)
+
+    def check_client_assertion(self, client_id: str, assertion: str) -> None:
+        """Raise TokenRejected unless `assertion` is a federated credential of `client_id`."""
+        claims = self.signing_keys.service_account.decode(
+            assertion, audiences=[WORKLOAD_IDENTITY_AUDIENCE], now=self.now()
+        )
+        expected = self.entra.federated.get(client_id)
+        if claims.get("iss") != SERVICE_ACCOUNT_ISSUER or expected is None or claims.get("sub") != expected:
+            raise TokenRejected("invalid", "no federated credential matches the assertion's issuer and subject")
+
+    def mlserver_revoke_all(self) -> int:
+        """End every ML Server session, like an administrator would; returns how many there were."""
+        if self.mlserver is None:
+            return 0
+        return self.mlserver.revoke_all()
 
     # -- keys ------------------------------------------------------------------------------------------------
 
@@ -233,22 +430,39 @@ class EmulatorState:
         target: FaultTarget,
         action: FaultAction,
         service: str | None = None,
+        region: str | None = None,
         status: int | None = None,
+        retry_after: int | None = None,
         seconds: float = 0.0,
         count: int | None = None,
     ) -> Fault:
-        """Queue a fault; it applies to the next `count` matching requests (all of them when count is None)."""
+        """Queue a fault; it applies to the next `count` matching requests (all of them when count is None).
+
+        `service` and `region` narrow it down; a fault with a region never applies to Entra ID or ML Server
+        calls, which have none. `retry_after` (seconds) adds a Retry-After header to a `status` fault.
+        """
         if target not in FAULT_TARGETS:
             raise ValueError(f"target must be one of {FAULT_TARGETS}, not {target!r}")
         if action not in FAULT_ACTIONS:
             raise ValueError(f"action must be one of {FAULT_ACTIONS}, not {action!r}")
+        if action in MALFORMED_ACTIONS and target not in TOKEN_FAULT_TARGETS:
+            raise ValueError(f"action {action!r} is only for targets {sorted(TOKEN_FAULT_TARGETS)}, not {target!r}")
         if service is not None and not isinstance(service, str):
             raise ValueError(f"service must be a string or null, not {service!r}")
+        if region is not None and (not isinstance(region, str) or not region):
+            raise ValueError(f"region must be a non-empty string or null, not {region!r}")
         if action == "status":
             if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
                 raise ValueError(f"status must be an integer from 200 to 599 for action 'status', not {status!r}")
         elif status is not None:
             raise ValueError(f"status is only allowed with action 'status', got action {action!r}")
+        if retry_after is not None:
+            if action != "status":
+                raise ValueError(f"retry_after is only allowed with action 'status', got action {action!r}")
+            if isinstance(retry_after, bool) or not isinstance(retry_after, int) or not 0 <= retry_after <= 86400:
+                raise ValueError(
+                    f"retry_after must be an integer number of seconds from 0 to 86400, not {retry_after!r}"
+                )
         if isinstance(seconds, bool) or not _finite_between(seconds, 0.0, MAX_FAULT_SECONDS):
             raise ValueError(f"seconds must be a number from 0 to {MAX_FAULT_SECONDS}, not {seconds!r}")
         if action == "trickle" and seconds <= 0:
@@ -260,7 +474,9 @@ class EmulatorState:
             target=target,
             action=action,
             service=service,
+            region=region,
             status=status,
+            retry_after=retry_after,
             seconds=float(seconds),
             remaining=count,
         )
@@ -270,10 +486,13 @@ class EmulatorState:
     def clear_faults(self) -> None:
         self.faults.clear()
 
-    def take_fault(self, target: FaultTarget, service: str | None) -> Fault | None:
-        """The oldest fault matching this request, used up by one; None when no fault applies."""
+    def take_fault(
+        self, target: FaultTarget | Iterable[FaultTarget], service: str | None, region: str | None = None
+    ) -> Fault | None:
+        """The oldest fault matching this request (any of the targets), used up by one; None when none applies."""
+        targets = {target} if isinstance(target, str) else set(target)
         for fault in self.faults:
-            if fault.matches(target, service):
+            if fault.matches(targets, service, region):
                 if fault.remaining is not None:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
