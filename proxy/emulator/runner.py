@@ -1,9 +1,23 @@
-"""Start the whole emulator from one config: control plane, scoring front ends, optional echo backend, key files.
+"""Start the whole emulator from one config: control plane, scoring front ends, Entra ID and IMDS, optional ML
+Server, optional echo backend, key files.
 
 Config (YAML file or dict); only `services[].name` and `services[].deployments` are required:
 
-    control_plane_tokens: [dev-token]        # bearer tokens the control planes accept; one is made up if empty
+    control_plane_tokens: [dev-token]        # static bearer tokens the control planes accept; one is made up if
+                                             # empty (Entra stand-in tokens for ARM are accepted as well)
     latency: {eastus: 0.02}                  # seconds added to every control-plane call for that region
+    clock_offset_seconds: 0                  # run the emulator's clock ahead (+) or behind (-) the real one
+    entra:                                   # the Entra ID stand-in (always served, over HTTPS)
+      tenant: 00000000-0000-0000-0000-0000000000aa   # this is the default; the only tenant
+      token_lifetime_seconds: 3599
+      clients: {<client id>: <secret>}       # client-secret apps
+      federated: {<client id>: system:serviceaccount:<ns>:<sa>}   # workload identity apps
+      managed_identities: [<client id>]      # IMDS; the first is the default identity
+    mlserver:                                # optional; absent = no ML Server listener
+      users: {admin: <password>}
+      access_token_lifetime_seconds: 3600
+      refresh_token_lifetime_seconds: 1209600
+      backend: echo                          # or an http(s) URL
     services:
       - name: demo
         api: v1                              # v1 (AKS web service) | v2 (online endpoint); default v1
@@ -11,13 +25,15 @@ Config (YAML file or dict); only `services[].name` and `services[].deployments` 
         subscription: 00000000-0000-0000-0000-000000000000   # this is the default
         resource_group: rg                   # default rg
         workspace: ws                        # default ws
-        auth_mode: key                       # only key for now
+        auth_mode: key                       # key | aml_token | aad_token (v2 only)
+        token_lifetime_seconds: 3600         # aml_token: lifetime of an issued token
+        token_refresh_after_seconds: 1800    # aml_token: refreshAfter = issue time + this; default half the lifetime
         primary_key: ...                     # optional; random when absent
         secondary_key: ...                   # optional; random when absent
         deployments: {blue: "http://127.0.0.1:5001"}   # or "echo": the built-in echo backend
         default_deployment: blue             # optional when there is exactly one deployment
         scoring_port: 0                      # v2 only: the endpoint's own listener (one host per endpoint)
-    listen: {host: 127.0.0.1, scoring_port: 0, control_port: 0}
+    listen: {host: 127.0.0.1, scoring_port: 0, control_port: 0, entra_port: 0, imds_port: 0, mlserver_port: 0}
     keys_dir: /tmp/aml-keys                  # optional: mirror keys to <keys_dir>/<service>/{primary,secondary}
 
 v1 services are scored at `<scoring_url>/api/v1/service/<name>/...`; each v2 service gets its own listener
@@ -32,11 +48,16 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
+import os
 import secrets
+import shutil
 import signal
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -48,9 +69,29 @@ from yarl import URL
 
 from proxy.emulator.control import create_control_app
 from proxy.emulator.echo import create_echo_app
+from proxy.emulator.entra import create_entra_app, create_imds_app
+from proxy.emulator.identities import (
+    DEFAULT_ENTRA_TOKEN_LIFETIME,
+    DEFAULT_MLSERVER_ACCESS_LIFETIME,
+    DEFAULT_MLSERVER_REFRESH_LIFETIME,
+    DEFAULT_TENANT,
+    EntraDirectory,
+    MLServerSessions,
+)
+from proxy.emulator.mlserver import create_mlserver_app
 from proxy.emulator.scoring import create_scoring_app
 from proxy.emulator.secretdir import write_secret_dir
-from proxy.emulator.state import API_KINDS, AUTH_MODES, EmulatorState, Service, new_key
+from proxy.emulator.state import (
+    API_KINDS,
+    AUTH_MODES,
+    DEFAULT_TOKEN_LIFETIME,
+    MAX_CLOCK_OFFSET_SECONDS,
+    AuthMode,
+    EmulatorState,
+    Service,
+    new_key,
+)
+from proxy.emulator.tls import DEFAULT_HOSTS, make_local_tls
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +99,12 @@ ECHO_BACKEND = "echo"
 DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 SHUTDOWN_TIMEOUT = 2.0
 
-_TOP_KEYS = frozenset({"control_plane_tokens", "latency", "services", "listen", "keys_dir"})
+MAX_LIFETIME_SECONDS = 366 * 24 * 3600
+DEFAULT_ENTRA_CLIENT = "emulator-client"
+
+_TOP_KEYS = frozenset(
+    {"control_plane_tokens", "latency", "services", "listen", "keys_dir", "clock_offset_seconds", "entra", "mlserver"}
+)
 _SERVICE_KEYS = frozenset(
     {
         "name",
@@ -73,9 +119,14 @@ _SERVICE_KEYS = frozenset(
         "deployments",
         "default_deployment",
         "scoring_port",
+        "token_lifetime_seconds",
+        "token_refresh_after_seconds",
     }
 )
-_LISTEN_KEYS = frozenset({"host", "scoring_port", "control_port"})
+_AUTH_MODES: dict[str, AuthMode] = {"key": "key", "aml_token": "aml_token", "aad_token": "aad_token"}
+_LISTEN_KEYS = frozenset({"host", "scoring_port", "control_port", "entra_port", "imds_port", "mlserver_port"})
+_ENTRA_KEYS = frozenset({"tenant", "token_lifetime_seconds", "clients", "federated", "managed_identities"})
+_MLSERVER_KEYS = frozenset({"users", "access_token_lifetime_seconds", "refresh_token_lifetime_seconds", "backend"})
 
 
 class ConfigError(ValueError):
@@ -100,6 +151,16 @@ class ServiceConfig:
     deployments: Mapping[str, str]
     default_deployment: str
     scoring_port: int = 0
+    token_lifetime_seconds: int = DEFAULT_TOKEN_LIFETIME
+    token_refresh_after_seconds: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLServerConfig:
+    users: Mapping[str, str] = field(repr=False)
+    access_token_lifetime_seconds: int = DEFAULT_MLSERVER_ACCESS_LIFETIME
+    refresh_token_lifetime_seconds: int = DEFAULT_MLSERVER_REFRESH_LIFETIME
+    backend: str = "echo"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,9 +168,15 @@ class EmulatorConfig:
     services: tuple[ServiceConfig, ...]
     control_plane_tokens: tuple[str, ...] = ()
     latency: Mapping[str, float] = field(default_factory=dict)
+    clock_offset_seconds: float = 0.0
+    entra: EntraDirectory = field(default_factory=EntraDirectory)
+    mlserver: MLServerConfig | None = None
     host: str = "127.0.0.1"
     scoring_port: int = 0
     control_port: int = 0
+    entra_port: int = 0
+    imds_port: int = 0
+    mlserver_port: int = 0
     keys_dir: Path | None = None
 
 
@@ -146,6 +213,119 @@ def _text(problems: list[str], where: str, value: Any, default: str) -> str:
     return value
 
 
+def _seconds(
+    problems: list[str], where: str, value: Any, default: int, *, low: int = 1, high: int = MAX_LIFETIME_SECONDS
+) -> int:
+    """A whole number of seconds from `low` to `high`; `default` when absent (and after a reported problem)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        problems.append(f"{where}: must be an integer number of seconds from {low} to {high}, got {value!r}")
+        return default
+    return value
+
+
+def _string_map(problems: list[str], where: str, value: Any, *, what: str, secret: bool) -> dict[str, str]:
+    """A mapping of non-empty strings to non-empty strings; secret values are never quoted in a problem."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}: must be a mapping of client id to {what}, got {type(value).__name__}")
+        return {}
+    clean: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            problems.append(f"{where}: keys must be non-empty strings, got {key!r}")
+        elif not isinstance(item, str) or not item:
+            shown = "" if secret else f", got {item!r}"
+            problems.append(f"{where}.{key}: the {what} must be a non-empty string{shown}")
+        else:
+            clean[key] = item
+    return clean
+
+
+def _parse_entra(raw: Any, problems: list[str]) -> EntraDirectory:
+    if raw is None:
+        return EntraDirectory()
+    if not isinstance(raw, Mapping):
+        problems.append(f"entra: must be a mapping, got {type(raw).__name__}")
+        return EntraDirectory()
+    for key in sorted(set(raw) - _ENTRA_KEYS, key=str):
+        problems.append(f"entra.{key}: unknown key; allowed: {', '.join(sorted(_ENTRA_KEYS))}")
+    tenant = _text(problems, "entra.tenant", raw.get("tenant"), DEFAULT_TENANT)
+    if "/" in tenant or any(c.isspace() for c in tenant):
+        problems.append(f"entra.tenant: must not contain '/' or spaces, got {tenant!r}")
+        tenant = DEFAULT_TENANT
+    lifetime = _seconds(
+        problems, "entra.token_lifetime_seconds", raw.get("token_lifetime_seconds"), DEFAULT_ENTRA_TOKEN_LIFETIME
+    )
+    clients = _string_map(problems, "entra.clients", raw.get("clients"), what="client secret", secret=True)
+    federated = _string_map(problems, "entra.federated", raw.get("federated"), what="subject", secret=False)
+    identities_raw = raw.get("managed_identities")
+    identities: list[str] = []
+    if identities_raw is not None and not isinstance(identities_raw, list):
+        problems.append(f"entra.managed_identities: must be a list of client ids, got {type(identities_raw).__name__}")
+    else:
+        for i, client_id in enumerate(identities_raw or []):
+            if not isinstance(client_id, str) or not client_id:
+                problems.append(f"entra.managed_identities[{i}]: must be a non-empty string, got {client_id!r}")
+            elif client_id in identities:
+                problems.append(f"entra.managed_identities[{i}]: duplicate client id {client_id!r}")
+            else:
+                identities.append(client_id)
+    return EntraDirectory(
+        tenant=tenant,
+        token_lifetime_seconds=lifetime,
+        clients=clients,
+        federated=federated,
+        managed_identities=tuple(identities),
+    )
+
+
+def _parse_mlserver(raw: Any, problems: list[str]) -> MLServerConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"mlserver: must be a mapping, got {type(raw).__name__}")
+        return None
+    for key in sorted(set(raw) - _MLSERVER_KEYS, key=str):
+        problems.append(f"mlserver.{key}: unknown key; allowed: {', '.join(sorted(_MLSERVER_KEYS))}")
+    start = len(problems)
+    users_raw = raw.get("users")
+    if not isinstance(users_raw, Mapping) or not users_raw:
+        problems.append("mlserver.users: required, a mapping of user name to password")
+        users: dict[str, str] = {}
+    else:
+        users = {}
+        for name, password in users_raw.items():
+            if not isinstance(name, str) or not name:
+                problems.append(f"mlserver.users: user names must be non-empty strings, got {name!r}")
+            elif not isinstance(password, str) or not password:
+                problems.append(f"mlserver.users.{name}: the password must be a non-empty string")
+            else:
+                users[name] = password
+    access = _seconds(
+        problems,
+        "mlserver.access_token_lifetime_seconds",
+        raw.get("access_token_lifetime_seconds"),
+        DEFAULT_MLSERVER_ACCESS_LIFETIME,
+    )
+    refresh = _seconds(
+        problems,
+        "mlserver.refresh_token_lifetime_seconds",
+        raw.get("refresh_token_lifetime_seconds"),
+        DEFAULT_MLSERVER_REFRESH_LIFETIME,
+    )
+    backend = raw.get("backend", ECHO_BACKEND)
+    if not _is_backend(backend):
+        problems.append(f"mlserver.backend: must be an http(s) URL or 'echo', got {backend!r}")
+    if len(problems) > start:
+        return None
+    return MLServerConfig(
+        users=users, access_token_lifetime_seconds=access, refresh_token_lifetime_seconds=refresh, backend=backend
+    )
+
+
 def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig | None:
     where = f"services[{index}]"
     if not isinstance(raw, Mapping):
@@ -166,6 +346,17 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
     auth_mode = raw.get("auth_mode", "key")
     if auth_mode not in AUTH_MODES:
         problems.append(f"{where}.auth_mode: must be one of {', '.join(AUTH_MODES)}, got {auth_mode!r}")
+    elif auth_mode == "aad_token" and api != "v2":
+        problems.append(f"{where}.auth_mode: aad_token is only for v2 online endpoints (api: v2), got api {api!r}")
+    lifetime = _seconds(
+        problems, f"{where}.token_lifetime_seconds", raw.get("token_lifetime_seconds"), DEFAULT_TOKEN_LIFETIME
+    )
+    refresh_after_raw = raw.get("token_refresh_after_seconds")
+    refresh_after: int | None = None
+    if refresh_after_raw is not None:
+        refresh_after = _seconds(
+            problems, f"{where}.token_refresh_after_seconds", refresh_after_raw, 0, low=0, high=lifetime
+        )
     region = _text(problems, f"{where}.region", raw.get("region"), "eastus")
     subscription = _text(problems, f"{where}.subscription", raw.get("subscription"), DEFAULT_SUBSCRIPTION)
     resource_group = _text(problems, f"{where}.resource_group", raw.get("resource_group"), "rg")
@@ -218,6 +409,8 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
         deployments=clean,
         default_deployment=str(default),
         scoring_port=scoring_port,
+        token_lifetime_seconds=lifetime,
+        token_refresh_after_seconds=refresh_after,
     )
 
 
@@ -269,19 +462,32 @@ def parse_config(raw: Any) -> EmulatorConfig:
             seen.add(parsed.name)
             services.append(parsed)
 
+    offset = raw.get("clock_offset_seconds", 0)
+    ok_offset = isinstance(offset, int | float) and not isinstance(offset, bool) and math.isfinite(offset)
+    if not ok_offset or not -MAX_CLOCK_OFFSET_SECONDS <= offset <= MAX_CLOCK_OFFSET_SECONDS:
+        problems.append(
+            f"clock_offset_seconds: must be a number of seconds from {-MAX_CLOCK_OFFSET_SECONDS:.0f} "
+            f"to {MAX_CLOCK_OFFSET_SECONDS:.0f}, got {offset!r}"
+        )
+        offset = 0
+    entra = _parse_entra(raw.get("entra"), problems)
+    mlserver = _parse_mlserver(raw.get("mlserver"), problems)
+
     listen = raw.get("listen") or {}
-    host, scoring_port, control_port = "127.0.0.1", 0, 0
+    host = "127.0.0.1"
+    ports = dict.fromkeys(("scoring_port", "control_port", "entra_port", "imds_port", "mlserver_port"), 0)
     if not isinstance(listen, Mapping):
         problems.append(f"listen: must be a mapping, got {type(listen).__name__}")
     else:
         for key in sorted(set(listen) - _LISTEN_KEYS, key=str):
             problems.append(f"listen.{key}: unknown key; allowed: {', '.join(sorted(_LISTEN_KEYS))}")
         host = _text(problems, "listen.host", listen.get("host"), host)
-        scoring_port = listen.get("scoring_port", 0)
-        control_port = listen.get("control_port", 0)
-        for key, port in (("scoring_port", scoring_port), ("control_port", control_port)):
+        for key in ports:
+            port = listen.get(key, 0)
             if not _is_port(port):
                 problems.append(f"listen.{key}: must be an integer port from 0 to 65535, got {port!r}")
+            else:
+                ports[key] = port
 
     keys_dir_raw = raw.get("keys_dir")
     keys_dir: Path | None = None
@@ -297,9 +503,15 @@ def parse_config(raw: Any) -> EmulatorConfig:
         services=tuple(services),
         control_plane_tokens=tuple(tokens),
         latency=latency,
+        clock_offset_seconds=float(offset),
+        entra=entra,
+        mlserver=mlserver,
         host=host,
-        scoring_port=scoring_port,
-        control_port=control_port,
+        scoring_port=ports["scoring_port"],
+        control_port=ports["control_port"],
+        entra_port=ports["entra_port"],
+        imds_port=ports["imds_port"],
+        mlserver_port=ports["mlserver_port"],
         keys_dir=keys_dir,
     )
 
@@ -353,24 +565,45 @@ async def _serve_app(
     return runner, f"{scheme}://{_url_host(host)}:{bound_port}"
 
 
+def _tls_hosts(host: str) -> tuple[str, ...]:
+    """Names for the self-made server certificate: loopback, plus the listen address when it is a specific one."""
+    url_host = _url_host(host).strip("[]")
+    return DEFAULT_HOSTS if url_host in DEFAULT_HOSTS else (*DEFAULT_HOSTS, url_host)
+
+
 class RunningEmulator:
-    """A started emulator. `service_urls[name]` is where that service scores (append `/score`)."""
+    """A started emulator. `service_urls[name]` is where that service scores (append `/score`).
+
+    `entra_url` is the Entra ID authority host (HTTPS; trust `ca_file`), `imds_url` what
+    AZURE_POD_IDENTITY_AUTHORITY_HOST should be, `mlserver_url` None when no ML Server is configured.
+    """
 
     def __init__(self) -> None:
         self.state = EmulatorState()
         self.scoring_url = ""
         self.control_url = ""
+        self.entra_url = ""
+        self.imds_url = ""
+        self.mlserver_url: str | None = None
+        self.ca_file: str | None = None
+        self.tenant = ""
         self.echo_url: str | None = None
         self.service_urls: dict[str, str] = {}
         self.control_plane_token = ""
         self.keys_dir: Path | None = None
         self._runners: list[web.AppRunner] = []
+        self._tls_dir: Path | None = None
 
     async def close(self) -> None:
-        """Stop every listener, front ends first; safe to call twice."""
+        """Stop every listener, front ends first, and remove the self-made TLS files; safe to call twice."""
         runners, self._runners = self._runners, []
-        for runner in reversed(runners):
-            await runner.cleanup()
+        try:
+            for runner in reversed(runners):
+                await runner.cleanup()
+        finally:
+            tls_dir, self._tls_dir = self._tls_dir, None
+            if tls_dir is not None:
+                shutil.rmtree(tls_dir, ignore_errors=True)
 
     async def __aenter__(self) -> RunningEmulator:
         return self
@@ -379,6 +612,29 @@ class RunningEmulator:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    def service_account_token(self, client_id: str) -> str:
+        """A Kubernetes service-account token (1 h) that the Entra stand-in accepts for federated app `client_id`."""
+        return self.state.service_account_token(client_id)
+
+    def write_service_account_token(self, client_id: str, path: str | Path) -> Path:
+        """Write a fresh service-account token to `path` with a trailing newline, as kubelet does; atomically."""
+        target = Path(path)
+        token = self.service_account_token(client_id)
+        fd, tmp = tempfile.mkstemp(prefix=".sa-token-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(token + "\n")
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return target
+
+    def entra_token(self, audience: str, *, client_id: str = DEFAULT_ENTRA_CLIENT) -> str:
+        """An Entra stand-in access token for `audience` (e.g. https://management.azure.com), without HTTP."""
+        return self.state.issue_entra_token(client_id=client_id, audience=audience).access_token
 
     def mirror_keys(self, service: Service) -> None:
         """Write one service's current keys to keys_dir/<service>/ (no-op without keys_dir)."""
@@ -390,25 +646,49 @@ class RunningEmulator:
 
 
 async def start_emulator(
-    config: EmulatorConfig | Mapping[str, Any], *, ssl_context: ssl.SSLContext | None = None
+    config: EmulatorConfig | Mapping[str, Any],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    ca_file: str | Path | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> RunningEmulator:
     """Start everything `config` describes; ports 0 are replaced by the bound ones in the returned URLs.
 
-    With `ssl_context` the control plane and every scoring front end serve HTTPS; the echo backend stays plain
-    HTTP on 127.0.0.1 (it sits behind the front end, like azmlinfsrv).
+    With `ssl_context` the control plane, every scoring front end, ML Server and Entra ID serve HTTPS with it
+    (`ca_file`, if given, is passed on as `RunningEmulator.ca_file`). Without it, Entra ID still serves HTTPS
+    with a self-made certificate whose CA is `RunningEmulator.ca_file`, and the others plain HTTP. IMDS and the
+    echo backend are always plain HTTP (IMDS is, and the echo backend sits behind the front end, like
+    azmlinfsrv). `clock` is the emulator's time source before `clock_offset_seconds`.
     """
     cfg = config if isinstance(config, EmulatorConfig) else parse_config(config)
     emulator = RunningEmulator()
     try:
-        await _start(emulator, cfg, ssl_context)
+        await _start(emulator, cfg, ssl_context=ssl_context, ca_file=ca_file, clock=clock)
     except BaseException:
         await emulator.close()
         raise
     return emulator
 
 
-async def _start(emulator: RunningEmulator, cfg: EmulatorConfig, ssl_context: ssl.SSLContext | None) -> None:
+async def _start(
+    emulator: RunningEmulator,
+    cfg: EmulatorConfig,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    ca_file: str | Path | None,
+    clock: Callable[[], float],
+) -> None:
+    if ssl_context is not None:
+        entra_context = ssl_context
+        emulator.ca_file = None if ca_file is None else str(ca_file)
+    else:
+        emulator._tls_dir = Path(tempfile.mkdtemp(prefix="aml-emulator-tls-"))
+        tls = make_local_tls(emulator._tls_dir, hosts=_tls_hosts(cfg.host))
+        entra_context = tls.server_context()
+        emulator.ca_file = str(tls.ca_file)
+
     needs_echo = any(backend == ECHO_BACKEND for s in cfg.services for backend in s.deployments.values())
+    needs_echo = needs_echo or (cfg.mlserver is not None and cfg.mlserver.backend == ECHO_BACKEND)
     if needs_echo:
         runner, emulator.echo_url = await _serve_app(create_echo_app(), host="127.0.0.1", port=0, ssl_context=None)
         emulator._runners.append(runner)
@@ -429,14 +709,43 @@ async def _start(emulator: RunningEmulator, cfg: EmulatorConfig, ssl_context: ss
                 workspace=sc.workspace,
                 deployments=deployments,
                 default_deployment=sc.default_deployment,
+                auth_mode=_AUTH_MODES[sc.auth_mode],
                 primary_key=sc.primary_key if sc.primary_key is not None else new_key(),
                 secondary_key=sc.secondary_key if sc.secondary_key is not None else new_key(),
+                token_lifetime_seconds=sc.token_lifetime_seconds,
+                token_refresh_after_seconds=sc.token_refresh_after_seconds,
             )
         )
     tokens = cfg.control_plane_tokens or (f"dev-control-plane-{secrets.token_urlsafe(16)}",)
-    state = EmulatorState(services=services, control_plane_tokens=tokens, latency=cfg.latency)
+    mlserver = None
+    if cfg.mlserver is not None:
+        mlserver = MLServerSessions(
+            users=cfg.mlserver.users,
+            access_token_lifetime_seconds=cfg.mlserver.access_token_lifetime_seconds,
+            refresh_token_lifetime_seconds=cfg.mlserver.refresh_token_lifetime_seconds,
+        )
+    state = EmulatorState(
+        services=services,
+        control_plane_tokens=tokens,
+        latency=cfg.latency,
+        entra=cfg.entra,
+        mlserver=mlserver,
+        clock=clock,
+        clock_offset_seconds=cfg.clock_offset_seconds,
+    )
     emulator.state = state
     emulator.control_plane_token = tokens[0]
+    emulator.tenant = cfg.entra.tenant
+
+    runner, emulator.entra_url = await _serve_app(
+        create_entra_app(state), host=cfg.host, port=cfg.entra_port, ssl_context=entra_context
+    )
+    emulator._runners.append(runner)
+    state.entra_url = emulator.entra_url
+    runner, emulator.imds_url = await _serve_app(
+        create_imds_app(state), host=cfg.host, port=cfg.imds_port, ssl_context=None
+    )
+    emulator._runners.append(runner)
 
     emulator.keys_dir = cfg.keys_dir
     if cfg.keys_dir is not None:
@@ -468,6 +777,14 @@ async def _start(emulator: RunningEmulator, cfg: EmulatorConfig, ssl_context: ss
         )
         emulator._runners.append(runner)
         emulator.service_urls[sc.name] = url
+
+    if cfg.mlserver is not None:
+        backend = cfg.mlserver.backend
+        app = create_mlserver_app(state, backend=(emulator.echo_url or "") if backend == ECHO_BACKEND else backend)
+        runner, emulator.mlserver_url = await _serve_app(
+            app, host=cfg.host, port=cfg.mlserver_port, ssl_context=ssl_context
+        )
+        emulator._runners.append(runner)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -525,6 +842,11 @@ async def _run_until_signalled(cfg: EmulatorConfig) -> int:
                 "control_url": emulator.control_url,
                 "services": sorted(emulator.state.services),
                 "service_urls": emulator.service_urls,
+                "entra_url": emulator.entra_url,
+                "imds_url": emulator.imds_url,
+                "mlserver_url": emulator.mlserver_url,
+                "ca_file": emulator.ca_file,
+                "tenant": emulator.tenant,
                 "control_plane_token": emulator.control_plane_token,  # a made-up dev token, not a key
             }
             print(json.dumps(ready), flush=True)
