@@ -1,1 +1,1 @@
-"""Local stand-ins for the AML scoring front end and control planes, for development and tests."""
+"""Local stand-ins for the AML scoring front end and control planes, Entra ID and IMDS, and ML Server login."""

@@ -65,6 +65,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
 from proxy.emulator.control import create_control_app
@@ -549,10 +550,19 @@ def _url_host(host: str) -> str:
     return host
 
 
+class PathOnlyAccessLogger(AbstractAccessLogger):
+    """Access log lines without the query string: ML Server takes a refresh token there (`?refreshToken=`)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %.3fs', request.remote, request.method, request.rel_url.raw_path, response.status, time
+        )
+
+
 async def _serve_app(
     app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None
 ) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log_class=PathOnlyAccessLogger)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
