@@ -170,10 +170,11 @@ class Fault:
     seconds: float = 0.0
     remaining: int | None = None
 
-    def matches(self, targets: Iterable[str], service: str | None, region: str | None = None) -> bool:
+    def matches(self, targets: str | Iterable[str], service: str | None, region: str | None = None) -> bool:
         """A region-scoped fault never matches a call that has no region (Entra ID, ML Server)."""
+        wanted = {targets} if isinstance(targets, str) else set(targets)
         return (
-            self.target in targets
+            self.target in wanted
             and (self.service is None or self.service == service)
             and (self.region is None or self.region == region)
         )
@@ -490,9 +491,8 @@ class EmulatorState:
         self, target: FaultTarget | Iterable[FaultTarget], service: str | None, region: str | None = None
     ) -> Fault | None:
         """The oldest fault matching this request (any of the targets), used up by one; None when none applies."""
-        targets = {target} if isinstance(target, str) else set(target)
         for fault in self.faults:
-            if fault.matches(targets, service, region):
+            if fault.matches(target, service, region):
                 if fault.remaining is not None:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
