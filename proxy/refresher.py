@@ -84,13 +84,25 @@ class TokenSource(Protocol):
         """Release clients."""
 
 
+# Server clocks are read from whole-second sources (the Date header, a JWT's iat): below this they agree with ours.
+SKEW_TOLERANCE_SECONDS = 2.0
+
+
 def skew_corrected(server_time: float | None, *, server_now: float | None, local_now: float) -> float | None:
-    """A server's absolute time moved onto the local clock, using the server's idea of now."""
+    """A server's absolute time moved onto the local clock, using the server's idea of now.
+
+    `server_now` comes from a whole-second source that is truncated, so callers pass the upper end of its
+    second (the conservative side: a token then looks a little shorter-lived, never longer). Differences within
+    the tolerance are no evidence of skew and leave the time as the server said it.
+    """
     if server_time is None:
         return None
     if server_now is None:
         return server_time
-    return local_now + (server_time - server_now)
+    skew = server_now - local_now
+    if abs(skew) < SKEW_TOLERANCE_SECONDS:
+        return server_time
+    return server_time - skew
 
 
 class Refresher:

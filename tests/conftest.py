@@ -25,6 +25,7 @@ from tests.logscan import scan_logs
 
 LOG_DIR = Path(tempfile.mkdtemp(prefix="aml-auth-proxy-test-logs-"))
 SESSION_SECRETS: set[str] = set()
+SESSION_DIGESTS: set[str] = set()  # SHA-256 hex of tokens only the emulator saw
 
 
 def remember(*values: str) -> None:
@@ -49,10 +50,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    findings = scan_logs(LOG_DIR, SESSION_SECRETS)
+    findings = scan_logs(LOG_DIR, SESSION_SECRETS, SESSION_DIGESTS)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = sum(len(f.read_bytes().splitlines()) for f in LOG_DIR.glob("*.log"))
-    summary = f"log scan: {len(SESSION_SECRETS)} secrets checked against {lines} log lines in {LOG_DIR}"
+    summary = (
+        f"log scan: {len(SESSION_SECRETS)} secrets, {len(SESSION_DIGESTS)} token digests and any JWT checked "
+        f"against {lines} log lines in {LOG_DIR}"
+    )
     if reporter is not None:
         reporter.write_line(summary)
     if findings:

@@ -267,7 +267,7 @@ async def test_requests_beyond_the_grace_period_are_cut_and_the_process_still_ex
     )
     try:
         async with aiohttp.ClientSession() as client:
-            call = asyncio.create_task(client.get(proxy.proxy_url + "/sleep?seconds=30"))
+            call = asyncio.create_task(client.get(proxy.proxy_url + "/sleep?seconds=6"))
             await asyncio.sleep(0.5)
             started = time.monotonic()
             assert await proxy.stop() == 0

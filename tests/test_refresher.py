@@ -102,8 +102,17 @@ async def test_refreshes_at_the_servers_refresh_time_minus_jitter_never_waiting_
         await clock.advance(0.2)
         assert source.calls == [t0, t0 + 1795]  # refreshAfter 1800 - 5 s jitter
         assert refresher.current is not None and refresher.current.value == "Bearer token-2"
-        assert sample(metrics, "aml_auth_proxy_token_refreshes_total", route="r", region="eastus",
-                      kind=source.kind, outcome="success") == 2
+        assert (
+            sample(
+                metrics,
+                "aml_auth_proxy_token_refreshes_total",
+                route="r",
+                region="eastus",
+                kind=source.kind,
+                outcome="success",
+            )
+            == 2
+        )
         assert sample(metrics, "aml_auth_proxy_token_remaining_validity_at_refresh_seconds_sum", route="r") == 1805
     finally:
         task.cancel()
@@ -140,8 +149,17 @@ async def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(source.calls)]
     assert gaps == [4.5, 1, 2, 4, 8, 16, 32, 60, 60, 60]  # first: refreshAfter 5 minus 10% jitter
     assert refresher.current is not None and refresher.current.value == "Bearer token-2"  # recovered
-    assert sample(metrics, "aml_auth_proxy_token_refreshes_total", route="r", region="eastus", kind=source.kind,
-                  outcome="transient_error") == 9
+    assert (
+        sample(
+            metrics,
+            "aml_auth_proxy_token_refreshes_total",
+            route="r",
+            region="eastus",
+            kind=source.kind,
+            outcome="transient_error",
+        )
+        == 9
+    )
 
 
 async def test_full_jitter_draws_below_the_ceiling() -> None:
@@ -173,8 +191,17 @@ async def test_retry_after_is_honoured_and_permanent_errors_retry_at_the_cap() -
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(source.calls)]
     assert gaps == [5, 30, 60]
     assert refresher.details()["last_refresh"] == "success"
-    assert sample(metrics, "aml_auth_proxy_token_refreshes_total", route="r", region="eastus", kind=source.kind,
-                  outcome="permanent_error") == 1
+    assert (
+        sample(
+            metrics,
+            "aml_auth_proxy_token_refreshes_total",
+            route="r",
+            region="eastus",
+            kind=source.kind,
+            outcome="permanent_error",
+        )
+        == 1
+    )
 
 
 async def test_outage_shorter_than_the_lifetime_keeps_serving_the_current_token() -> None:
@@ -224,7 +251,8 @@ async def test_first_fetch_failure_leaves_the_route_unready_with_the_reason() ->
     await refresher.start()
     assert refresher.current is None
     assert refresher.readiness() == (
-        False, "no aml-endpoint-token token yet: AML v2 token endpoint: HTTP 403 (AuthorizationFailed)"
+        False,
+        "no aml-endpoint-token token yet: AML v2 token endpoint: HTTP 403 (AuthorizationFailed)",
     )
     assert refresher.details()["consecutive_failures"] == 1
 
@@ -308,6 +336,8 @@ def test_skew_correction_moves_server_times_onto_the_local_clock() -> None:
     assert skew_corrected(1_000_603, server_now=1_000_600, local_now=1_000_000) == 1_000_003
     assert skew_corrected(999_403, server_now=999_400, local_now=1_000_000) == 1_000_003
     assert skew_corrected(None, server_now=1, local_now=2) is None
+    # Within the tolerance of whole-second clocks there is no evidence of skew: the server's time stands.
+    assert skew_corrected(1_000_003, server_now=1_000_001, local_now=1_000_000) == 1_000_003
 
 
 def test_refresh_errors_carry_safe_reasons() -> None:

@@ -58,7 +58,7 @@ def _token_from(access: str, *, expiry: float, refresh_after: float | None, serv
     local_now = time.time()
     iat, exp = jwt_times(access)
     if server_now is None and iat is not None:
-        server_now = iat
+        server_now = iat + 1.0  # iat is whole seconds, truncated: take the end of that second
     expires_at = skew_corrected(expiry, server_now=server_now, local_now=local_now)
     if exp is not None:
         jwt_expires = skew_corrected(exp, server_now=server_now, local_now=local_now)

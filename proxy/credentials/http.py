@@ -43,10 +43,11 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
 
 
 def server_date(value: str | None) -> float | None:
+    """The server's clock from a Date header: the end of the (truncated) second it names."""
     if not value:
         return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
+        return email.utils.parsedate_to_datetime(value).timestamp() + 1.0
     except (TypeError, ValueError):
         return None
 

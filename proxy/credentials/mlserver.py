@@ -17,6 +17,10 @@ from proxy.logs import REDACTOR
 from proxy.refresher import PermanentError, Token, skew_corrected
 
 
+def _plus_one(iat: float | None) -> float | None:
+    return None if iat is None else iat + 1.0  # whole seconds, truncated
+
+
 class MlServerSource:
     kind = MLSERVER
 
@@ -58,7 +62,9 @@ class MlServerSource:
         local_now = time.time()
         if body.get("expires_on") is not None:  # the swagger types it as a string; examples send numbers
             expires_at = skew_corrected(
-                epoch(body, what, "expires_on"), server_now=server_now or jwt_times(access)[0], local_now=local_now
+                epoch(body, what, "expires_on"),
+                server_now=server_now or _plus_one(jwt_times(access)[0]),
+                local_now=local_now,
             )
         else:
             expires_at = local_now + epoch(body, what, "expires_in")
