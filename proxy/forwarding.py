@@ -110,7 +110,8 @@ class Router:
         return None
 
 
-_Outcome = tuple[web.StreamResponse, int, int]
+# (response, status for metrics and logs, bytes sent, seconds waiting for the upstream's answer headers)
+_Outcome = tuple[web.StreamResponse, int, int, float]
 
 
 class _ClientGone(Exception):
@@ -229,8 +230,9 @@ class ProxyHandler:
         self.in_flight += 1
         status = 0
         sent = 0
+        upstream_s = 0.0
         try:
-            response, status, sent = await self._forward(request, rt, path, query, rid)
+            response, status, sent, upstream_s = await self._forward(request, rt, path, query, rid)
         finally:
             rm.in_flight.dec()
             self.in_flight -= 1
@@ -250,6 +252,7 @@ class ProxyHandler:
                             "request_id": rid,
                             "bytes_in": request.content_length,
                             "bytes_out": sent,
+                            "upstream_ms": round(upstream_s * 1000, 3),
                         },
                     },
                 )
@@ -263,7 +266,7 @@ class ProxyHandler:
             _ready, why = rt.provider.readiness()
             response = json_error(503, f"route has no usable credential: {why}", route=rt.name, rid=rid)
             response.headers["Retry-After"] = str(rt.provider.retry_after())
-            return response, 503, 0
+            return response, 503, 0, 0.0
         try:
             body = await _read_body(request, cfg.retry_buffer_bytes)
         except (_ClientGone, ConnectionError, aiohttp.ClientPayloadError):
@@ -280,6 +283,7 @@ class ProxyHandler:
         session = rt.session
         assert session is not None
         try:
+            started = time.perf_counter()
             upstream = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
             if upstream.status in (401, 403):
                 rt.metrics.auth_failures[str(upstream.status)].inc()
@@ -290,7 +294,7 @@ class ProxyHandler:
                 return self._client_gone(rt, rid, "request body")
             return self._upstream_failed(rt, rid, exc)
         try:
-            return await self._relay(request, rt, upstream, rid)
+            return await self._relay(request, rt, upstream, rid, time.perf_counter() - started)
         finally:
             upstream.release()
 
@@ -320,7 +324,7 @@ class ProxyHandler:
         return retried
 
     async def _relay(
-        self, request: web.BaseRequest, rt: RouteRuntime, upstream: aiohttp.ClientResponse, rid: str
+        self, request: web.BaseRequest, rt: RouteRuntime, upstream: aiohttp.ClientResponse, rid: str, waited: float
     ) -> _Outcome:
         response = web.StreamResponse(
             status=upstream.status,
@@ -340,19 +344,19 @@ class ProxyHandler:
         except ConnectionError:
             self._client_gone(rt, rid, "response body")
             upstream.close()
-            return response, 499, sent
+            return response, 499, sent, waited
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The answer has started: the only honest signal left is to cut the caller's connection.
             self._count_failure(rt, rid, exc, "upstream_failed_mid_response", bytes_sent=sent)
             upstream.close()
             if request.transport is not None:
                 request.transport.close()
-            return response, 502, sent
-        return response, upstream.status, sent
+            return response, 502, sent, waited
+        return response, upstream.status, sent, waited
 
     def _upstream_failed(self, rt: RouteRuntime, rid: str, exc: BaseException) -> _Outcome:
         status, reason = self._count_failure(rt, rid, exc, "upstream_failed")
-        return json_error(status, reason, route=rt.name, rid=rid), status, 0
+        return json_error(status, reason, route=rt.name, rid=rid), status, 0, 0.0
 
     @staticmethod
     def _count_failure(rt: RouteRuntime, rid: str, exc: BaseException, name: str, **extra: object) -> tuple[int, str]:
@@ -381,4 +385,4 @@ class ProxyHandler:
         rt.metrics.disconnects.inc()
         event(log, logging.DEBUG, "client_disconnected", route=rt.name, request_id=rid, during=during)
         # 499 (client closed request) is only recorded; nothing reaches the caller.
-        return web.Response(status=499), 499, 0
+        return web.Response(status=499), 499, 0, 0.0

@@ -978,3 +978,18 @@ async def test_cli_ready_line_names_the_new_listeners_without_secrets(tmp_path: 
     output = (first + rest + err).decode()
     assert SECRET not in output and ML_PASSWORD not in output
     assert not Path(ready["ca_file"]).exists()  # removed on shutdown
+
+
+async def test_tls_option_serves_every_listener_but_imds_over_https_with_the_emulators_ca() -> None:
+    import ssl as _ssl
+
+    from proxy.emulator.runner import start_emulator as _start
+
+    config = {"tls": True, "services": [{"name": "s", "api": "v2", "deployments": {"blue": "echo"}}]}
+    async with await _start(config) as emu:
+        assert emu.control_url.startswith("https://") and emu.service_urls["s"].startswith("https://")
+        assert emu.entra_url.startswith("https://") and emu.imds_url.startswith("http://")
+        assert emu.ca_file is not None
+        ctx = _ssl.create_default_context(cafile=emu.ca_file)
+        async with aiohttp.ClientSession() as client, client.get(emu.control_url + "/_emulator/services", ssl=ctx) as r:
+            assert r.status == 200

@@ -104,7 +104,17 @@ MAX_LIFETIME_SECONDS = 366 * 24 * 3600
 DEFAULT_ENTRA_CLIENT = "emulator-client"
 
 _TOP_KEYS = frozenset(
-    {"control_plane_tokens", "latency", "services", "listen", "keys_dir", "clock_offset_seconds", "entra", "mlserver"}
+    {
+        "control_plane_tokens",
+        "latency",
+        "services",
+        "listen",
+        "keys_dir",
+        "clock_offset_seconds",
+        "entra",
+        "mlserver",
+        "tls",
+    }
 )
 _SERVICE_KEYS = frozenset(
     {
@@ -179,6 +189,7 @@ class EmulatorConfig:
     imds_port: int = 0
     mlserver_port: int = 0
     keys_dir: Path | None = None
+    tls: bool = False  # every listener but IMDS over HTTPS with the emulator's own CA (Entra ID always is)
 
 
 def default_config(*, backend: str = ECHO_BACKEND) -> dict[str, Any]:
@@ -498,9 +509,14 @@ def parse_config(raw: Any) -> EmulatorConfig:
         else:
             keys_dir = Path(keys_dir_raw)
 
+    tls_raw = raw.get("tls", False)
+    if not isinstance(tls_raw, bool):
+        problems.append(f"tls: must be true or false, got {tls_raw!r}")
+
     if problems:
         raise ConfigError(problems)
     return EmulatorConfig(
+        tls=tls_raw is True,
         services=tuple(services),
         control_plane_tokens=tuple(tokens),
         latency=latency,
@@ -696,6 +712,8 @@ async def _start(
         tls = make_local_tls(emulator._tls_dir, hosts=_tls_hosts(cfg.host))
         entra_context = tls.server_context()
         emulator.ca_file = str(tls.ca_file)
+        if cfg.tls:
+            ssl_context = entra_context
 
     needs_echo = any(backend == ECHO_BACKEND for s in cfg.services for backend in s.deployments.values())
     needs_echo = needs_echo or (cfg.mlserver is not None and cfg.mlserver.backend == ECHO_BACKEND)
@@ -811,6 +829,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-port", type=int, help="control plane port (0: any free port)")
     parser.add_argument("--backend", help="backend URL for the default service (default: built-in echo)")
     parser.add_argument("--keys-dir", help="mirror every service's keys into DIR/<service>/{primary,secondary}")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the control planes, scoring front ends and ML Server "
+        "over HTTPS too, with the emulator's own CA (ca_file in the ready line)",
+    )
     return parser
 
 
@@ -831,6 +855,8 @@ def _build_config(args: argparse.Namespace) -> EmulatorConfig:
         raw["listen"] = {**listen, **{k: v for k, v in overrides.items() if v is not None}}
     if args.keys_dir is not None:
         raw["keys_dir"] = args.keys_dir
+    if args.tls:
+        raw["tls"] = True
     return parse_config(raw)
 
 
