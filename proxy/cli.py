@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("emulator", help="run the local AML emulator (see `emulator --help`)", add_help=False)
     demo = sub.add_parser("demo", help="emulator + proxy + a few scoring calls, then stop")
     demo.add_argument("--azmlinfsrv", help="path of the azmlinfsrv executable (default: echo model)")
+    demo.add_argument("--token-seconds", type=float, default=8.0, help="how long the token part sends requests")
     return parser
 
 
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from proxy.demo import main as demo_main
 
-        return demo_main(azmlinfsrv=args.azmlinfsrv)
+        return demo_main(azmlinfsrv=args.azmlinfsrv, token_seconds=args.token_seconds)
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG

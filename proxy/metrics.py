@@ -174,6 +174,8 @@ class RouteMetrics:
         self.retries = m.retries.labels(self.route)
         self.disconnects = m.client_disconnects.labels(self.route)
         self.ready = m.route_ready.labels(self.route)
+        if self.kind == "key":
+            return  # key files are not fetched: no token series for this route
         self._refresh_duration = {
             o: m.token_refresh_duration.labels(self.route, self.region, self.kind, o) for o in REFRESH_OUTCOMES
         }
@@ -201,3 +203,31 @@ class RouteMetrics:
             self._requests[key] = child
         child.inc()
         self.duration.observe(seconds)
+
+
+def histogram_quantile(text: str, metric: str, labels: dict[str, str], q: float) -> float | None:
+    """PromQL's histogram_quantile over the buckets in exposition `text` whose labels include `labels`,
+    summed across the other labels; None when there are no observations."""
+    sums: dict[float, float] = {}
+    prefix = metric + "_bucket{"
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        head, value = line.rsplit(" ", 1)
+        pairs = dict(item.split("=", 1) for item in head[len(prefix) : -1].split(","))
+        found = {k: v.strip('"') for k, v in pairs.items()}
+        if all(found.get(k) == v for k, v in labels.items()):
+            le = float("inf") if found["le"] == "+Inf" else float(found["le"])
+            sums[le] = sums.get(le, 0.0) + float(value)
+    buckets = sorted(sums.items())
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = le, count
+    return lower

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from proxy.metrics import histogram_quantile
 from tests.conftest import LOG_DIR, SESSION_SECRETS, remember, subprocess_log
 from tests.procs import CONSOLE_SCRIPT, ProxyProcess
 
@@ -50,31 +51,6 @@ async def start_emulator_process(
     ready = json.loads(line)
     assert ready["event"] == "emulator_ready", ready
     return process, ready
-
-
-def quantile_from_buckets(text: str, metric: str, labels: dict[str, str], q: float) -> float:
-    """Prometheus-style histogram_quantile over one series' cumulative buckets."""
-    buckets: list[tuple[float, float]] = []
-    for line in text.splitlines():
-        if not line.startswith(metric + "_bucket{"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        pairs = dict(p.split("=", 1) for p in head[head.index("{") + 1 : -1].split(","))
-        pairs = {k: v.strip('"') for k, v in pairs.items()}
-        if all(pairs.get(k) == v for k, v in labels.items()):
-            le = float("inf") if pairs["le"] == "+Inf" else float(pairs["le"])
-            buckets.append((le, float(value)))
-    buckets.sort()
-    total = buckets[-1][1]
-    rank = q * total
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
-        prev_le, prev_count = le, count
-    return buckets[-1][0]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -220,8 +196,14 @@ async def test_soak_two_regions_short_tokens_no_401_no_waiting(tmp_path: Path) -
     o50_in, o99_in = statistics.median(over_in), pct(over_in, 0.99)
     o50_out, o99_out = statistics.median(over_out), pct(over_out, 0.99)
     refresh_p50 = {
-        region: quantile_from_buckets(
-            metrics_text, "aml_auth_proxy_token_refresh_duration_seconds", {"region": region, "outcome": "success"}, 0.5
+        region: (
+            histogram_quantile(
+                metrics_text,
+                "aml_auth_proxy_token_refresh_duration_seconds",
+                {"region": region, "outcome": "success"},
+                0.5,
+            )
+            or 0.0
         )
         * 1000
         for region in ("eastus", "westeurope")
