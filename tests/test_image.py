@@ -1,0 +1,126 @@
+"""The container image, checked without Docker: hadolint on the Dockerfile, the wheel it installs built the same
+way into a clean venv, and its exact ENTRYPOINT + CMD command line serving a request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from proxy.emulator.echo import create_echo_app
+from proxy.emulator.secretdir import write_secret_dir
+from tests.conftest import remember, start_app, subprocess_log
+from tests.tools import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_hadolint_passes() -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_two_stages_numeric_non_root_user_and_the_cli_as_entrypoint() -> None:
+    steps = instructions()
+    froms = [args for word, args in steps if word == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith("AS build")
+    assert any(word == "COPY" and args.startswith("--from=build /opt/aml-auth-proxy") for word, args in steps)
+    user = next(args for word, args in steps if word == "USER")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) >= 10000 and gid.isdigit()
+    final_stage = steps[[i for i, (w, _) in enumerate(steps) if w == "FROM"][1] :]
+    assert not any(word == "RUN" for word, _ in final_stage)  # the runtime stage only copies the venv
+    assert json.loads(next(args for word, args in steps if word == "ENTRYPOINT")) == ["aml-auth-proxy"]
+
+
+async def test_the_entrypoint_from_a_clean_venv_with_only_the_wheel_serves_a_request(tmp_path: Path) -> None:
+    steps = instructions()
+    run = next(args for word, args in steps if word == "RUN")
+    commands = [shlex.split(part) for part in run.split("&&")]
+    wheel_cmd, venv_cmd, install_cmd = commands[0], commands[1], commands[2]
+    assert wheel_cmd[:4] == ["python", "-m", "pip", "wheel"] and venv_cmd[:3] == ["python", "-m", "venv"]
+    wheels = tmp_path / "wheels"
+    venv = tmp_path / "venv"
+    # The Dockerfile's commands, with its paths moved into tmp_path.
+    wheel_args = [a if a != "/wheels" else str(wheels) for a in wheel_cmd[4:]]
+    wheel_args = [str(ROOT) if a == "." else a for a in wheel_args]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", *wheel_args], check=True, timeout=300)
+    built = sorted(wheels.glob("aml_auth_proxy-*.whl"))
+    assert len(built) == 1
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    assert install_cmd[:2] == ["/opt/aml-auth-proxy/bin/pip", "install"]
+    pip_flags = [a for a in install_cmd[2:] if a.startswith("--")]
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pip_flags, str(built[0])], check=True, timeout=600)
+
+    runner, upstream = await start_app(create_echo_app())
+    keys = tmp_path / "secret"
+    write_secret_dir(keys, {"primary": "image-test-key-000001\n"})
+    remember("image-test-key-000001")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": 0},
+                "admin": {"host": "127.0.0.1", "port": 0},
+                "routes": [{"upstream": upstream, "auth": {"primary_file": str(keys / "primary")}}],
+            }
+        )
+    )
+    entrypoint = json.loads(next(args for word, args in steps if word == "ENTRYPOINT"))
+    cmd = json.loads(next(args for word, args in steps if word == "CMD"))
+    assert cmd[-2] == "--config"
+    argv = [*entrypoint, *cmd[:-1], str(config)]  # the image's command line, pointed at the test config
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TMPDIR": str(tmp_path),
+    }
+    before = sorted(p for p in venv.rglob("*"))
+    log_path = subprocess_log("image-entrypoint")
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, env=env, cwd="/")
+    try:
+        listen = None
+        for _ in range(200):
+            for line in log_path.read_text().splitlines():
+                if '"event":"started"' in line:
+                    listen = json.loads(line)["listen"]
+            if listen or process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert listen, log_path.read_text()[-2000:]
+        async with aiohttp.ClientSession() as client, client.post(f"http://{listen}/score", json={"data": [1, 2]}) as r:
+            assert r.status == 200 and await r.json() == {"result": [2, 4]}
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        await runner.cleanup()
+    assert sorted(p for p in venv.rglob("*")) == before  # nothing written next to the code (read-only root FS)
+    assert os.access(ROOT / "Dockerfile", os.R_OK)
