@@ -2,13 +2,16 @@
 
 The PrometheusRule is rendered with helm, its groups extracted and run through `promtool check rules` and
 `promtool test rules` (tests/monitoring/alerts-test.yaml: every alert fires on a bad series and stays silent on
-a healthy one).
+a healthy one). The dashboard ships verbatim in a ConfigMap, and every query
+uses the template variables and documented metrics only.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,10 @@ from tests.tools import ROOT, tool
 CHART = ROOT / "charts" / "aml-auth-proxy"
 # The chart's smallest valid install (one route); the monitoring flags are set on top of it.
 BASE_VALUES = CHART / "ci" / "default-values.yaml"
+DASHBOARD = CHART / "dashboards" / "aml-auth-proxy.json"
 ALERTS_TEST = ROOT / "tests" / "monitoring" / "alerts-test.yaml"
 NAMESPACE = "demo"  # the release namespace the alert unit tests are written for
+VARIABLES = ("namespace", "pod", "route", "region")
 
 
 # -- rendering -------------------------------------------------------------------------------------------------
@@ -82,6 +87,7 @@ def alert_cases() -> dict[str, list[bool]]:
 def test_monitoring_objects_render_only_when_enabled() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in helm_template()}
     assert ("PrometheusRule", "rel-aml-auth-proxy") not in kinds
+    assert ("ConfigMap", "rel-aml-auth-proxy-dashboard") not in kinds
 
 
 def test_rendered_alert_rules_pass_promtool_check_and_unit_tests(tmp_path: Path) -> None:
@@ -138,3 +144,85 @@ def test_rules_are_scoped_to_the_release_namespace(tmp_path: Path) -> None:
         selectors = re.findall(r"aml_auth_proxy_\w+\{([^}]*)\}", rule["expr"])
         assert selectors, rule["alert"]
         assert all(f'namespace="{NAMESPACE}"' in s for s in selectors), rule["expr"]
+
+
+# -- dashboard, statically -------------------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return doc
+
+
+def panels(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in doc["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # panels inside collapsed rows
+
+
+def panel_exprs(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in panels(doc) for t in p.get("targets", [])]
+
+
+def documented_metrics() -> dict[str, set[str]]:
+    """Metric name -> labels, from the table in docs/metrics.md (the source of truth)."""
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    rows = re.findall(r"^\| `(aml_auth_proxy_[a-z_]+)` \| (\w+) \| ([a-z, ]+) \|", doc, re.M)
+    out: dict[str, set[str]] = {}
+    for name, kind, labels in rows:
+        label_set = {x.strip() for x in labels.split(",")}
+        if kind == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                out[name + suffix] = label_set | ({"le"} if suffix == "_bucket" else set())
+        else:
+            out[name] = label_set
+    return out
+
+
+def test_dashboard_configmap_carries_the_json_verbatim() -> None:
+    docs = helm_template(
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.namespace=monitoring",
+        "--set-string",
+        "grafanaDashboard.annotations.grafana_folder=AML",
+    )
+    cm = only([d for d in docs if d["metadata"]["name"].endswith("-dashboard")], "ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "AML"}
+    assert json.loads(cm["data"]["aml-auth-proxy.json"]) == dashboard()
+    docs = helm_template("--set", "grafanaDashboard.enabled=true")
+    cm = only([d for d in docs if d["metadata"]["name"].endswith("-dashboard")], "ConfigMap")
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    assert "annotations" not in cm["metadata"]
+
+
+def test_every_dashboard_query_uses_the_variables_and_documented_metrics() -> None:
+    doc = dashboard()
+    assert doc["schemaVersion"] >= 39 and doc["uid"] == "aml-auth-proxy"
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in VARIABLES:
+        var = variables[name]
+        assert var["type"] == "query" and var["multi"] and var["includeAll"], name
+        assert var["definition"].startswith("label_values("), name
+        assert var["datasource"]["uid"] == "${datasource}"
+    metrics = documented_metrics()
+    exprs = panel_exprs(doc)
+    assert len(exprs) >= 20
+    for panel in panels(doc):
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]), panel["title"]
+    for title, expr in exprs:
+        names = re.findall(r"aml_auth_proxy_\w+", expr)
+        assert names, title
+        for name in names:
+            assert name in metrics, f"{title}: {name} is not in docs/metrics.md"
+        for name, selector in re.findall(r"(aml_auth_proxy_\w+)\{([^}]*)\}", expr):
+            matchers = dict(re.findall(r'(\w+)=~"([^"]*)"', selector))
+            want = {"namespace", "pod"} | ({"route", "region"} & metrics[name])
+            assert {k: v for k, v in matchers.items() if k in want} == {k: f"${k}" for k in want}, (title, expr)
+        assert len(re.findall(r"aml_auth_proxy_\w+\{", expr)) == len(names), f"{title}: a metric without selector"
