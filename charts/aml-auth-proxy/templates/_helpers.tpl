@@ -1,0 +1,331 @@
+{{/*
+Helpers for aml-auth-proxy. Every helper takes this chart's context: the root context `.` inside this chart, or
+`(index .Subcharts "aml-auth-proxy")` from a parent chart that has this chart as a dependency.
+*/}}
+
+{{/* Chart name, shortened to 63 characters. */}}
+{{- define "aml-auth-proxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-<chart name> (or the release name when it already contains the chart name). */}}
+{{- define "aml-auth-proxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version for the helm.sh/chart label. */}}
+{{- define "aml-auth-proxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "aml-auth-proxy.labels" -}}
+helm.sh/chart: {{ include "aml-auth-proxy.chart" . }}
+{{ include "aml-auth-proxy.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: aml-auth-proxy
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of the standalone Deployment, its Service and its PodDisruptionBudget. */}}
+{{- define "aml-auth-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "aml-auth-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The label every pod running this release's proxy carries, standalone or as a sidecar in your own pods. The
+metrics Service, the PodMonitor and the NetworkPolicy select on it.
+*/}}
+{{- define "aml-auth-proxy.proxySelectorLabels" -}}
+aml-auth-proxy/instance: {{ include "aml-auth-proxy.fullname" . }}
+{{- end }}
+
+{{/* Labels for a pod that runs the proxy (add them to your own pod template in sidecar mode). */}}
+{{- define "aml-auth-proxy.podLabels" -}}
+{{ include "aml-auth-proxy.proxySelectorLabels" . }}
+{{- if .Values.workloadIdentity.enabled }}
+azure.workload.identity/use: "true"
+{{- end }}
+{{- end }}
+
+{{/* Annotations for a pod that runs the proxy: the pod rolls when the proxy config changes. */}}
+{{- define "aml-auth-proxy.podAnnotations" -}}
+checksum/config: {{ include "aml-auth-proxy.configData" . | sha256sum }}
+{{- end }}
+
+{{- define "aml-auth-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "aml-auth-proxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "aml-auth-proxy.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "aml-auth-proxy.configMapName" -}}
+{{- printf "%s-config" (include "aml-auth-proxy.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "aml-auth-proxy.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "aml-auth-proxy.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret mounted at secrets.mountPath, or "" when there is none. */}}
+{{- define "aml-auth-proxy.secretName" -}}
+{{- if .Values.secrets.existingSecret }}
+{{- .Values.secrets.existingSecret }}
+{{- else if .Values.secrets.create }}
+{{- printf "%s-secrets" (include "aml-auth-proxy.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the proxy runs as a native sidecar (an init container with restartPolicy: Always), else "false". */}}
+{{- define "aml-auth-proxy.native" -}}
+{{- $mode := toString .Values.sidecar.native }}
+{{- $kube := .Capabilities.KubeVersion.Version }}
+{{- if eq $mode "true" }}
+{{- if not (semverCompare ">=1.28.0-0" $kube) }}
+{{- fail (printf "sidecar.native is true but the cluster is Kubernetes %s: native sidecars need 1.28 or newer (1.29 enables them by default); use sidecar.native: auto or false" $kube) }}
+{{- end }}
+{{- "true" }}
+{{- else if eq $mode "false" }}
+{{- "false" }}
+{{- else if semverCompare ">=1.29.0-0" $kube }}
+{{- "true" }}
+{{- else }}
+{{- "false" }}
+{{- end }}
+{{- end }}
+
+{{/* The proxy's config file (docs/configuration.md). Numbers go through toYaml so they never print as 1e+06. */}}
+{{- define "aml-auth-proxy.configFile" -}}
+{{- $c := .Values.config }}
+{{- $doc := dict "listen" $c.listen "admin" $c.admin "shutdown_grace_seconds" $c.shutdown_grace_seconds "log_level" $c.log_level "access_log" $c.access_log "routes" $c.routes -}}
+# aml-auth-proxy config, rendered by the Helm chart from `config` (docs/configuration.md).
+{{ toYaml $doc }}
+{{- end }}
+
+{{/* The ConfigMap's data; its sha256 is the checksum/config pod annotation. */}}
+{{- define "aml-auth-proxy.configData" -}}
+config.yaml: |
+{{ include "aml-auth-proxy.configFile" . | indent 2 }}
+{{- end }}
+
+{{/* terminationGracePeriodSeconds: room for the app to drain, then for the proxy's own shutdown grace. */}}
+{{- define "aml-auth-proxy.terminationGracePeriodSeconds" -}}
+{{- $needed := add (int .Values.sidecar.preStopSeconds) (int (ceil .Values.config.shutdown_grace_seconds)) }}
+{{- $set := .Values.standalone.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $set }}
+{{- add $needed 10 }}
+{{- else if le (int $set) (int $needed) }}
+{{- fail (printf "standalone.terminationGracePeriodSeconds (%d) must be greater than sidecar.preStopSeconds + config.shutdown_grace_seconds (%d), or the proxy is killed while requests are in flight" (int $set) (int $needed)) }}
+{{- else }}
+{{- int $set }}
+{{- end }}
+{{- end }}
+
+{{/*
+The proxy container: ONE list item for `containers:` (plain mode) or `initContainers:` (native mode; see
+"aml-auth-proxy.native"). Needs the volumes of "aml-auth-proxy.volumes" in the same pod.
+*/}}
+{{- define "aml-auth-proxy.sidecar" -}}
+{{- include "aml-auth-proxy.validate" . }}
+{{- $native := eq (include "aml-auth-proxy.native" .) "true" }}
+{{- $adminPort := int .Values.config.admin.port -}}
+- name: {{ .Values.sidecar.name }}
+  image: {{ include "aml-auth-proxy.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if $native }}
+  # A native sidecar: started (startup probe passed) before the app, stopped after it.
+  restartPolicy: Always
+  {{- end }}
+  args: ["run", "--config", "/etc/aml-auth-proxy/config.yaml"]
+  ports:
+    - name: proxy-admin
+      containerPort: {{ $adminPort }}
+      protocol: TCP
+  {{- with .Values.sidecar.extraEnv }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  startupProbe:
+    httpGet:
+      path: {{ .Values.probes.startup.path }}
+      port: {{ $adminPort }}
+    periodSeconds: {{ int .Values.probes.startup.periodSeconds }}
+    timeoutSeconds: {{ int .Values.probes.startup.timeoutSeconds }}
+    failureThreshold: {{ int .Values.probes.startup.failureThreshold }}
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: {{ $adminPort }}
+    initialDelaySeconds: {{ int .Values.probes.liveness.initialDelaySeconds }}
+    periodSeconds: {{ int .Values.probes.liveness.periodSeconds }}
+    timeoutSeconds: {{ int .Values.probes.liveness.timeoutSeconds }}
+    failureThreshold: {{ int .Values.probes.liveness.failureThreshold }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: {{ $adminPort }}
+    initialDelaySeconds: {{ int .Values.probes.readiness.initialDelaySeconds }}
+    periodSeconds: {{ int .Values.probes.readiness.periodSeconds }}
+    timeoutSeconds: {{ int .Values.probes.readiness.timeoutSeconds }}
+    failureThreshold: {{ int .Values.probes.readiness.failureThreshold }}
+  {{- if not $native }}
+  lifecycle:
+    preStop:
+      # Plain-container mode: keep serving while the app drains, then SIGTERM starts the proxy's own grace.
+      exec:
+        command: ["/bin/sh", "-c", "sleep {{ int .Values.sidecar.preStopSeconds }}"]
+  {{- end }}
+  {{- with .Values.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    - name: aml-auth-proxy-config
+      mountPath: /etc/aml-auth-proxy
+      readOnly: true
+    {{- if include "aml-auth-proxy.secretName" . }}
+    - name: aml-auth-proxy-secrets
+      mountPath: {{ .Values.secrets.mountPath }}
+      readOnly: true
+    {{- end }}
+    - name: aml-auth-proxy-tmp
+      mountPath: /tmp
+    {{- with .Values.sidecar.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/* The pod volumes the proxy container mounts (list items for `volumes:`). */}}
+{{- define "aml-auth-proxy.volumes" -}}
+- name: aml-auth-proxy-config
+  configMap:
+    name: {{ include "aml-auth-proxy.configMapName" . }}
+{{- with include "aml-auth-proxy.secretName" . }}
+- name: aml-auth-proxy-secrets
+  secret:
+    secretName: {{ . }}
+    defaultMode: {{ int $.Values.secrets.defaultMode }}
+    {{- with $.Values.secrets.items }}
+    items:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end }}
+- name: aml-auth-proxy-tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- end }}
+
+{{/* Every `fail` on contradictory values, in one place. Renders nothing. */}}
+{{- define "aml-auth-proxy.validate" -}}
+{{- $v := .Values }}
+{{- if and $v.secrets.existingSecret $v.secrets.create }}
+{{- fail "secrets.existingSecret and secrets.create are both set: mount your own Secret or let the chart make one, not both" }}
+{{- end }}
+{{- if and $v.secrets.create (not $v.secrets.data) }}
+{{- fail "secrets.create is true but secrets.data is empty: nothing to put in the Secret" }}
+{{- end }}
+{{- if and $v.secrets.data (not $v.secrets.create) }}
+{{- fail "secrets.data is set but secrets.create is false: the values would be ignored; set secrets.create: true (development only) or use secrets.existingSecret" }}
+{{- end }}
+{{- if and $v.workloadIdentity.enabled (not $v.workloadIdentity.clientId) }}
+{{- fail "workloadIdentity.enabled is true but workloadIdentity.clientId is empty: set the client id of the managed identity or app registration" }}
+{{- end }}
+{{- if and $v.metrics.serviceMonitor.enabled $v.metrics.podMonitor.enabled }}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true: Prometheus would scrape every pod twice; enable one" }}
+{{- end }}
+{{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes the metrics Service" }}
+{{- end }}
+{{- if $v.podDisruptionBudget.enabled }}
+{{- if not $v.standalone.enabled }}
+{{- fail "podDisruptionBudget.enabled needs standalone.enabled: in sidecar mode the pods (and their budget) are yours" }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $v.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable)) }}
+{{- fail "podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable are both set: Kubernetes accepts only one" }}
+{{- end }}
+{{- end }}
+{{- if not $v.config.routes }}
+{{- fail "config.routes is empty: the proxy needs at least one route (docs/configuration.md)" }}
+{{- end }}
+{{- if has (toString $v.config.admin.host) (list "127.0.0.1" "localhost" "::1") }}
+{{- fail (printf "config.admin.host is %s: kubelet probes and Prometheus reach the admin port from outside the pod; use 0.0.0.0" $v.config.admin.host) }}
+{{- end }}
+{{- if eq (int $v.config.admin.port) (int $v.config.listen.port) }}
+{{- fail (printf "config.admin.port and config.listen.port are both %d: the proxy and admin ports must differ" (int $v.config.admin.port)) }}
+{{- end }}
+{{- range $i, $e := $v.sidecar.extraEnv }}
+{{- if and (kindIs "map" $e) (kindIs "map" $e.valueFrom) (hasKey $e.valueFrom "secretKeyRef") }}
+{{- fail (printf "sidecar.extraEnv[%d] (%s) reads a Secret into an environment variable: the proxy takes secrets only as files; put it in the mounted Secret (secrets) and point a *_file key at it" $i $e.name) }}
+{{- end }}
+{{- end }}
+{{- $mount := printf "%s/" (trimSuffix "/" $v.secrets.mountPath) }}
+{{- $secretName := include "aml-auth-proxy.secretName" . }}
+{{- range $i, $route := $v.config.routes }}
+{{- $auth := dict }}
+{{- if kindIs "map" $route }}{{ $auth = index $route "auth" | default dict }}{{ end }}
+{{- $files := dict }}
+{{- if kindIs "map" $auth }}
+{{- range $k, $f := $auth }}
+{{- if and (hasSuffix "_file" $k) (kindIs "string" $f) }}{{ $_ := set $files (printf "auth.%s" $k) $f }}{{ end }}
+{{- end }}
+{{- $identity := index $auth "identity" }}
+{{- if kindIs "map" $identity }}
+{{- range $k, $f := $identity }}
+{{- if and (hasSuffix "_file" $k) (kindIs "string" $f) }}{{ $_ := set $files (printf "auth.identity.%s" $k) $f }}{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $key, $path := $files }}
+{{- if hasPrefix $mount $path }}
+{{- if not $secretName }}
+{{- fail (printf "config.routes[%d].%s (%s) is under secrets.mountPath but no Secret is mounted: set secrets.existingSecret, or secrets.create with secrets.data" $i $key $path) }}
+{{- end }}
+{{- $file := trimPrefix $mount $path }}
+{{- if and $v.secrets.create (not $v.secrets.items) (not (hasKey $v.secrets.data $file)) }}
+{{- fail (printf "config.routes[%d].%s (%s) names %q, which is not a key of secrets.data" $i $key $path $file) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $v.standalone.enabled }}
+{{- if not $v.app.image }}
+{{- fail "app.image is required in standalone mode (standalone.enabled): the image of your app, which calls the proxy on 127.0.0.1; or set standalone.enabled: false and include the \"aml-auth-proxy.sidecar\" template in your own pods" }}
+{{- end }}
+{{- range $i, $p := $v.app.ports }}
+{{- if has (int $p.containerPort) (list (int $v.config.listen.port) (int $v.config.admin.port)) }}
+{{- fail (printf "app.ports[%d].containerPort %d is taken by the proxy (config.listen.port %d, config.admin.port %d): the containers share the pod's network" $i (int $p.containerPort) (int $v.config.listen.port) (int $v.config.admin.port)) }}
+{{- end }}
+{{- end }}
+{{- if and $v.standalone.service.enabled (not $v.app.ports) }}
+{{- fail "standalone.service.enabled is true but app.ports is empty: a Service needs ports; list the app's ports or set standalone.service.enabled: false" }}
+{{- end }}
+{{- end }}
+{{- end }}
