@@ -2,21 +2,31 @@
 
 The PrometheusRule is rendered with helm, its groups extracted and run through `promtool check rules` and
 `promtool test rules` (tests/monitoring/alerts-test.yaml: every alert fires on a bad series and stays silent on
-a healthy one). The dashboard ships verbatim in a ConfigMap, and every query
-uses the template variables and documented metrics only.
+a healthy one). The dashboard's queries run against a real Prometheus that scrapes a real proxy, which keeps
+short-lived tokens fresh from the emulator in two regions while requests flow: every panel must return data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import secrets
+import signal
+import socket
+import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
+from tests.conftest import remember, subprocess_log
+from tests.procs import CONSOLE_SCRIPT, ProxyProcess
 from tests.tools import ROOT, tool
 
 CHART = ROOT / "charts" / "aml-auth-proxy"
@@ -25,6 +35,12 @@ BASE_VALUES = CHART / "ci" / "default-values.yaml"
 DASHBOARD = CHART / "dashboards" / "aml-auth-proxy.json"
 ALERTS_TEST = ROOT / "tests" / "monitoring" / "alerts-test.yaml"
 NAMESPACE = "demo"  # the release namespace the alert unit tests are written for
+POD = "aml-auth-proxy-0"
+SUB = "00000000-0000-0000-0000-000000000000"
+CLIENT = "55555555-5555-5555-5555-555555555555"
+TRAFFIC_SECONDS = 30.0
+# Grafana's interval macros, as Grafana would set them for a 1 s scrape interval and a short time range.
+MACROS = {"$__rate_interval": "15s", "$__interval": "5s"}
 VARIABLES = ("namespace", "pod", "route", "region")
 
 
@@ -226,3 +242,262 @@ def test_every_dashboard_query_uses_the_variables_and_documented_metrics() -> No
             want = {"namespace", "pod"} | ({"route", "region"} & metrics[name])
             assert {k: v for k, v in matchers.items() if k in want} == {k: f"${k}" for k in want}, (title, expr)
         assert len(re.findall(r"aml_auth_proxy_\w+\{", expr)) == len(names), f"{title}: a metric without selector"
+
+
+# -- dashboard against real data -------------------------------------------------------------------------------
+
+
+async def start_emulator(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    path = tmp_path / "emulator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with subprocess_log("monitoring-emulator").open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            CONSOLE_SCRIPT,
+            "emulator",
+            "--config",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        line = await process.stdout.readline()
+    ready: dict[str, Any] = json.loads(line)
+    assert ready["event"] == "emulator_ready", ready
+    return process, ready
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def start_prometheus(target: str, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """A real Prometheus on 127.0.0.1 scraping `target` every second, with the labels a ServiceMonitor adds."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "aml-auth-proxy",
+                "static_configs": [{"targets": [target], "labels": {"namespace": NAMESPACE, "pod": POD}}],
+            }
+        ],
+    }
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    with subprocess_log("prometheus").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            tool("prometheus"),
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={url.removeprefix('http://')}",
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        async with aiohttp.ClientSession() as client, asyncio.timeout(30):
+            while True:
+                assert process.returncode is None, f"prometheus exited {process.returncode}"
+                try:
+                    async with client.get(url + "/-/ready") as resp:
+                        if resp.status == 200:
+                            return process, url
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.2)
+    except BaseException:
+        await stop(process)
+        raise
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(20):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def drive_traffic(proxy: ProxyProcess, ready: dict[str, Any], seconds: float) -> dict[int, int]:
+    """Scoring calls on both token routes, plus a trickle of 5xx, 401, refused requests and upstream resets."""
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + seconds
+
+    async def get(client: aiohttp.ClientSession, method: str, path: str) -> None:
+        async with client.request(method, proxy.proxy_url + path, json={"data": [1, 2]}) as resp:
+            await resp.read()
+        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+    async def scoring(route: str) -> None:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(100_000):
+                if time.monotonic() >= deadline:
+                    return
+                await get(client, "POST", f"/{route}/score")
+                await asyncio.sleep(0.01)
+
+    async def errors() -> None:
+        ssl_ctx = ssl.create_default_context(cafile=ready["ca_file"])
+        async with aiohttp.ClientSession() as client:
+            for i in range(1000):
+                if time.monotonic() >= deadline:
+                    return
+                await get(client, "GET", "/east/status/500")
+                await get(client, "GET", "/west/status/503")
+                await get(client, "GET", "/nowhere")  # no route: refused by the proxy with a 404
+                if i % 4 == 0:
+                    await get(client, "GET", "/west/status/401")  # forces one refresh, then answers 401
+                if i % 10 == 0:
+                    fault = {"target": "scoring", "action": "reset", "service": "east", "count": 1}
+                    async with client.post(ready["control_url"] + "/_emulator/faults", json=fault, ssl=ssl_ctx) as r:
+                        assert r.status == 201, await r.text()
+                await asyncio.sleep(0.5)
+
+    await asyncio.gather(scoring("east"), scoring("west"), errors())
+    return statuses
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    for macro, value in MACROS.items():
+        expr = expr.replace(macro, value)
+    return re.sub(r"\$(\w+)", lambda m: values[m.group(1)], expr)
+
+
+async def query(client: aiohttp.ClientSession, url: str, expr: str, at: float) -> dict[str, Any]:
+    async with client.get(url + "/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}) as resp:
+        body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def resolve_variables(client: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -> dict[str, list[str]]:
+    """Each variable's label_values(...) query through the label API, in order, as Grafana resolves them."""
+    resolved: dict[str, list[str]] = {}
+    for var in doc["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["definition"])
+        assert m is not None, var["definition"]
+        selector = substitute(m.group(1), {k: "|".join(v) for k, v in resolved.items()})
+        async with client.get(f"{url}/api/v1/label/{m.group(2)}/values", params={"match[]": selector}) as resp:
+            body = await resp.json()
+        assert body["status"] == "success", body
+        resolved[var["name"]] = body["data"]
+    return resolved
+
+
+async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
+    secret = "monitoring-client-secret-" + secrets.token_urlsafe(16)
+    remember(secret)
+    emulator_config = {
+        "tls": True,
+        "latency": {"westeurope": 0.15},
+        # 5 s Entra ID tokens: azure-identity fetches a new one every few AML refreshes, so the Entra ID panels
+        # have acquisitions in the last rate window too.
+        "entra": {"clients": {CLIENT: secret}, "token_lifetime_seconds": 5},
+        "services": [
+            {
+                "name": name,
+                "api": api,
+                "region": region,
+                "auth_mode": "aml_token",
+                "token_lifetime_seconds": 3,
+                "token_refresh_after_seconds": 2,
+                "deployments": {"blue": "echo"},
+            }
+            for name, api, region in (("east", "v2", "eastus"), ("west", "v1", "westeurope"))
+        ],
+    }
+    emulator, ready = await start_emulator(emulator_config, tmp_path)
+    processes = [emulator]
+    try:
+        (tmp_path / "secret").write_text(secret + "\n")
+        common = {
+            "subscription_id": SUB,
+            "resource_group": "rg",
+            "workspace": "ws",
+            "ca_file": ready["ca_file"],
+            "identity": {
+                "type": "client_secret",
+                "client_id": CLIENT,
+                "tenant_id": ready["tenant"],
+                "authority_host": ready["entra_url"],
+                "client_secret_file": str(tmp_path / "secret"),
+            },
+        }
+        routes = [
+            {
+                "name": name,
+                "region": region,
+                "match": f"/{name}",
+                "strip_prefix": True,
+                "tls": {"ca_file": ready["ca_file"]},
+                "upstream": ready["service_urls"][name],
+                "auth": {"type": kind, key: name, url_key: ready["control_url"], **common},
+            }
+            for name, region, kind, key, url_key in (
+                ("east", "eastus", "aml-endpoint-token", "endpoint", "arm_url"),
+                ("west", "westeurope", "aml-service-token", "service", "mms_url"),
+            )
+        ]
+        proxy = await ProxyProcess.start({"routes": routes}, tmp_path, name="monitoring-proxy")
+        processes.append(proxy.process)
+        prometheus, prom_url = await start_prometheus(proxy.admin_url.removeprefix("http://"), tmp_path)
+        processes.append(prometheus)
+
+        statuses = await drive_traffic(proxy, ready, TRAFFIC_SECONDS)
+        await asyncio.sleep(2.5)  # the last scrapes
+        doc = dashboard()
+        async with aiohttp.ClientSession() as client:
+            variables = await resolve_variables(client, prom_url, doc)
+            at = time.time()
+            results = {}
+            values = {"namespace": NAMESPACE, "pod": POD} | {k: "|".join(variables[k]) for k in ("route", "region")}
+            for title, expr in panel_exprs(doc):
+                results[(title, expr)] = await query(client, prom_url, substitute(expr, values), at)
+    finally:
+        for process in reversed(processes):
+            await stop(process)
+
+    print(f"\nrequests by status: {dict(sorted(statuses.items()))}")
+    print(f"variables: {variables}")
+    assert {200, 401, 404, 500, 502, 503} <= set(statuses), statuses
+    assert variables["namespace"] == [NAMESPACE] and variables["pod"] == [POD]
+    assert variables["route"] == ["east", "west"] and variables["region"] == ["eastus", "westeurope"]
+    problems = []
+    for (title, expr), body in results.items():
+        series = body.get("data", {}).get("result", [])
+        shown = ", ".join(
+            f"{'/'.join(v for k, v in sorted(s['metric'].items()) if k not in ('namespace', 'pod')) or '-'}="
+            f"{float(s['value'][1]):.4g}"
+            for s in series
+        )
+        print(f"  {title}: {shown}")
+        if body.get("status") != "success":
+            problems.append(f"{title}: {body.get('error')} in {expr}")
+        elif not series:
+            problems.append(f"{title}: no data for {expr}")
+        elif all(s["value"][1] == "NaN" for s in series):
+            problems.append(f"{title}: only NaN for {expr}")
+    assert not problems, "\n".join(problems)
+
+    latency = [b for (t, _), b in results.items() if t == "Token refresh latency per region"]
+    per_region: dict[str, dict[str, float]] = {}
+    for quantile, body in zip(("p50", "p95", "p99"), latency, strict=True):
+        for s in body["data"]["result"]:
+            per_region.setdefault(s["metric"]["region"], {})[quantile] = float(s["value"][1])
+    print(
+        "token refresh latency per region: "
+        + "; ".join(
+            f"{region} " + " ".join(f"{q} {v * 1000:.1f} ms" for q, v in sorted(qs.items()))
+            for region, qs in sorted(per_region.items())
+        )
+    )
+    assert set(per_region) == {"eastus", "westeurope"}
+    assert per_region["westeurope"]["p50"] > per_region["eastus"]["p50"] + 0.1
