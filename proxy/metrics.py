@@ -68,7 +68,7 @@ class Metrics:
         )
         self.retries = Counter(
             f"{NS}_auth_retries",
-            "Requests retried once with the other key after a 401.",
+            "Requests resent once after a 401, with the other key or a freshly refreshed token.",
             ("route",),
             registry=r,
         )
