@@ -1,0 +1,921 @@
+"""The Helm chart, checked by the real tools.
+
+Every `ci/*-values.yaml` is linted (`helm lint --strict`) and rendered once (`helm template`, cached per file);
+every rendered object is validated offline against the Kubernetes 1.30 schemas (kubernetes-validate, strict), or
+structurally when it is a Prometheus Operator object; the rendered proxy config is accepted by the proxy's own
+`check-config`. Bad values are rejected by values.schema.json or by the chart's `fail` messages, and the named
+template `aml-auth-proxy.sidecar` is rendered from a parent chart that depends on this one.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.tools import ROOT, tool
+
+CHART = ROOT / "charts" / "aml-auth-proxy"
+CI_DIR = CHART / "ci"
+CI_FILES = sorted(p.name for p in CI_DIR.glob("*-values.yaml"))
+RELEASE = "demo"
+NAMESPACE = "scoring"
+FULLNAME = f"{RELEASE}-aml-auth-proxy"
+KUBE_VERSION = "1.30.0"  # the version rendered for (unless a ci file names another) and validated against
+ADMIN_PORT = 9090
+PROXY_CONFIG_PATH = "/etc/aml-auth-proxy/config.yaml"
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+HELM_HOME = Path(tempfile.mkdtemp(prefix="aml-auth-proxy-helm-home-"))
+
+Obj = dict[str, Any]
+
+# A valid standalone install; bad-values cases change one thing on top of it.
+BASE: Obj = {
+    "app": {"image": "registry.example.com/scoring-client:1.0.0", "ports": [{"name": "http", "containerPort": 8000}]},
+    "config": {
+        "routes": [
+            {
+                "name": "scoring",
+                "upstream": "https://my-endpoint.eastus.inference.ml.azure.com",
+                "auth": {"type": "key", "primary_file": "/var/run/secrets/aml-auth-proxy/primaryKey"},
+            }
+        ]
+    },
+    "secrets": {"existingSecret": "scoring-endpoint-keys"},
+}
+
+
+# --- running helm --------------------------------------------------------------------------------------------
+
+
+def helm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real helm, with its config, cache and data kept in a throwaway directory."""
+    env = {
+        **os.environ,
+        "HELM_CONFIG_HOME": str(HELM_HOME / "config"),
+        "HELM_CACHE_HOME": str(HELM_HOME / "cache"),
+        "HELM_DATA_HOME": str(HELM_HOME / "data"),
+    }
+    return subprocess.run(
+        [tool("helm"), *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd, check=False
+    )
+
+
+def kube_version_of(ci_file: str) -> str:
+    """The version a ci file asks for in a `# kube-version: X` comment, else KUBE_VERSION."""
+    found = re.search(r"^# kube-version:\s*(\S+)", (CI_DIR / ci_file).read_text(), re.MULTILINE)
+    return found.group(1) if found else KUBE_VERSION
+
+
+def parse_manifests(text: str) -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def template(values_files: list[Path], *, kube_version: str = KUBE_VERSION) -> subprocess.CompletedProcess[str]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", kube_version]
+    for path in values_files:
+        args += ["-f", str(path)]
+    return helm(*args)
+
+
+@functools.cache
+def render_ci(ci_file: str) -> tuple[Obj, ...]:
+    """Render one ci values file (once per session)."""
+    result = template([CI_DIR / ci_file], kube_version=kube_version_of(ci_file))
+    assert result.returncode == 0, f"helm template -f ci/{ci_file} failed:\n{result.stderr}"
+    return tuple(parse_manifests(result.stdout))
+
+
+def deep_merge(base: Obj, override: Obj) -> Obj:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@functools.cache
+def _render_json(values_json: str, kube_version: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(json.loads(values_json), fh)
+    try:
+        return template([Path(fh.name)], kube_version=kube_version)
+    finally:
+        os.unlink(fh.name)
+
+
+def render_values(values: Obj, *, kube_version: str = KUBE_VERSION) -> subprocess.CompletedProcess[str]:
+    """Render with these values (on top of the chart defaults); cached, the result is not checked."""
+    return _render_json(json.dumps(values, sort_keys=True), kube_version)
+
+
+def render_ok(values: Obj, *, kube_version: str = KUBE_VERSION) -> list[Obj]:
+    result = render_values(values, kube_version=kube_version)
+    assert result.returncode == 0, result.stderr
+    return parse_manifests(result.stdout)
+
+
+# --- picking things out of rendered objects ------------------------------------------------------------------
+
+
+def find(objs: tuple[Obj, ...] | list[Obj], kind: str, name: str | None = None) -> list[Obj]:
+    return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objs: tuple[Obj, ...] | list[Obj], kind: str, name: str | None = None) -> Obj:
+    found = find(objs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def pod_spec(objs: tuple[Obj, ...] | list[Obj]) -> Obj:
+    spec: Obj = one(objs, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def all_containers(spec: Obj) -> Iterator[Obj]:
+    yield from spec.get("initContainers", [])
+    yield from spec.get("containers", [])
+
+
+def proxy_container(spec: Obj) -> Obj:
+    found = [c for c in all_containers(spec) if c["name"] == "aml-auth-proxy"]
+    assert len(found) == 1, [c["name"] for c in all_containers(spec)]
+    return found[0]
+
+
+def proxy_config(objs: tuple[Obj, ...] | list[Obj]) -> str:
+    text: str = one(objs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"]
+    return text
+
+
+def pod_specs_everywhere(objs: tuple[Obj, ...] | list[Obj]) -> Iterator[Obj]:
+    for obj in objs:
+        if obj["kind"] == "Deployment":
+            yield obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            yield obj["spec"]
+
+
+STANDALONE_FILES = [
+    f for f in CI_FILES if (yaml.safe_load((CI_DIR / f).read_text()) or {}).get("standalone", {}).get("enabled", True)
+]
+
+
+# --- every ci file: lint, render, validate, check-config -----------------------------------------------------
+
+
+def test_there_is_a_ci_values_file_per_feature() -> None:
+    expected = {
+        "default-values.yaml",
+        "native-sidecar-values.yaml",
+        "legacy-sidecar-values.yaml",
+        "existing-secret-values.yaml",
+        "chart-secret-values.yaml",
+        "workload-identity-values.yaml",
+        "networkpolicy-values.yaml",
+        "pdb-values.yaml",
+        "servicemonitor-values.yaml",
+        "podmonitor-values.yaml",
+        "token-auth-values.yaml",
+        "monitoring-values.yaml",
+        "sidecar-only-values.yaml",
+    }
+    assert expected <= set(CI_FILES)
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_helm_lint_strict_passes(ci_file: str) -> None:
+    result = helm(
+        "lint", "--strict", str(CHART), "-f", str(CI_DIR / ci_file), "--kube-version", kube_version_of(ci_file)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_every_rendered_object_is_valid_kubernetes_1_30(ci_file: str) -> None:
+    objs = render_ci(ci_file)
+    assert objs
+    for obj in objs:
+        where = f"ci/{ci_file}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        assert obj["metadata"]["name"].startswith(RELEASE), where
+        if obj["kind"] in CRD_KINDS:
+            check_prometheus_operator_object(obj, where)
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where}: {exc.message} at {'/'.join(map(str, exc.path))}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{where}: {exc.message}")
+
+
+DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_prometheus_operator_object(obj: Obj, where: str) -> None:
+    """kubernetes-validate has no schema for Prometheus Operator CRDs: check their shape here."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1", where
+    # The metadata is ordinary ObjectMeta: validate it as such.
+    kubernetes_validate.validate(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}, KUBE_VERSION, strict=True
+    )
+    assert DNS_1123.match(obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63, where
+    assert obj["metadata"]["namespace"] == NAMESPACE, where
+    spec = obj["spec"]
+    if obj["kind"] in ("ServiceMonitor", "PodMonitor"):
+        endpoints_key = "endpoints" if obj["kind"] == "ServiceMonitor" else "podMetricsEndpoints"
+        assert set(spec) <= {"selector", "namespaceSelector", endpoints_key, "jobLabel"}, where
+        assert spec["selector"]["matchLabels"], where
+        assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}, where
+        assert spec[endpoints_key], where
+        for endpoint in spec[endpoints_key]:
+            assert isinstance(endpoint["port"], str) and endpoint["port"], where
+            assert endpoint["path"] == "/metrics", where
+            for key in ("interval", "scrapeTimeout"):
+                if key in endpoint:
+                    assert DURATION.match(endpoint[key]), f"{where}: {key} {endpoint[key]!r}"
+            for key in ("relabelings", "metricRelabelings"):
+                assert isinstance(endpoint.get(key, []), list), where
+    else:
+        assert set(spec) == {"groups"}, where
+        assert spec["groups"], where
+        for group in spec["groups"]:
+            assert group["name"] and group["rules"], where
+            for rule in group["rules"]:
+                assert ("alert" in rule) != ("record" in rule), f"{where}: {rule}"
+                assert isinstance(rule["expr"], str | int) and str(rule["expr"]).strip(), f"{where}: {rule}"
+                if "for" in rule:
+                    assert DURATION.match(rule["for"]), f"{where}: {rule}"
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_rendered_proxy_config_passes_the_proxys_own_check(ci_file: str, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(proxy_config(render_ci(ci_file)))
+    # AML_AUTH_PROXY_* variables override the file: keep any from the test environment out.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AML_AUTH_PROXY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, f"ci/{ci_file}:\n{result.stderr}\n{config.read_text()}"
+    assert result.stdout.startswith("config ok:")
+
+
+@pytest.mark.parametrize("ci_file", STANDALONE_FILES)
+def test_proxy_mounts_its_config_and_is_told_where_it_is(ci_file: str) -> None:
+    spec = pod_spec(render_ci(ci_file))
+    proxy = proxy_container(spec)
+    assert proxy["args"] == ["run", "--config", PROXY_CONFIG_PATH]
+    assert "command" not in proxy  # the image's ENTRYPOINT is aml-auth-proxy
+    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    assert mounts["aml-auth-proxy-config"]["mountPath"] == str(Path(PROXY_CONFIG_PATH).parent)
+    assert mounts["aml-auth-proxy-tmp"]["mountPath"] == "/tmp"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["aml-auth-proxy-config"]["configMap"]["name"] == f"{FULLNAME}-config"
+    assert "emptyDir" in volumes["aml-auth-proxy-tmp"]
+    for mount in proxy["volumeMounts"]:
+        assert mount["name"] in volumes
+
+
+def test_notes_render_for_standalone_and_sidecar_mode() -> None:
+    for ci_file, expected in (
+        ("default-values.yaml", "calls the proxy at http://127.0.0.1:8080"),
+        ("sidecar-only-values.yaml", 'include "aml-auth-proxy.sidecar"'),
+        ("chart-secret-values.yaml", "for development"),
+    ):
+        result = helm("install", "--dry-run=client", RELEASE, str(CHART), "-f", str(CI_DIR / ci_file))
+        assert result.returncode == 0, result.stderr
+        notes = result.stdout.split("NOTES:", 1)[1]
+        assert expected in notes, notes
+
+
+# --- schema and fail messages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"resources": {"limitz": {}}}, "at '/resources': additional properties 'limitz' not allowed"),
+        ({"podDisruptionBuget": {"enabled": True}}, "additional properties 'podDisruptionBuget' not allowed"),
+        ({"sidecar": {"native": "maybe"}}, "at '/sidecar/native': value must be one of 'auto', true, false"),
+        ({"standalone": {"replicas": "two"}}, "at '/standalone/replicas': got string, want integer"),
+        ({"config": {"log_level": "verbose"}}, "at '/config/log_level': value must be one of 'debug', 'info'"),
+        ({"config": {"admin": {"port": 70000}}}, "at '/config/admin/port'"),
+        ({"config": {"routes": [{"name": "no-upstream"}]}}, "at '/config/routes/0': missing property 'upstream'"),
+        ({"workloadIdentity": {"clientId": "not-a-guid"}}, "at '/workloadIdentity/clientId': 'not-a-guid' does not"),
+        ({"secrets": {"data": {"primaryKey": 12345}}}, "at '/secrets/data/primaryKey': got number, want string"),
+        ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "at '/metrics/serviceMonitor/interval'"),
+        ({"probes": {"startup": {"path": "/metrics"}}}, "at '/probes/startup/path': value must be one of"),
+        ({"prometheusRule": {"thresholds": {"upstream5xxRatio": 5}}}, "at '/prometheusRule/thresholds/upstream5x"),
+        ({"grafanaDashboard": {"label": {}}}, "at '/grafanaDashboard': additional properties 'label' not allowed"),
+        ({"podDisruptionBudget": {"minAvailable": "half"}}, "at '/podDisruptionBudget/minAvailable'"),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_readable_message(values: Obj, message: str) -> None:
+    result = render_values(deep_merge(BASE, values))
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "kube_version", "message"),
+    [
+        (
+            {"sidecar": {"native": True}},
+            "1.27.0",
+            "sidecar.native is true but the cluster is Kubernetes v1.27.0: native sidecars need 1.28 or newer",
+        ),
+        (
+            {"secrets": {"existingSecret": "keys", "create": True, "data": {"primaryKey": "k"}}},
+            KUBE_VERSION,
+            "secrets.existingSecret and secrets.create are both set",
+        ),
+        (
+            {"secrets": {"existingSecret": "", "create": True}},
+            KUBE_VERSION,
+            "secrets.create is true but secrets.data is empty",
+        ),
+        (
+            {"secrets": {"data": {"primaryKey": "k"}}},
+            KUBE_VERSION,
+            "secrets.data is set but secrets.create is false",
+        ),
+        (
+            {"workloadIdentity": {"enabled": True}},
+            KUBE_VERSION,
+            "workloadIdentity.enabled is true but workloadIdentity.clientId is empty",
+        ),
+        (
+            {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+            KUBE_VERSION,
+            "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true",
+        ),
+        (
+            {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+            KUBE_VERSION,
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled",
+        ),
+        (
+            {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": 1}},
+            KUBE_VERSION,
+            "podDisruptionBudget.minAvailable and podDisruptionBudget.maxUnavailable are both set",
+        ),
+        (
+            {"podDisruptionBudget": {"enabled": True}, "standalone": {"enabled": False}},
+            KUBE_VERSION,
+            "podDisruptionBudget.enabled needs standalone.enabled",
+        ),
+        ({"config": {"routes": []}}, KUBE_VERSION, "config.routes is empty"),
+        ({"app": {"image": ""}}, KUBE_VERSION, "app.image is required in standalone mode"),
+        ({"config": {"admin": {"host": "127.0.0.1"}}}, KUBE_VERSION, "config.admin.host is 127.0.0.1"),
+        (
+            {"config": {"admin": {"port": 8080}}},
+            KUBE_VERSION,
+            "config.admin.port and config.listen.port are both 8080",
+        ),
+        (
+            {"app": {"ports": [{"name": "http", "containerPort": 9090}]}},
+            KUBE_VERSION,
+            "app.ports[0].containerPort 9090 is taken by the proxy",
+        ),
+        (
+            {"app": {"ports": []}},
+            KUBE_VERSION,
+            "standalone.service.enabled is true but app.ports is empty",
+        ),
+        (
+            {"standalone": {"terminationGracePeriodSeconds": 25}},
+            KUBE_VERSION,
+            "standalone.terminationGracePeriodSeconds (25) must be greater than sidecar.preStopSeconds + "
+            "config.shutdown_grace_seconds (30)",
+        ),
+        (
+            {
+                "sidecar": {
+                    "extraEnv": [
+                        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "primaryKey"}}}
+                    ]
+                }
+            },
+            KUBE_VERSION,
+            "sidecar.extraEnv[0] (TOKEN) reads a Secret into an environment variable",
+        ),
+        (
+            {"secrets": {"existingSecret": ""}},
+            KUBE_VERSION,
+            "config.routes[0].auth.primary_file (/var/run/secrets/aml-auth-proxy/primaryKey) is under "
+            "secrets.mountPath but no Secret is mounted",
+        ),
+        (
+            {"secrets": {"existingSecret": "", "create": True, "data": {"primary": "k"}}},
+            KUBE_VERSION,
+            'names "primaryKey", which is not a key of secrets.data',
+        ),
+    ],
+)
+def test_contradictory_values_fail_with_a_clear_message(values: Obj, kube_version: str, message: str) -> None:
+    result = render_values(deep_merge(BASE, values), kube_version=kube_version)
+    assert result.returncode != 0, result.stdout
+    assert "execution error" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_base_values_used_by_the_failure_cases_render() -> None:
+    assert find(render_ok(BASE), "Deployment")
+
+
+# --- native and plain sidecars -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("native", "kube_version", "expect_native"),
+    [
+        ("auto", "1.30.0", True),
+        ("auto", "1.29.0", True),
+        ("auto", "1.28.5", False),
+        ("auto", "1.27.0", False),
+        (True, "1.28.0", True),
+        (False, "1.33.0", False),
+        ("false", "1.30.0", False),
+    ],
+)
+def test_native_sidecar_follows_the_setting_and_the_cluster_version(
+    native: str | bool, kube_version: str, expect_native: bool
+) -> None:
+    spec = pod_spec(render_ok(deep_merge(BASE, {"sidecar": {"native": native}}), kube_version=kube_version))
+    init_names = [c["name"] for c in spec.get("initContainers", [])]
+    names = [c["name"] for c in spec["containers"]]
+    if expect_native:
+        assert init_names == ["aml-auth-proxy"]
+        assert names == ["app"]
+        assert spec["initContainers"][0]["restartPolicy"] == "Always"
+    else:
+        assert init_names == []
+        assert names == ["aml-auth-proxy", "app"]  # the proxy starts first
+        assert "restartPolicy" not in spec["containers"][0]
+
+
+def test_native_sidecar_file_renders_an_init_container_with_restart_always_and_a_startup_probe() -> None:
+    spec = pod_spec(render_ci("native-sidecar-values.yaml"))
+    (proxy,) = spec["initContainers"]
+    assert proxy["name"] == "aml-auth-proxy"
+    assert proxy["restartPolicy"] == "Always"
+    assert proxy["startupProbe"]["httpGet"] == {"path": "/readyz", "port": ADMIN_PORT}
+    assert "lifecycle" not in proxy  # kubelet stops a native sidecar after the app: no preStop wait needed
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+    assert spec["containers"][0]["image"] == "registry.example.com/scoring-client:1.0.0"
+
+
+def test_legacy_sidecar_file_renders_a_plain_container_with_a_prestop_wait() -> None:
+    objs = render_ci("legacy-sidecar-values.yaml")
+    spec = pod_spec(objs)
+    assert "initContainers" not in spec
+    proxy = spec["containers"][0]
+    assert proxy["name"] == "aml-auth-proxy"
+    assert "restartPolicy" not in proxy
+    assert proxy["lifecycle"]["preStop"]["exec"]["command"] == ["/bin/sh", "-c", "sleep 15"]
+    assert [c["name"] for c in spec["containers"]] == ["aml-auth-proxy", "app"]
+    grace = yaml.safe_load(proxy_config(objs))["shutdown_grace_seconds"]
+    assert spec["terminationGracePeriodSeconds"] == 60 > 15 + grace
+
+
+def test_termination_grace_defaults_to_prestop_plus_proxy_grace_plus_margin() -> None:
+    spec = pod_spec(render_ci("default-values.yaml"))
+    assert spec["terminationGracePeriodSeconds"] == 10 + 20 + 10
+    values = deep_merge(BASE, {"sidecar": {"preStopSeconds": 5}, "config": {"shutdown_grace_seconds": 2.5}})
+    assert pod_spec(render_ok(values))["terminationGracePeriodSeconds"] == 5 + 3 + 10
+
+
+# --- hardening, probes, resources ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ci_file", STANDALONE_FILES)
+def test_proxy_container_and_pod_are_hardened(ci_file: str) -> None:
+    spec = pod_spec(render_ci(ci_file))
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] == 10001 and pod["runAsGroup"] == 10001
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    proxy = proxy_container(spec)
+    sc = proxy["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 10001 and sc["runAsGroup"] == 10001
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert proxy["resources"] == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"cpu": "500m", "memory": "256Mi"},
+    }
+    assert spec["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("ci_file", STANDALONE_FILES)
+def test_probes_point_at_the_admin_port(ci_file: str) -> None:
+    objs = render_ci(ci_file)
+    proxy = proxy_container(pod_spec(objs))
+    assert yaml.safe_load(proxy_config(objs))["admin"] == {"host": "0.0.0.0", "port": ADMIN_PORT}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": ADMIN_PORT}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": ADMIN_PORT}
+    assert proxy["startupProbe"]["httpGet"]["port"] == ADMIN_PORT
+    assert proxy["startupProbe"]["httpGet"]["path"] in ("/healthz", "/readyz")
+    assert proxy["ports"] == [{"name": "proxy-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}]
+
+
+def test_probes_follow_a_moved_admin_port() -> None:
+    objs = render_ok(deep_merge(BASE, {"config": {"admin": {"port": 9191}}}))
+    proxy = proxy_container(pod_spec(objs))
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert proxy[probe]["httpGet"]["port"] == 9191
+    assert one(objs, "Service", f"{FULLNAME}-metrics")["spec"]["ports"][0]["port"] == 9191
+
+
+def test_helm_test_hook_asks_readyz_of_the_metrics_service_and_is_hardened() -> None:
+    objs = render_ci("default-values.yaml")
+    pod = one(objs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert container["image"].startswith("busybox:")
+    script = " ".join(container["command"])
+    assert f"http://{FULLNAME}-metrics:{ADMIN_PORT}/readyz" in script
+    assert "wget" in script
+    service = one(objs, "Service", f"{FULLNAME}-metrics")
+    assert service["spec"]["ports"][0]["port"] == ADMIN_PORT
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert not find(render_ci("podmonitor-values.yaml"), "Pod")  # no metrics Service, no test pod
+
+
+# --- config, secrets, checksum ---------------------------------------------------------------------------------
+
+
+def secret_values(objs: tuple[Obj, ...] | list[Obj]) -> list[str]:
+    values: list[str] = []
+    for secret in find(objs, "Secret"):
+        values += [base64.b64decode(v).decode() for v in secret.get("data", {}).values()]
+        values += list(secret.get("stringData", {}).values())
+    return values
+
+
+def string_leaves(node: Any) -> Iterator[str]:
+    """Every string in an object (keys included), and the base64 decoding of any that decodes."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from string_leaves(key)
+            yield from string_leaves(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from string_leaves(item)
+    elif isinstance(node, str):
+        yield node
+        try:
+            yield base64.b64decode(node, validate=True).decode()
+        except ValueError:
+            pass
+
+
+def test_chart_secret_values_appear_only_in_the_secret() -> None:
+    objs = render_ci("chart-secret-values.yaml")
+    data = yaml.safe_load((CI_DIR / "chart-secret-values.yaml").read_text())["secrets"]["data"]
+    secret = one(objs, "Secret", f"{FULLNAME}-secrets")
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == data
+    for obj in objs:
+        if obj is secret:
+            continue
+        for text in string_leaves(obj):
+            for value in data.values():
+                assert value not in text, f"a secret value is in {obj['kind']}/{obj['metadata']['name']}"
+    # The routes read them as files from the mounted Secret.
+    spec = pod_spec(objs)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["aml-auth-proxy-secrets"]["secret"]["secretName"] == f"{FULLNAME}-secrets"
+    mount = {m["name"]: m for m in proxy_container(spec)["volumeMounts"]}["aml-auth-proxy-secrets"]
+    assert mount == {"name": "aml-auth-proxy-secrets", "mountPath": "/var/run/secrets/aml-auth-proxy", "readOnly": True}
+    config = proxy_config(objs)
+    for name in data:
+        assert f"/var/run/secrets/aml-auth-proxy/{name}" in config
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_no_secret_value_in_any_configmap_or_env_var(ci_file: str) -> None:
+    objs = render_ci(ci_file)
+    secrets = secret_values(objs)
+    for cm in find(objs, "ConfigMap"):
+        text = yaml.safe_dump(cm)
+        for value in secrets:
+            assert value not in text, f"ci/{ci_file}: a secret value is in ConfigMap {cm['metadata']['name']}"
+    for spec in pod_specs_everywhere(objs):
+        for container in all_containers(spec):
+            for env in container.get("env", []):
+                assert "secretKeyRef" not in env.get("valueFrom", {}), f"ci/{ci_file}: {container['name']} {env}"
+                assert not any(value in str(env.get("value", "")) for value in secrets)
+            for env_from in container.get("envFrom", []):
+                assert "secretRef" not in env_from, f"ci/{ci_file}: {container['name']} {env_from}"
+
+
+def test_existing_secret_is_mounted_read_only_with_its_items() -> None:
+    objs = render_ci("existing-secret-values.yaml")
+    assert not find(objs, "Secret")
+    spec = pod_spec(objs)
+    volume = {v["name"]: v for v in spec["volumes"]}["aml-auth-proxy-secrets"]["secret"]
+    assert volume["secretName"] == "aml-credentials"
+    assert volume["defaultMode"] == 0o440
+    assert {i["path"] for i in volume["items"]} >= {"mlserver/username", "mlserver/password"}
+    assert spec["securityContext"]["fsGroup"] == 10001  # the non-root proxy reads the 0440 files through it
+    mounts = {m["name"]: m for m in proxy_container(spec)["volumeMounts"]}
+    assert mounts["aml-auth-proxy-secrets"]["readOnly"] is True
+
+
+def test_no_secret_volume_without_a_secret() -> None:
+    spec = pod_spec(render_ci("token-auth-values.yaml"))
+    assert "aml-auth-proxy-secrets" not in {v["name"] for v in spec["volumes"]}
+    assert "aml-auth-proxy-secrets" not in {m["name"] for m in proxy_container(spec)["volumeMounts"]}
+
+
+def checksum(objs: list[Obj] | tuple[Obj, ...]) -> str:
+    value: str = one(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    return value
+
+
+def test_checksum_config_changes_when_the_config_changes_and_only_then() -> None:
+    base = checksum(render_ok(BASE))
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    assert checksum(render_ok(deep_merge(BASE, {"config": {"log_level": "debug"}}))) != base
+    routes = copy.deepcopy(BASE["config"]["routes"])
+    routes[0]["region"] = "westeurope"
+    assert checksum(render_ok(deep_merge(BASE, {"config": {"routes": routes}}))) != base
+    assert checksum(render_ok(deep_merge(BASE, {"standalone": {"replicas": 3}}))) == base
+    assert checksum(render_ok(deep_merge(BASE, {"app": {"image": "registry.example.com/other:2"}}))) == base
+
+
+def test_config_map_holds_the_config_values_and_routes_as_they_are() -> None:
+    objs = render_ci("token-auth-values.yaml")
+    config = yaml.safe_load(proxy_config(objs))
+    values = yaml.safe_load((CI_DIR / "token-auth-values.yaml").read_text())
+    assert config["routes"] == values["config"]["routes"]
+    assert config["listen"] == {"host": "127.0.0.1", "port": 8080}
+    assert config["shutdown_grace_seconds"] == 20
+    assert config["log_level"] == "info"
+    big = deep_merge(BASE, {"config": {"routes": [{**BASE["config"]["routes"][0], "retry_buffer_bytes": 10485760}]}})
+    assert "retry_buffer_bytes: 10485760" in proxy_config(render_ok(big))  # never 1.048576e+07
+
+
+# --- service account and workload identity ---------------------------------------------------------------------
+
+
+def test_service_account_token_is_not_mounted_by_default() -> None:
+    objs = render_ci("default-values.yaml")
+    sa = one(objs, "ServiceAccount", FULLNAME)
+    assert sa["automountServiceAccountToken"] is False
+    assert pod_spec(objs)["serviceAccountName"] == FULLNAME
+    assert pod_spec(objs)["automountServiceAccountToken"] is False
+    assert "azure.workload.identity/use" not in one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    opted_in = render_ok(deep_merge(BASE, {"serviceAccount": {"automountToken": True}}))
+    assert pod_spec(opted_in)["automountServiceAccountToken"] is True
+
+
+def test_workload_identity_annotates_the_service_account_and_labels_the_pod() -> None:
+    objs = render_ci("workload-identity-values.yaml")
+    sa = one(objs, "ServiceAccount", FULLNAME)
+    assert sa["metadata"]["annotations"] == {
+        "azure.workload.identity/client-id": "0b4a3c2d-1e5f-4a6b-8c7d-9e0f1a2b3c4d",
+        "azure.workload.identity/tenant-id": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "example.com/owner": "scoring-team",
+    }
+    assert sa["automountServiceAccountToken"] is False  # the webhook projects its own token
+    template = one(objs, "Deployment")["spec"]["template"]
+    assert template["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert template["spec"]["automountServiceAccountToken"] is False
+
+
+def test_existing_service_account_is_used_by_name() -> None:
+    objs = render_ok(deep_merge(BASE, {"serviceAccount": {"create": False, "name": "scoring-sa"}}))
+    assert not find(objs, "ServiceAccount")
+    assert pod_spec(objs)["serviceAccountName"] == "scoring-sa"
+
+
+# --- network policy, PDB, services and monitors ----------------------------------------------------------------
+
+
+def pod_labels(objs: tuple[Obj, ...] | list[Obj]) -> dict[str, str]:
+    labels: dict[str, str] = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_network_policy_admits_only_configured_peers_to_the_admin_port_and_limits_egress() -> None:
+    objs = render_ci("networkpolicy-values.yaml")
+    policy = one(objs, "NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], pod_labels(objs))
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    admin_rule, app_rule = policy["ingress"]
+    assert admin_rule["ports"] == [{"port": ADMIN_PORT, "protocol": "TCP"}]
+    assert admin_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert app_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert app_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "frontend"}
+    egress_ports = [(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]]
+    assert egress_ports == [(53, "UDP"), (53, "TCP"), (443, "TCP"), (80, "TCP")]
+    assert policy["egress"][2]["to"] == [{"ipBlock": {"cidr": "169.254.169.254/32"}}]
+
+
+def test_network_policy_without_admin_peers_has_no_open_admin_rule() -> None:
+    values = deep_merge(BASE, {"networkPolicy": {"enabled": True, "ingress": {"adminFrom": []}}})
+    policy = one(render_ok(values), "NetworkPolicy")["spec"]
+    # An ingress rule with no `from` admits everyone: the admin port must not get one.
+    assert all(rule["ports"] != [{"port": ADMIN_PORT, "protocol": "TCP"}] for rule in policy["ingress"])
+    sidecar_only = deep_merge(values, {"standalone": {"enabled": False}})
+    assert one(render_ok(sidecar_only), "NetworkPolicy")["spec"]["ingress"] == []
+
+
+def test_pod_disruption_budget_selects_the_deployment_pods() -> None:
+    objs = render_ci("pdb-values.yaml")
+    pdb = one(objs, "PodDisruptionBudget")["spec"]
+    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    deployment = one(objs, "Deployment")
+    assert pdb["selector"] == deployment["spec"]["selector"]
+    assert deployment["spec"]["replicas"] == 3
+    percent = render_ok(deep_merge(BASE, {"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}}))
+    assert one(percent, "PodDisruptionBudget")["spec"] == {
+        "selector": deployment["spec"]["selector"],
+        "minAvailable": "50%",
+    }
+
+
+def test_app_service_exposes_the_app_ports_and_selects_the_pods() -> None:
+    objs = render_ci("default-values.yaml")
+    service = one(objs, "Service", FULLNAME)["spec"]
+    assert service["ports"] == [{"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    assert selects(service["selector"], pod_labels(objs))
+
+
+def test_service_monitor_scrapes_the_admin_port_through_the_metrics_service() -> None:
+    objs = render_ci("servicemonitor-values.yaml")
+    monitor = one(objs, "ServiceMonitor", FULLNAME)
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "admin", "path": "/metrics", "scheme": "http", "interval": "15s", "scrapeTimeout": "5s"}
+    services = [
+        s for s in find(objs, "Service") if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert [s["metadata"]["name"] for s in services] == [f"{FULLNAME}-metrics"]
+    service = services[0]["spec"]
+    assert service["ports"] == [{"name": "admin", "port": ADMIN_PORT, "targetPort": "proxy-admin", "protocol": "TCP"}]
+    assert selects(service["selector"], pod_labels(objs))
+    assert not find(objs, "PodMonitor")
+
+
+def test_pod_monitor_scrapes_the_proxy_container_port() -> None:
+    objs = render_ci("podmonitor-values.yaml")
+    monitor = one(objs, "PodMonitor", FULLNAME)
+    assert selects(monitor["spec"]["selector"]["matchLabels"], pod_labels(objs))
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    port_names = [p["name"] for p in proxy_container(pod_spec(objs))["ports"]]
+    assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+    assert not find(objs, "ServiceMonitor")
+    assert not find(objs, "Service", f"{FULLNAME}-metrics")
+
+
+def test_monitors_are_off_by_default() -> None:
+    kinds = {o["kind"] for o in render_ci("default-values.yaml")}
+    assert not kinds & CRD_KINDS
+    assert kinds == {"ServiceAccount", "ConfigMap", "Service", "Deployment", "Pod"}
+
+
+def test_monitoring_values_render_with_the_monitoring_blocks_enabled() -> None:
+    values = yaml.safe_load((CI_DIR / "monitoring-values.yaml").read_text())
+    assert values["prometheusRule"]["enabled"] is True and values["grafanaDashboard"]["enabled"] is True
+    objs = render_ci("monitoring-values.yaml")
+    assert one(objs, "ServiceMonitor", FULLNAME)
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]["thresholds"] == {
+        "refreshFailingFor": "5m",
+        "expiringSoonSeconds": 600,
+        "notReadyFor": "2m",
+        "upstream5xxRatio": 0.05,
+        "upstream401PerSecond": 1,
+        "refreshLatencyP95Seconds": 2,
+    }
+
+
+def test_sidecar_only_mode_renders_no_deployment_but_the_proxys_objects() -> None:
+    objs = render_ci("sidecar-only-values.yaml")
+    assert {(o["kind"], o["metadata"]["name"]) for o in objs} == {
+        ("ServiceAccount", FULLNAME),
+        ("ConfigMap", f"{FULLNAME}-config"),
+        ("Service", f"{FULLNAME}-metrics"),
+        ("Pod", f"{FULLNAME}-test-readyz"),
+    }
+
+
+# --- the named template from a parent chart --------------------------------------------------------------------
+
+
+def readme_parent_template() -> str:
+    """The parent chart's Deployment exactly as the chart README shows it."""
+    readme = (CHART / "README.md").read_text()
+    found = re.search(r"```yaml\n(# templates/deployment.yaml of your chart\n.*?)```", readme, re.DOTALL)
+    assert found, "the chart README lost its parent-chart example"
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def parent_chart() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="aml-auth-proxy-parent-") as tmp:
+        parent = Path(tmp) / "scoring-client"
+        (parent / "templates").mkdir(parents=True)
+        (parent / "Chart.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v2",
+                    "name": "scoring-client",
+                    "version": "1.0.0",
+                    "dependencies": [{"name": "aml-auth-proxy", "version": "0.1.0", "repository": f"file://{CHART}"}],
+                }
+            )
+        )
+        (parent / "values.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "aml-auth-proxy": {
+                        "standalone": {"enabled": False},
+                        "workloadIdentity": {"enabled": True, "clientId": "0b4a3c2d-1e5f-4a6b-8c7d-9e0f1a2b3c4d"},
+                        "config": BASE["config"],
+                        "secrets": BASE["secrets"],
+                    }
+                }
+            )
+        )
+        (parent / "templates" / "deployment.yaml").write_text(readme_parent_template())
+        result = helm("dependency", "update", str(parent))
+        assert result.returncode == 0, result.stderr
+        yield parent
+
+
+@pytest.mark.parametrize(("kube_version", "native"), [("1.30.0", True), ("1.27.0", False)])
+def test_sidecar_template_renders_a_container_in_a_parent_chart(
+    parent_chart: Path, kube_version: str, native: bool
+) -> None:
+    result = helm("template", "rel", str(parent_chart), "--namespace", NAMESPACE, "--kube-version", kube_version)
+    assert result.returncode == 0, result.stderr
+    objs = parse_manifests(result.stdout)
+    for obj in objs:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    deployment = one(objs, "Deployment", "rel-scoring-client")
+    template = deployment["spec"]["template"]
+    spec = template["spec"]
+    if native:
+        (proxy,) = spec["initContainers"]
+        assert proxy["restartPolicy"] == "Always"
+        assert [c["name"] for c in spec["containers"]] == ["app"]
+    else:
+        assert "initContainers" not in spec
+        proxy = spec["containers"][0]
+        assert proxy["lifecycle"]["preStop"]["exec"]["command"][:2] == ["/bin/sh", "-c"]
+        assert [c["name"] for c in spec["containers"]] == ["aml-auth-proxy", "app"]
+    assert proxy["name"] == "aml-auth-proxy"
+    assert proxy["image"] == "ghcr.io/aml-auth-proxy/aml-auth-proxy:0.1.0"
+    assert proxy["args"] == ["run", "--config", PROXY_CONFIG_PATH]
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    # The volumes point at the objects the subchart renders, named for the subchart, not the parent.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config_map = one(objs, "ConfigMap", volumes["aml-auth-proxy-config"]["configMap"]["name"])
+    assert config_map["metadata"]["name"] == "rel-aml-auth-proxy-config"
+    assert volumes["aml-auth-proxy-secrets"]["secret"]["secretName"] == "scoring-endpoint-keys"
+    assert {m["name"] for m in proxy["volumeMounts"]} <= set(volumes)
+    assert template["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert template["metadata"]["labels"]["aml-auth-proxy/instance"] == "rel-aml-auth-proxy"
+    assert re.fullmatch(r"[0-9a-f]{64}", template["metadata"]["annotations"]["checksum/config"])
+    assert spec["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"] == "rel-aml-auth-proxy"
+    metrics = one(objs, "Service", "rel-aml-auth-proxy-metrics")
+    assert selects(metrics["spec"]["selector"], template["metadata"]["labels"])
