@@ -9,12 +9,14 @@ template `aml-auth-proxy.sidecar` is rendered from a parent chart that depends o
 
 from __future__ import annotations
 
+import atexit
 import base64
 import copy
 import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,7 @@ ADMIN_PORT = 9090
 PROXY_CONFIG_PATH = "/etc/aml-auth-proxy/config.yaml"
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 HELM_HOME = Path(tempfile.mkdtemp(prefix="aml-auth-proxy-helm-home-"))
+atexit.register(shutil.rmtree, HELM_HOME, ignore_errors=True)
 
 Obj = dict[str, Any]
 
