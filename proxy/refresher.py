@@ -53,10 +53,11 @@ class RefreshError(Exception):
 
     outcome = TRANSIENT
 
-    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, *, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.status = status  # the HTTP status that caused it, when there was one
 
 
 class TransientError(RefreshError):

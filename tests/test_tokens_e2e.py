@@ -421,3 +421,24 @@ async def _load(svc: Any, *, seconds: float) -> list[int]:
                 statuses.append(resp.status)
             await asyncio.sleep(0.01)
     return statuses
+
+
+async def test_a_control_plane_401_gets_a_fresh_identity_token_instead_of_a_permanent_failure(
+    emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    auth = control_plane(
+        emu,
+        type="aml-endpoint-token",
+        endpoint="ep2",
+        arm_url=emu.control_url,
+        identity=client_secret_identity(emu, tmp_path),
+        refresh={"min_interval_seconds": 0.05},
+    )
+    svc = await make_proxy(route(emu, "r401", emu.service_urls["ep2"], auth))
+    entra_before = emu.state.entra_token_calls[CLIENT]
+    # The control plane's clock passes the ARM token's expiry while azure-identity's cache still trusts it.
+    emu.state.set_clock_offset(3600)
+    status, body = await admin(svc, "POST", "/refresh?route=r401")
+    assert status == 200 and body["last_refresh"] == "success", body
+    assert emu.state.entra_token_calls[CLIENT] == entra_before + 1
+    assert (await score(svc))[0] == 200

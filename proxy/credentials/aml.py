@@ -17,9 +17,9 @@ from proxy.config import (
     V2_SCOPE,
     Auth,
 )
-from proxy.credentials.http import CredentialHttp, epoch, jwt_times, require
+from proxy.credentials.http import CredentialHttp, JsonAnswer, epoch, jwt_times, require
 from proxy.credentials.identity import AzureIdentity
-from proxy.refresher import Token, TransientError, skew_corrected
+from proxy.refresher import PermanentError, Token, TransientError, skew_corrected
 
 _PROVIDER = "providers/Microsoft.MachineLearningServices"
 
@@ -80,6 +80,18 @@ class _ControlPlaneSource:
         info = await self.identity.token(self.scope)
         return {"Authorization": f"Bearer {info.token}"}
 
+    async def _call(self, url: str) -> JsonAnswer:
+        """POST with the identity's ARM token. A 401 means the control plane no longer accepts that token (it
+        expired by the server's clock, or was revoked) although azure-identity's cache still holds it: acquire a
+        new one and try once more before calling it a permanent failure."""
+        try:
+            return await self.http.request("POST", url, headers=await self._bearer())
+        except PermanentError as exc:
+            if exc.status != 401:
+                raise
+        await self.identity.reset()
+        return await self.http.request("POST", url, headers=await self._bearer())
+
     async def revoke(self, token: Token) -> None:
         return None  # AML tokens and keys cannot be revoked by their holder
 
@@ -98,7 +110,7 @@ class AmlServiceTokenSource(_ControlPlaneSource):
         self.url = v1_service_url(auth, "token")
 
     async def fetch(self, previous: Token | None) -> Token:
-        answer = await self.http.request("POST", self.url, headers=await self._bearer())
+        answer = await self._call(self.url)
         body = answer.body
         require(body, "AML v1 token endpoint", "accessToken", "expiryOn")
         refresh = body.get("refreshAfter")
@@ -120,7 +132,7 @@ class AmlEndpointTokenSource(_ControlPlaneSource):
         self.url = v2_endpoint_url(auth, "token")
 
     async def fetch(self, previous: Token | None) -> Token:
-        answer = await self.http.request("POST", self.url, headers=await self._bearer())
+        answer = await self._call(self.url)
         body = answer.body
         what = "AML v2 token endpoint"
         require(body, what, "accessToken", "expiryTimeUtc")
@@ -144,7 +156,7 @@ class AmlKeysSource(_ControlPlaneSource):
         self.url = v1_service_url(auth, "listkeys") if v1 else v2_endpoint_url(auth, "listKeys")
 
     async def fetch(self, previous: Token | None) -> Token:
-        answer = await self.http.request("POST", self.url, headers=await self._bearer())
+        answer = await self._call(self.url)
         body = answer.body
         require(body, "AML listKeys", "primaryKey")
         primary = str(body["primaryKey"]).strip()

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import jwt
 
-from proxy.refresher import PermanentError, RefreshError, TransientError
+from proxy.refresher import PermanentError, TransientError
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
 
@@ -111,10 +111,9 @@ class CredentialHttp:
         except aiohttp.ClientError as exc:
             raise TransientError(f"{self._what}: {type(exc).__name__}") from exc
         if status >= 500 or status in _TRANSIENT_STATUS:
-            raise TransientError(f"{self._what}: HTTP {status}", retry_after=retry_after)
+            raise TransientError(f"{self._what}: HTTP {status}", retry_after=retry_after, status=status)
         if not 200 <= status < 300:
-            error: RefreshError = PermanentError(f"{self._what}: HTTP {status}{_error_code(raw)}")
-            raise error
+            raise PermanentError(f"{self._what}: HTTP {status}{_error_code(raw)}", status=status)
         if not expect_json:
             return JsonAnswer(status=status, body={}, server_now=now)
         try:

@@ -93,6 +93,11 @@ class AzureIdentity:
             self._metrics.entra_duration.labels(self.kind).observe(time.perf_counter() - started)
         return info
 
+    async def reset(self) -> None:
+        """Drop azure-identity's cached tokens: the next call acquires a new one (after a control plane's 401)."""
+        await self.close()
+        self._last.clear()
+
     async def close(self) -> None:
         if self._credential is not None:
             await self._credential.close()
