@@ -41,7 +41,7 @@ lint: $(BIN)/.installed
 test: install lint
 	AZMLINFSRV=$(AZMLINFSRV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/pytest -q -p no:cacheprovider
 
-demo: install
+demo: $(BIN)/.installed $(AMLVENV)/.installed
 	$(BIN)/aml-auth-proxy demo --azmlinfsrv $(AZMLINFSRV)
 
 clean:
