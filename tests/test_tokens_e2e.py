@@ -93,6 +93,21 @@ def route(emu: RunningEmulator, name: str, upstream: str, auth: dict[str, Any], 
     return {"name": name, "upstream": upstream, "tls": {"ca_file": emu.ca_file}, "auth": auth, **extra}
 
 
+async def ep2_proxy(
+    emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path, name: str, *, refresh: dict[str, Any], **extra: Any
+) -> Any:
+    """A proxy with one aml-endpoint-token route to the v2 endpoint ep2, with a client-secret identity."""
+    auth = control_plane(
+        emu,
+        type="aml-endpoint-token",
+        endpoint="ep2",
+        arm_url=emu.control_url,
+        identity=client_secret_identity(emu, tmp_path),
+        refresh=refresh,
+    )
+    return await make_proxy(route(emu, name, emu.service_urls["ep2"], auth, **extra))
+
+
 def control_plane(emu: RunningEmulator, **auth: Any) -> dict[str, Any]:
     return {"subscription_id": SUB, "resource_group": "rg", "workspace": "ws", "ca_file": emu.ca_file, **auth}
 
@@ -331,23 +346,8 @@ async def test_server_clock_skew_neither_breaks_nor_hot_loops_refreshes(
 ) -> None:
     emu.state.set_clock_offset(offset)
     _short_tokens(emu, "ep2", lifetime=4, refresh_after=2)
-    auth = control_plane(
-        emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-        refresh=FAST,
-    )
-    svc = await make_proxy(route(emu, "skew", emu.service_urls["ep2"], auth))
-    statuses = []
-    deadline = time.monotonic() + 5
-    async with aiohttp.ClientSession() as client:
-        while time.monotonic() < deadline:
-            async with client.post(f"http://127.0.0.1:{svc.proxy_port}/score", json={"data": [1]}) as resp:
-                await resp.read()
-                statuses.append(resp.status)
-            await asyncio.sleep(0.01)
+    svc = await ep2_proxy(emu, make_proxy, tmp_path, "skew", refresh=FAST)
+    statuses = await _load(svc, seconds=5)
     calls = emu.state.token_calls["ep2"]
     assert set(statuses) == {200}
     # Refresh-after 2 s, read through a whole-second Date header on the conservative side: about one refresh a
@@ -359,15 +359,7 @@ async def test_outage_shorter_than_the_lifetime_fails_no_request_and_recovers(
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     _short_tokens(emu, "ep2", lifetime=6, refresh_after=1)
-    auth = control_plane(
-        emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-        refresh=FAST,
-    )
-    svc = await make_proxy(route(emu, "o", emu.service_urls["ep2"], auth, region="westeurope"))
+    svc = await ep2_proxy(emu, make_proxy, tmp_path, "o", refresh=FAST, region="westeurope")
     emu.state.add_fault(target="token", action="status", status=503, region="westeurope")
     statuses = await _load(svc, seconds=3.5)
     failures = svc.metrics.registry.get_sample_value(
@@ -385,15 +377,7 @@ async def test_outage_past_expiry_answers_503_never_sends_an_expired_token_and_r
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     _short_tokens(emu, "ep2", lifetime=2, refresh_after=1)
-    auth = control_plane(
-        emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-        refresh=FAST,
-    )
-    svc = await make_proxy(route(emu, "x", emu.service_urls["ep2"], auth))
+    svc = await ep2_proxy(emu, make_proxy, tmp_path, "x", refresh=FAST)
     emu.state.add_fault(target="token", action="status", status=500)
     statuses = await _load(svc, seconds=4)
     assert 503 in statuses and 401 not in statuses and set(statuses) <= {200, 503}
@@ -426,15 +410,7 @@ async def _load(svc: Any, *, seconds: float) -> list[int]:
 async def test_a_control_plane_401_gets_a_fresh_identity_token_instead_of_a_permanent_failure(
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
-    auth = control_plane(
-        emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-        refresh={"min_interval_seconds": 0.05},
-    )
-    svc = await make_proxy(route(emu, "r401", emu.service_urls["ep2"], auth))
+    svc = await ep2_proxy(emu, make_proxy, tmp_path, "r401", refresh={"min_interval_seconds": 0.05})
     entra_before = emu.state.entra_token_calls[CLIENT]
     # The control plane's clock passes the ARM token's expiry while azure-identity's cache still trusts it.
     emu.state.set_clock_offset(3600)
