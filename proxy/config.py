@@ -29,7 +29,6 @@ AAD = "aad"
 MLSERVER = "mlserver"
 JWT_FILE = "jwt-file"
 AUTH_TYPES = (KEY_FILE, AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD, MLSERVER, JWT_FILE)
-KEY_TYPES = (KEY_FILE, AML_KEYS)
 TOKEN_TYPES = (AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD, MLSERVER, JWT_FILE)
 REFRESHED_TYPES = (*TOKEN_TYPES, AML_KEYS)
 CONTROL_PLANE_TYPES = (AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN)
@@ -146,10 +145,6 @@ class Auth:
     token_file: str | None = None
     identity: Identity | None = None
     refresh: RefreshPolicy | None = None
-
-    @property
-    def is_token(self) -> bool:
-        return self.type in TOKEN_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)

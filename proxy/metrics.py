@@ -18,7 +18,6 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "protocol")
 RELOAD_OUTCOMES = ("success", "unchanged", "error")
 REFRESH_OUTCOMES = ("success", "transient_error", "permanent_error")
-ENTRA_OUTCOMES = ("acquired", "cached", "error")
 # Token calls go to the workspace's region: 5 ms (same region) to 10 s (a struggling one) must resolve.
 REFRESH_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 REMAINING_BUCKETS = (0.5, 1, 2, 5, 15, 60, 300, 900, 1800, 3600, 7200, 21600, 43200, 86400)
