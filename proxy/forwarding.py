@@ -219,7 +219,7 @@ class ProxyHandler:
             return self._reject(
                 400, "invalid x-ms-client-request-id or x-request-id header", "request_id", route=None, rid=None
             )
-        if _has_dot_segment(path):
+        if ("." in path or "%" in path) and _has_dot_segment(path):
             return self._reject(400, "dot segments are not allowed in the path", "dot_segment", route=None, rid=rid)
         rt = self.router.match(path)
         if rt is None:
