@@ -11,7 +11,7 @@ COPY proxy/ proxy/
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/aml-auth-proxy \
  && /opt/aml-auth-proxy/bin/pip install --no-cache-dir /wheels/aml_auth_proxy-*.whl \
- && /opt/aml-auth-proxy/bin/pip uninstall --yes pip \
+ && /opt/aml-auth-proxy/bin/pip uninstall --yes pip setuptools \
  && /opt/aml-auth-proxy/bin/python -m compileall -q /opt/aml-auth-proxy/lib
 
 FROM ${PYTHON_IMAGE}
