@@ -35,7 +35,7 @@ from proxy.credentials.identity import AzureIdentity
 from proxy.credentials.jwt_file import JwtFileSource
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
-from proxy.forwarding import ProxyHandler, Router, RouteRuntime
+from proxy.forwarding import ProxyHandler, ProxyServer, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
 from proxy.logs import event
 from proxy.metrics import Metrics, RouteMetrics
@@ -134,7 +134,7 @@ class ProxyService:
             task = asyncio.create_task(rt.provider.run(), name=f"credentials:{rt.name}")
             task.add_done_callback(functools.partial(_guard, route=rt.name))
             self._tasks.append(task)
-        server = web.Server(self.handler, handler_cancellation=False, access_log=None, max_field_size=MAX_FIELD_SIZE)
+        server = ProxyServer(self.handler, handler_cancellation=False, access_log=None, max_field_size=MAX_FIELD_SIZE)
         self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace_seconds)
         await self._proxy_runner.setup()
         await web.TCPSite(self._proxy_runner, s.listen.host, s.listen.port, backlog=1024).start()

@@ -11,8 +11,11 @@ import json
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -386,3 +389,47 @@ class ProxyHandler:
         event(log, logging.DEBUG, "client_disconnected", route=rt.name, request_id=rid, during=during)
         # 499 (client closed request) is only recorded; nothing reaches the caller.
         return web.Response(status=499), 499, 0, 0.0
+
+
+class _ProxyRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler with the proxy's answer to unparsable requests.
+
+    aiohttp's HTTP parser refuses request smuggling and malformed messages (Content-Length with
+    Transfer-Encoding, duplicate Content-Length, obsolete line folding, bare CR or LF, bad chunk sizes, NUL in a
+    header, oversized headers) before any handler runs. Its default answer is plain text and an error-level log
+    line with a traceback; the proxy answers with its JSON error and a request id, closes the connection, and
+    logs one line with the parser's reason (never the offending bytes, which may hold a credential).
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer has started; the connection is closed instead")
+        text = str(getattr(exc, "message", "") or HTTPStatus(status).phrase)
+        reason = text.strip().splitlines()[0].rstrip(":").strip()[:120] if text.strip() else "malformed request"
+        rid = uuid.uuid4().hex
+        server = self._manager
+        if isinstance(server, ProxyServer):
+            server.metrics.rejected.labels("bad_http").inc()
+        event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
+        response = json_error(status, f"bad request: {reason}", route=None, rid=rid)
+        response.force_close()
+        return response
+
+
+class ProxyServer(web.Server):
+    """The proxy port's low-level server: one handler, and JSON answers to requests that do not parse."""
+
+    def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.metrics = handler.metrics
+
+    def __call__(self) -> web.RequestHandler:
+        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
