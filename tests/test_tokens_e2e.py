@@ -308,16 +308,8 @@ async def test_jwt_file_expiry_makes_the_route_unready_until_a_newer_token_appea
 async def test_stampede_of_401s_makes_exactly_one_token_call(
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
-    auth = control_plane(
-        emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-        refresh={"min_interval_seconds": 0.2},
-    )
     _short_tokens(emu, "ep2", lifetime=60, refresh_after=30)
-    svc = await make_proxy(route(emu, "s", emu.service_urls["ep2"], auth))
+    svc = await ep2_proxy(emu, make_proxy, tmp_path, "s", refresh={"min_interval_seconds": 0.2})
     assert (await score(svc))[0] == 200
     await asyncio.sleep(0.3)
     before = emu.state.token_calls["ep2"]
