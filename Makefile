@@ -8,7 +8,7 @@ AZMLINFSRV := $(abspath $(AMLVENV))/bin/azmlinfsrv
 # The real AML scoring server lives in its own venv: its pinned Flask/OpenTelemetry stack is not ours.
 AZMLINFSRV_VERSION := 1.5.1
 
-.PHONY: install tools test lint demo clean
+.PHONY: install tools test lint demo bench mutants clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -43,6 +43,14 @@ test: install lint
 
 demo: $(BIN)/.installed $(AMLVENV)/.installed
 	$(BIN)/aml-auth-proxy demo --azmlinfsrv $(AZMLINFSRV)
+
+# Side-by-side load test against nginx (see docs/performance.md). Loopback only, bounded in time.
+bench: install
+	PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.run
+
+# Apply each deliberate weakening listed in tests/**/mutants.py and check that its tests then fail.
+mutants: install
+	AZMLINFSRV=$(AZMLINFSRV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python scripts/mutate.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
