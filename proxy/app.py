@@ -43,8 +43,6 @@ from proxy.refresher import Refresher, TokenSource
 
 log = logging.getLogger("aml_auth_proxy.app")
 
-MAX_FIELD_SIZE = 16384
-
 
 def _guard(task: asyncio.Task[None], *, route: str) -> None:
     """A background task that ends is a bug: say so loudly."""
@@ -112,7 +110,10 @@ class ProxyService:
             provider = build_provider(route, metrics=self.metrics, route_metrics=rm, clock=self.clock)
             self.routes.append(RouteRuntime(config=route, provider=provider, metrics=rm))
         self.handler = ProxyHandler(
-            router=Router(self.routes), metrics=self.metrics, access_log_enabled=settings.access_log
+            router=Router(self.routes),
+            metrics=self.metrics,
+            access_log_enabled=settings.access_log,
+            limits=settings.limits,
         )
         self.admin_app = create_admin_app(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)
         self._tasks: list[asyncio.Task[None]] = []
@@ -134,7 +135,7 @@ class ProxyService:
             task = asyncio.create_task(rt.provider.run(), name=f"credentials:{rt.name}")
             task.add_done_callback(functools.partial(_guard, route=rt.name))
             self._tasks.append(task)
-        server = ProxyServer(self.handler, handler_cancellation=False, access_log=None, max_field_size=MAX_FIELD_SIZE)
+        server = ProxyServer(self.handler, limits=s.limits, handler_cancellation=False, access_log=None)
         self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace_seconds)
         await self._proxy_runner.setup()
         await web.TCPSite(self._proxy_runner, s.listen.host, s.listen.port, backlog=1024).start()

@@ -148,6 +148,17 @@ class Auth:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Bounds on what callers may make the proxy hold (see docs/security.md)."""
+
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_body_bytes: int = 0  # 0: no limit
+    max_connections: int = 1024
+    client_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Route:
     name: str
     region: str
@@ -170,6 +181,7 @@ class Settings:
     shutdown_grace_seconds: float
     log_level: str
     access_log: bool
+    limits: Limits = field(default_factory=lambda: Limits())
     routes: tuple[Route, ...] = field(default_factory=tuple)
 
 
@@ -213,6 +225,38 @@ TOP_LEAVES: tuple[Leaf, ...] = (
     ),
     Leaf("log_level", "enum", "info", "Lowest level logged.", choices=LOG_LEVELS),
     Leaf("access_log", "bool", True, "Write one JSON access line per request."),
+    Leaf(
+        "limits.max_header_bytes",
+        "int",
+        32768,
+        "Largest request line and largest header block a caller may send (414 / 431 beyond).",
+        minimum=1024,
+        maximum=1 << 20,
+    ),
+    Leaf("limits.max_headers", "int", 100, "Most header fields in one request (431 beyond).", minimum=8, maximum=10000),
+    Leaf(
+        "limits.max_body_bytes",
+        "int",
+        0,
+        "Largest request body (413 beyond); 0 means no limit (the upstream enforces its own).",
+        minimum=0,
+    ),
+    Leaf(
+        "limits.max_connections",
+        "int",
+        1024,
+        "Open caller connections at most; a request on a connection beyond it gets 503 and the connection closes.",
+        minimum=1,
+        maximum=1000000,
+    ),
+    Leaf(
+        "limits.client_timeout_seconds",
+        "float",
+        60.0,
+        "A caller connection that is idle, or still sending its request head, this long is closed.",
+        minimum=0.1,
+        maximum=3600,
+    ),
 )
 
 ROUTE_LEAVES: tuple[Leaf, ...] = (
@@ -782,6 +826,13 @@ def parse(raw: Any, environ: Mapping[str, str]) -> Settings:
         shutdown_grace_seconds=top["shutdown_grace_seconds"],
         log_level=top["log_level"],
         access_log=top["access_log"],
+        limits=Limits(
+            max_header_bytes=top["limits.max_header_bytes"],
+            max_headers=top["limits.max_headers"],
+            max_body_bytes=top["limits.max_body_bytes"],
+            max_connections=top["limits.max_connections"],
+            client_timeout_seconds=top["limits.client_timeout_seconds"],
+        ),
         routes=tuple(routes),
     )
 

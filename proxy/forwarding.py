@@ -9,21 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.config import Route
+from proxy.config import Limits, Route
 from proxy.credentials.base import Credential, CredentialProvider
 from proxy.headers import (
     CLIENT_REQUEST_ID,
@@ -156,7 +156,11 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
     return 502, "protocol", "upstream sent an invalid response"
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes | AsyncIterator[bytes] | None:
+class _BodyTooLarge(Exception):
+    """A body without Content-Length grew past limits.max_body_bytes."""
+
+
+async def _read_body(request: web.BaseRequest, limit: int, max_body: int) -> bytes | _BodyStream | None:
     """The request body to send: bytes when it fits the retry buffer (so a retry can resend it), else a stream."""
     if not request.body_exists:
         return None
@@ -175,34 +179,65 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes | AsyncItera
             if not chunk:
                 return bytes(buf)
             buf += chunk
+            if max_body and len(buf) > max_body:
+                raise _BodyTooLarge
         prefix = bytes(buf)
-    return _stream_body(prefix, content)
+    return _BodyStream(prefix, content, max_body)
 
 
-async def _stream_body(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    if prefix:
-        yield prefix
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            return
-        yield chunk
+class _BodyStream:
+    """A request body passed on as it arrives; one without Content-Length is cut off past `max_body`."""
+
+    def __init__(self, prefix: bytes, content: aiohttp.StreamReader, max_body: int) -> None:
+        self._prefix = prefix
+        self._content = content
+        self._max_body = max_body
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = len(self._prefix)
+        if self._prefix:
+            yield self._prefix
+        while True:
+            chunk = await self._content.readany()
+            if not chunk:
+                return
+            total += len(chunk)
+            if self._max_body and total > self._max_body:
+                self.too_large = True
+                raise _BodyTooLarge
+            yield chunk
 
 
 class ProxyHandler:
     """The single handler of the proxy port."""
 
-    def __init__(self, *, router: Router, metrics: Metrics, access_log_enabled: bool) -> None:
+    def __init__(
+        self, *, router: Router, metrics: Metrics, access_log_enabled: bool, limits: Limits | None = None
+    ) -> None:
         self.router = router
         self.metrics = metrics
         self.access_log_enabled = access_log_enabled
+        self.limits = limits or Limits()
         self.in_flight = 0
 
     def _reject(self, status: int, error: str, reason: str, *, route: str | None, rid: str | None) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
-        return json_error(status, error, route=route, rid=rid)
+        return json_error(status, error, route=route, rid=rid or uuid.uuid4().hex)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        limits = self.limits
+        if getattr(request.protocol, "over_limit", False):
+            refused = self._reject(503, "too many open connections to the proxy", "connections", route=None, rid=None)
+            refused.headers["Retry-After"] = "1"
+            refused.force_close()
+            return refused
+        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > limits.max_header_bytes:
+            return self._reject(431, "request header block too large", "too_large", route=None, rid=None)
+        if limits.max_body_bytes and (request.content_length or 0) > limits.max_body_bytes:
+            refused = self._reject(413, "request body too large", "too_large", route=None, rid=None)
+            refused.force_close()  # do not read a body that will not be forwarded
+            return refused
         raw = request.raw_path
         if request.method == "CONNECT":
             return self._reject(
@@ -271,9 +306,11 @@ class ProxyHandler:
             response.headers["Retry-After"] = str(rt.provider.retry_after())
             return response, 503, 0, 0.0
         try:
-            body = await _read_body(request, cfg.retry_buffer_bytes)
+            body = await _read_body(request, cfg.retry_buffer_bytes, self.limits.max_body_bytes)
         except (_ClientGone, ConnectionError, aiohttp.ClientPayloadError):
             return self._client_gone(rt, rid, "request body")
+        except _BodyTooLarge:
+            return self._too_large(rt, rid)
         url = rt.target(path, query)
         headers = upstream_request_headers(
             request.headers,
@@ -293,6 +330,8 @@ class ProxyHandler:
             if upstream.status == 401 and not caller_credential:
                 upstream = await self._after_401(request, rt, upstream, cred, headers, url, body)
         except (_ClientGone, TimeoutError, aiohttp.ClientError) as exc:
+            if isinstance(body, _BodyStream) and body.too_large:
+                return self._too_large(rt, rid)
             if self._caller_gone(request):
                 return self._client_gone(rt, rid, "request body")
             return self._upstream_failed(rt, rid, exc)
@@ -309,7 +348,7 @@ class ProxyHandler:
         sent: Credential,
         headers: CIMultiDict[str],
         url: URL,
-        body: bytes | AsyncIterator[bytes] | None,
+        body: bytes | _BodyStream | None,
     ) -> aiohttp.ClientResponse:
         """Switch to the other credential; resend once when the body was buffered (a stream cannot be resent)."""
         other = await rt.provider.unauthorized(sent)
@@ -357,6 +396,12 @@ class ProxyHandler:
             return response, 502, sent, waited
         return response, upstream.status, sent, waited
 
+    def _too_large(self, rt: RouteRuntime, rid: str) -> _Outcome:
+        """The body grew past the limit while streaming: the upstream request is abandoned, never completed."""
+        response = self._reject(413, "request body too large", "too_large", route=rt.name, rid=rid)
+        response.force_close()
+        return response, 413, 0, 0.0
+
     def _upstream_failed(self, rt: RouteRuntime, rid: str, exc: BaseException) -> _Outcome:
         status, reason = self._count_failure(rt, rid, exc, "upstream_failed")
         return json_error(status, reason, route=rt.name, rid=rid), status, 0, 0.0
@@ -392,6 +437,8 @@ class ProxyHandler:
 
 
 class _ProxyRequestHandler(web.RequestHandler):
+    over_limit = False  # accepted beyond limits.max_connections: its request gets 503 and the connection closes
+
     """aiohttp's connection handler with the proxy's answer to unparsable requests.
 
     aiohttp's HTTP parser refuses request smuggling and malformed messages (Content-Length with
@@ -412,24 +459,72 @@ class _ProxyRequestHandler(web.RequestHandler):
             return super().handle_error(request, status, exc, message)
         if request.writer.output_size > 0:
             raise ConnectionError("the answer has started; the connection is closed instead")
-        text = str(getattr(exc, "message", "") or HTTPStatus(status).phrase)
-        reason = text.strip().splitlines()[0].rstrip(":").strip()[:120] if text.strip() else "malformed request"
+        status, reason = parse_error(exc, status)
         rid = uuid.uuid4().hex
         server = self._manager
         if isinstance(server, ProxyServer):
-            server.metrics.rejected.labels("bad_http").inc()
+            server.metrics.rejected.labels("too_large" if status in (414, 431) else "bad_http").inc()
         event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
         response = json_error(status, f"bad request: {reason}", route=None, rid=rid)
         response.force_close()
         return response
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        if isinstance(server, ProxyServer) and len(server.connections) > server.max_connections:
+            self.over_limit = True
+
+
+_REQUEST_LINE = re.compile(rb"^[A-Z]+ ")
+# Fixed reasons: the parser's own messages quote the offending bytes, which may hold a caller's credential.
+_PARSE_REASONS: tuple[tuple[type[BaseException], str, str], ...] = (
+    (http_exceptions.InvalidHeader, "", "invalid header"),
+    (http_exceptions.BadHttpMethod, "", "invalid method"),
+    (http_exceptions.BadStatusLine, "", "invalid request line"),
+    (http_exceptions.InvalidURLError, "", "invalid request target"),
+    (http_exceptions.TransferEncodingError, "", "invalid chunked body"),
+    (http_exceptions.ContentLengthError, "", "body shorter than its Content-Length"),
+    (http_exceptions.BadHttpMessage, "Duplicate", "duplicate header"),
+    (http_exceptions.BadHttpMessage, "Invalid header", "invalid header"),
+    (http_exceptions.BadHttpMessage, "Bad line ending", "bad line ending, expected CRLF"),
+    (http_exceptions.BadHttpMessage, "Missing 'Host'", "missing Host header"),
+    (http_exceptions.BadHttpMessage, "Request has invalid `Transfer-Encoding`", "invalid Transfer-Encoding"),
+    (http_exceptions.BadHttpMessage, "Data after `Connection: close`", "data after Connection: close"),
+)
+
+
+def parse_error(exc: BaseException | None, status: int) -> tuple[int, str]:
+    """(status, reason) for a request the parser refused; the reason never quotes the request's bytes."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytearray) or (isinstance(line, bytes) and _REQUEST_LINE.match(line)):
+            return 414, "request line too long"  # the C parser reports the target as a bytearray
+        return 431, "header field too large"
+    text = str(getattr(exc, "message", "") or "")
+    if text.startswith("Too many headers"):
+        return 431, "too many header fields"
+    for kind, prefix, reason in _PARSE_REASONS:
+        if isinstance(exc, kind) and text.startswith(prefix):
+            return status, reason
+    return status, "malformed request"
+
 
 class ProxyServer(web.Server):
-    """The proxy port's low-level server: one handler, and JSON answers to requests that do not parse."""
+    """The proxy port's low-level server: one handler, JSON answers to requests that do not parse, and the
+    caller-facing limits (header size and count, idle and slow-head timeout, open connections)."""
 
-    def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, handler: ProxyHandler, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(
+            handler,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            keepalive_timeout=limits.client_timeout_seconds,
+            **kwargs,
+        )
         self.metrics = handler.metrics
+        self.max_connections = limits.max_connections
 
     def __call__(self) -> web.RequestHandler:
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -114,7 +114,11 @@ BROKEN: list[tuple[str, object, list[str]]] = [
         {**GOOD, "admin": {"port": "x"}},
         ["admin.port: 'x' is not allowed; expected a whole number"],
     ),
-    ("unknown top-level key", {**GOOD, "lisen": {}}, ["lisen: unknown key; allowed: access_log, admin, listen"]),
+    (
+        "unknown top-level key",
+        {**GOOD, "lisen": {}},
+        ["lisen: unknown key; allowed: access_log, admin, limits, listen"],
+    ),
     (
         "typo in a nested key",
         _route(timeouts={"conect": 3}),
