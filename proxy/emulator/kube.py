@@ -527,6 +527,11 @@ class RunningKubeApi:
     def port(self) -> int:
         return self._port
 
+    @property
+    def serving(self) -> bool:
+        """False while a restart keeps the port closed."""
+        return self._runner is not None
+
     def token(self, user: str) -> str:
         """The bearer token of `user` (made on first use); rules decide what it may do."""
         return self.store.token(user)
