@@ -428,7 +428,10 @@ async def admin_restart(request: web.Request) -> web.Response:
         return _admin_error(f"down_seconds must be a number from 0 to 60, got {down!r}")
     if not isinstance(compact, bool):
         return _admin_error(f"compact must be true or false, got {compact!r}")
-    await restart(float(down), compact)
+    try:
+        await restart(float(down), compact)
+    except KubeError as exc:
+        return _json({"error": exc.message}, status=exc.code)
     return _json({"restarting": True, "down_seconds": down}, status=202)
 
 
