@@ -46,7 +46,7 @@ demo: $(BIN)/.installed $(AMLVENV)/.installed
 
 # Side-by-side load test against nginx (see docs/performance.md). Loopback only, bounded in time.
 bench: install
-	PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.run
+	scripts/install-bench-tools.sh >/dev/null && PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Apply each deliberate weakening listed in tests/**/mutants.py and check that its tests then fail.
 mutants: install

@@ -1,0 +1,66 @@
+"""`--profile`: sample the proxy with py-spy during a GET load; summarise own time per function and per package."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*)\)$")
+
+
+def py_spy_argv(py_spy: str, pid: int, out: Path, seconds: float, *, native: bool) -> list[str]:
+    argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250"]
+    argv += ["--format", "raw", "--nolineno", "--output", str(out)]
+    return [*argv, "--native"] if native else argv
+
+
+def _short(file: str) -> str:
+    for marker in ("site-packages/", "/lib/python3.", "/work/main/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                file = "stdlib:" + file.split("/", 1)[1]
+            break
+    return file
+
+
+def _package(file: str) -> str:
+    short = _short(file)
+    if short.startswith("stdlib:"):
+        return "stdlib " + short[7:].split("/", 1)[0].removesuffix(".py")
+    if "/" in short:
+        return short.split("/", 1)[0]
+    if short.endswith(".py"):
+        return short.removesuffix(".py")
+    return short or "?"
+
+
+def summarise(collapsed: Path, top: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, float]], int]:
+    """(top functions by own time, own time per package, samples) from py-spy's raw (collapsed stack) output."""
+    own: Counter[str] = Counter()
+    per_package: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        leaf = stack.rsplit(";", 1)[-1]
+        match = _FRAME.match(leaf)
+        func, file = (match.group("func"), match.group("file")) if match else (leaf, "?")
+        own[f"{func} ({_short(file)})"] += count
+        per_package[_package(file)] += count
+        total += count
+    if not total:
+        return [], [], 0
+    shares = [(name, 100.0 * n / total) for name, n in own.most_common(top)]
+    packages = [(name, 100.0 * n / total) for name, n in per_package.most_common(12)]
+    return shares, packages, total
+
+
+def record(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
