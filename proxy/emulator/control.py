@@ -9,6 +9,9 @@ v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerate
                /mfeOperationResults/{id}?api-version=...   (the Location of a regenerateKeys)
 Admin:     /_emulator/faults, /_emulator/latency, /_emulator/clock, /_emulator/calls, /_emulator/services,
            /_emulator/mlserver/revoke-all (no auth: loopback dev tool)
+           POST /_emulator/faults takes {target, action, service, region, status, retry_after, seconds, count};
+           the token-time actions `expired_token` (the token expired `seconds` ago) and `exp_before_expiry` (the
+           JWT's exp is `seconds` from now, earlier than the expiryOn reported) apply to target "token" only.
 
 Both planes take `Authorization: Bearer <t>` where t is one of the configured static control-plane tokens or an
 unexpired Entra stand-in token for Azure Resource Manager (any of the `ARM_AUDIENCES` spellings).
@@ -213,7 +216,13 @@ async def _serve_token(request: web.Request, plane: Plane, service: Service) -> 
     early = await _fault_then_latency(request, plane, service, fault)
     if early is not None:
         return early
-    token = state.issue_aml_token(service.name)
+    action = None if fault is None else fault.action
+    seconds = 0.0 if fault is None else fault.seconds
+    token = state.issue_aml_token(
+        service.name,
+        expired_seconds_ago=seconds if action == "expired_token" else None,
+        jwt_exp_in=seconds if action == "exp_before_expiry" else None,
+    )
     payload: dict[str, Any]
     if plane == "v1":
         payload = {

@@ -3,7 +3,9 @@
 A fault acts in two places: before the handler does its work (`status`, `reset`, `delay`, `invalid_json`) and
 while the response body is written (`stall_after_headers`, `trickle`). The body-time faults keep the real status
 and headers, so a client sees a normal-looking response that arrives slowly. `missing_fields` is played by the
-token handlers themselves (`without_fields`): a 200 whose JSON lacks the token.
+token handlers themselves (`without_fields`): a 200 whose JSON lacks the token. So are `expired_token` and
+`exp_before_expiry` (AML token operation only, see `EmulatorState.issue_aml_token`): a well-formed 200 whose token
+is already expired, or whose JWT exp is earlier than the expiryOn/expiryTimeUtc the answer reports.
 
 Where a fault is taken: at the scoring front end once the service is known and before the credential check (so
 a fault can be played against any client); at the control planes after the token check and the service lookup

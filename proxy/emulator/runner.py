@@ -677,6 +677,7 @@ async def start_emulator(
     ssl_context: ssl.SSLContext | None = None,
     ca_file: str | Path | None = None,
     clock: Callable[[], float] = time.time,
+    entra_ssl_context: ssl.SSLContext | None = None,
 ) -> RunningEmulator:
     """Start everything `config` describes; ports 0 are replaced by the bound ones in the returned URLs.
 
@@ -684,12 +685,16 @@ async def start_emulator(
     (`ca_file`, if given, is passed on as `RunningEmulator.ca_file`). Without it, Entra ID still serves HTTPS
     with a self-made certificate whose CA is `RunningEmulator.ca_file`, and the others plain HTTP. IMDS and the
     echo backend are always plain HTTP (IMDS is, and the echo backend sits behind the front end, like
-    azmlinfsrv). `clock` is the emulator's time source before `clock_offset_seconds`.
+    azmlinfsrv). `clock` is the emulator's time source before `clock_offset_seconds`. `entra_ssl_context`, when
+    given, serves Entra ID with its own certificate instead (e.g. a trusted one while the control plane's is not,
+    or the other way round, to put a TLS fault on one of the two).
     """
     cfg = config if isinstance(config, EmulatorConfig) else parse_config(config)
     emulator = RunningEmulator()
     try:
-        await _start(emulator, cfg, ssl_context=ssl_context, ca_file=ca_file, clock=clock)
+        await _start(
+            emulator, cfg, ssl_context=ssl_context, ca_file=ca_file, clock=clock, entra_ssl_context=entra_ssl_context
+        )
     except BaseException:
         await emulator.close()
         raise
@@ -703,6 +708,7 @@ async def _start(
     ssl_context: ssl.SSLContext | None,
     ca_file: str | Path | None,
     clock: Callable[[], float],
+    entra_ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     if ssl_context is not None:
         entra_context = ssl_context
@@ -766,7 +772,7 @@ async def _start(
     emulator.tenant = cfg.entra.tenant
 
     runner, emulator.entra_url = await _serve_app(
-        create_entra_app(state), host=cfg.host, port=cfg.entra_port, ssl_context=entra_context
+        create_entra_app(state), host=cfg.host, port=cfg.entra_port, ssl_context=entra_ssl_context or entra_context
     )
     emulator._runners.append(runner)
     state.entra_url = emulator.entra_url

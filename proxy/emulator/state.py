@@ -41,7 +41,20 @@ KeyType = Literal["Primary", "Secondary"]
 # control: every control-plane call, token calls included; token: only the AML token operations (both planes);
 # entra: the Entra ID token endpoint and IMDS; mlserver: ML Server login and refresh.
 FaultTarget = Literal["scoring", "control", "token", "entra", "mlserver"]
-FaultAction = Literal["status", "reset", "delay", "stall_after_headers", "trickle", "invalid_json", "missing_fields"]
+# expired_token and exp_before_expiry are only for target "token": the AML token operation answers a well-formed
+# 200 whose token is already `seconds` past its expiry (expiryOn and the JWT's exp alike), or whose JWT exp is
+# `seconds` from now while expiryOn/expiryTimeUtc and refreshAfter say the service's usual lifetime.
+FaultAction = Literal[
+    "status",
+    "reset",
+    "delay",
+    "stall_after_headers",
+    "trickle",
+    "invalid_json",
+    "missing_fields",
+    "expired_token",
+    "exp_before_expiry",
+]
 
 API_KINDS: tuple[str, ...] = get_args(ApiKind)
 AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
@@ -58,6 +71,8 @@ SERVICE_ACCOUNT_ISSUER = "https://oidc.emulator.invalid/aml-auth-proxy/"
 # Faults that replace a token response by a malformed one; only token-issuing targets have such a response.
 MALFORMED_ACTIONS = frozenset({"invalid_json", "missing_fields"})
 TOKEN_FAULT_TARGETS = frozenset({"token", "entra", "mlserver"})
+# Faults that change the times of an issued AML token; only the AML token operation (target "token") plays them.
+TOKEN_TIME_ACTIONS = frozenset({"expired_token", "exp_before_expiry"})
 
 
 def new_key() -> str:
@@ -296,15 +311,29 @@ class EmulatorState:
 
     # -- tokens the emulator issues --------------------------------------------------------------------------
 
-    def issue_aml_token(self, name: str) -> AmlToken:
-        """An AML scoring token for service `name`, valid for the service's token lifetime from now."""
+    def issue_aml_token(
+        self, name: str, *, expired_seconds_ago: float | None = None, jwt_exp_in: float | None = None
+    ) -> AmlToken:
+        """An AML scoring token for service `name`, valid for the service's token lifetime from now.
+
+        For faults: `expired_seconds_ago` issues a token whose expiry (expiryOn and the JWT's exp) and refresh
+        time already passed that long ago; `jwt_exp_in` makes the JWT's exp that many seconds from now while the
+        reported expiry stays the usual one (a token whose exp contradicts expiryOn).
+        """
         service = self.services[name]
         now = int(self.now())
         expiry_on = now + service.token_lifetime_seconds
-        claims = {"aud": service.audience, "iat": now, "nbf": now, "exp": expiry_on, "jti": str(uuid.uuid4())}
+        refresh_after = now + service.refresh_after_seconds
+        iat = now
+        if expired_seconds_ago is not None:
+            expiry_on = now - math.ceil(expired_seconds_ago)
+            refresh_after = expiry_on
+            iat = expiry_on - service.token_lifetime_seconds
+        exp = expiry_on if jwt_exp_in is None else now + math.ceil(jwt_exp_in)
+        claims = {"aud": service.audience, "iat": iat, "nbf": iat, "exp": exp, "jti": str(uuid.uuid4())}
         return AmlToken(
             access_token=self.signing_keys.aml.sign(claims),
-            refresh_after=now + service.refresh_after_seconds,
+            refresh_after=refresh_after,
             expiry_on=expiry_on,
         )
 
@@ -439,6 +468,9 @@ class EmulatorState:
     ) -> Fault:
         """Queue a fault; it applies to the next `count` matching requests (all of them when count is None).
 
+        `seconds` is the delay, stall or trickle interval; for `expired_token` how long ago the issued token
+        expired, for `exp_before_expiry` when (from now) its JWT exp falls.
+
         `service` and `region` narrow it down; a fault with a region never applies to Entra ID or ML Server
         calls, which have none. `retry_after` (seconds) adds a Retry-After header to a `status` fault.
         """
@@ -448,6 +480,10 @@ class EmulatorState:
             raise ValueError(f"action must be one of {FAULT_ACTIONS}, not {action!r}")
         if action in MALFORMED_ACTIONS and target not in TOKEN_FAULT_TARGETS:
             raise ValueError(f"action {action!r} is only for targets {sorted(TOKEN_FAULT_TARGETS)}, not {target!r}")
+        if action in TOKEN_TIME_ACTIONS and target != "token":
+            raise ValueError(f"action {action!r} is only for target 'token', not {target!r}")
+        if action == "exp_before_expiry" and seconds < 1:
+            raise ValueError("seconds (the JWT's exp from now) must be at least 1 for action 'exp_before_expiry'")
         if service is not None and not isinstance(service, str):
             raise ValueError(f"service must be a string or null, not {service!r}")
         if region is not None and (not isinstance(region, str) or not region):
