@@ -1,0 +1,93 @@
+"""Weakenings that the token-endpoint and Entra ID fault tests (test_token_faults.py) must catch.
+
+The `already_expired_token_installed` mutant applies once the refresher rejects an already-expired token (the fix
+proposed with these tests); before that, its tests fail on the unweakened proxy too.
+"""
+
+from __future__ import annotations
+
+from tests.mutation import Mutant
+
+T = "tests/faults/test_token_faults.py::"
+ENDPOINT = T + "test_token_endpoint_fault_is_classified_logged_once_served_through_then_503_and_recovers"
+ENTRA = T + "test_entra_fault_on_arm_token_renewal_is_classified_logged_once_and_served_through"
+TLS = T + "test_tls_errors_are_classified_transient_not_crashes"
+
+MUTANTS = [
+    Mutant(
+        name="token_refresh_failed_logged_on_every_retry",
+        path="proxy/refresher.py",
+        old="            level = logging.DEBUG  # one line per state change, not one per retry",
+        new="            level = level",
+        tests=(ENDPOINT + "[http_500-v2]", ENTRA + "[invalid_json]"),
+    ),
+    Mutant(
+        name="retry_after_ignored",
+        path="proxy/refresher.py",
+        old="            delay = max(delay, min(exc.retry_after, p.backoff_max_seconds))",
+        new="            delay = delay",
+        tests=(T + "test_429_retry_after_delays_the_next_token_call[v2]",),
+    ),
+    Mutant(
+        name="token_dropped_on_first_failed_refresh",
+        path="proxy/refresher.py",
+        old="if token is None or (token.expires_at is not None and self._clock.time() >= token.expires_at):",
+        new="if token is None or self._failures > 0:",
+        tests=(ENDPOINT + "[http_503-v1]", ENTRA + "[missing_fields]"),
+    ),
+    Mutant(
+        name="token_served_past_expiry",
+        path="proxy/refresher.py",
+        old="if token is None or (token.expires_at is not None and self._clock.time() >= token.expires_at):",
+        new="if token is None or (token.expires_at is not None and self._clock.time() >= token.expires_at + 3600):",
+        tests=(
+            ENDPOINT + "[invalid_json-v1]",
+            T + "test_a_jwt_exp_earlier_than_the_reported_expiry_wins_and_is_never_used_past[v2]",
+        ),
+    ),
+    Mutant(
+        name="4xx_classified_transient",
+        path="proxy/credentials/http.py",
+        old='raise PermanentError(f"{self._what}: HTTP {status}{_error_code(raw)}", status=status)',
+        new='raise TransientError(f"{self._what}: HTTP {status}{_error_code(raw)}", status=status)',
+        tests=(ENDPOINT + "[http_403-v2]",),
+    ),
+    Mutant(
+        name="reported_expiry_trusted_over_jwt_exp",
+        path="proxy/credentials/aml.py",
+        old="expires_at = min(expires_at, jwt_expires)",
+        new="expires_at = max(expires_at, jwt_expires)",
+        tests=(T + "test_a_jwt_exp_earlier_than_the_reported_expiry_wins_and_is_never_used_past[v1]",),
+    ),
+    Mutant(
+        name="already_expired_token_installed",
+        path="proxy/refresher.py",
+        old="        if token.expires_at is not None and token.expires_at <= now:\n",
+        new="        if False:\n",
+        tests=(
+            T + "test_an_already_expired_token_is_a_transient_error_and_the_current_token_keeps_serving[v1]",
+            T + "test_an_already_expired_token_at_startup_leaves_the_route_unready_without_a_hot_loop[v2]",
+        ),
+    ),
+    Mutant(
+        name="tls_error_not_classified",
+        path="proxy/credentials/http.py",
+        old='raise TransientError(f"{self._what}: TLS certificate not trusted") from exc',
+        new="raise",
+        tests=(TLS + "[untrusted_ca-control_plane]", TLS + "[wrong_hostname-control_plane]"),
+    ),
+    Mutant(
+        name="refresh_timeout_crashes_the_refresher",
+        path="proxy/refresher.py",
+        old='            self._failed(TransientError("timed out"), loop.time() - t0)\n            return',
+        new="            raise",
+        tests=(TLS + "[untrusted_ca-entra]", ENTRA + "[http_500]"),
+    ),
+    Mutant(
+        name="token_endpoint_timeout_not_classified",
+        path="proxy/credentials/http.py",
+        old='raise TransientError(f"{self._what}: timed out") from exc',
+        new="raise",
+        tests=(ENDPOINT + "[timeout-v2]",),
+    ),
+]
