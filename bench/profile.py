@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*)\)$")
@@ -38,16 +38,20 @@ def _package(file: str) -> str:
     return short or "?"
 
 
+def _stacks(collapsed: Path) -> Iterator[tuple[str, int]]:
+    """(stack "a;b;c", samples) per line of py-spy's raw output."""
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack, int(count_text)
+
+
 def summarise(collapsed: Path, top: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, float]], int]:
     """(top functions by own time, own time per package, samples) from py-spy's raw (collapsed stack) output."""
     own: Counter[str] = Counter()
     per_package: Counter[str] = Counter()
     total = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in _stacks(collapsed):
         leaf = stack.rsplit(";", 1)[-1]
         match = _FRAME.match(leaf)
         func, file = (match.group("func"), match.group("file")) if match else (leaf, "?")
@@ -59,6 +63,19 @@ def summarise(collapsed: Path, top: int = 15) -> tuple[list[tuple[str, float]], 
     shares = [(name, 100.0 * n / total) for name, n in own.most_common(top)]
     packages = [(name, 100.0 * n / total) for name, n in per_package.most_common(12)]
     return shares, packages, total
+
+
+def summarise_inclusive(collapsed: Path, marker: str, top: int = 12) -> list[tuple[str, float]]:
+    """Share of samples with each function whose file contains `marker` anywhere on the stack."""
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for stack, count in _stacks(collapsed):
+        total += count
+        for frame in set(stack.split(";")):
+            match = _FRAME.match(frame)
+            if match and marker in match.group("file"):
+                inclusive[f"{match.group('func')} ({_short(match.group('file'))})"] += count
+    return [(name, 100.0 * n / total) for name, n in inclusive.most_common(top)] if total else []
 
 
 def record(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
