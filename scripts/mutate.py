@@ -82,10 +82,10 @@ def run_one(m: Mutant, work: Path) -> tuple[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-k", default="", help="only mutants whose name contains this")
+    ap.add_argument("-k", default="", help="only mutants whose name or mutants file contains this")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = ap.parse_args()
-    mutants = [(src, m) for src, m in load_mutants() if args.k in m.name]
+    mutants = [(src, m) for src, m in load_mutants() if args.k in m.name or args.k in src]
     if args.list:
         for src, m in mutants:
             print(f"{src}: {m.name}  [{m.path}] -> {', '.join(m.tests)}")

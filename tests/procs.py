@@ -26,13 +26,16 @@ class ProxyProcess:
         self.admin_url = ""
 
     @classmethod
-    async def start(cls, config: dict[str, Any], tmp_path: Path, *, name: str = "proxy") -> ProxyProcess:
+    async def start(
+        cls, config: dict[str, Any], tmp_path: Path, *, name: str = "proxy", argv_prefix: tuple[str, ...] = ()
+    ) -> ProxyProcess:
         doc = {"listen": {"host": "127.0.0.1", "port": 0}, "admin": {"host": "127.0.0.1", "port": 0}, **config}
         config_path = tmp_path / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(doc))
         log_path = subprocess_log(name)
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
+                *argv_prefix,
                 CONSOLE_SCRIPT,
                 "run",
                 "--config",

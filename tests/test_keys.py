@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.config import Auth
-from proxy.credentials.keys import KeyFileError, KeyFileProvider, read_key_file
+from proxy.credentials.keys import SETTLE_SECONDS, KeyFileError, KeyFileProvider, read_key_file
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.metrics import Metrics
 from tests.conftest import ProxyFactory, new_key
@@ -78,6 +79,13 @@ def test_missing_and_unreadable_key_files(tmp_path: Path) -> None:
         read_key_file(str(tmp_path))
 
 
+def settle(root: Path) -> None:
+    """Age the current payload past the settle time, as if it had been written a while ago."""
+    past = time.time() - 2 * SETTLE_SECONDS
+    for entry in (root / "..data").iterdir():
+        os.utime(entry, (past, past))
+
+
 async def test_kubelet_symlink_swap_is_picked_up_and_bad_updates_keep_the_last_good_key(tmp_path: Path) -> None:
     root = tmp_path / "secret"
     first, second = new_key("one"), new_key("two")
@@ -90,11 +98,15 @@ async def test_kubelet_symlink_swap_is_picked_up_and_bad_updates_keep_the_last_g
     assert reloads(metrics, "success") == 1 and reloads(metrics, "unchanged") == 0
 
     write_secret_dir(root, {"primary": second + "\n"})
+    assert not provider.reload()  # written just now: maybe half written, so not yet
+    assert provider.current.value == f"Bearer {first}"
+    settle(root)
     assert provider.reload()
     assert provider.current.value == f"Bearer {second}"
     assert os.path.islink(root / "..data")
 
     write_secret_dir(root, {"primary": ""})  # an emptied key: keep the last good one, and say so
+    settle(root)
     assert not provider.reload()
     assert provider.current.value == f"Bearer {second}" and reloads(metrics, "error") == 1
     assert not provider.reload()
@@ -105,6 +117,7 @@ async def test_kubelet_symlink_swap_is_picked_up_and_bad_updates_keep_the_last_g
     assert provider.current.value == f"Bearer {second}"
 
     write_secret_dir(root, {"primary": first})
+    settle(root)
     assert provider.reload() and provider.current.value == f"Bearer {first}"
 
 

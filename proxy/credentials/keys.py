@@ -2,7 +2,10 @@
 
 The files are polled (a `stat` per file per interval; a read only when the stat changes), which also sees
 kubelet's atomic `..data` symlink swap: the key path then resolves to a new inode. A bad or missing file keeps
-the last good value. A 401 switches to the other key; the key that works stays in use.
+the last good value, reported in the log (once per change of state), in `/readyz` and in the reload metrics.
+A changed file replaces a loaded key only once it has been still for SETTLE_SECONDS, so a writer that is not
+atomic (truncate, then write) is never caught halfway. A 401 switches to the other key; the key that works
+stays in use.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
+import time
 from typing import Any
 
 from proxy.config import Auth
@@ -22,7 +27,8 @@ log = logging.getLogger("aml_auth_proxy.credentials.keys")
 
 SLOTS = ("primary", "secondary")
 _MAX_KEY_FILE = 16384
-_Signature = tuple[int, int, int, int]
+SETTLE_SECONDS = 1.0
+_Signature = tuple[int, int, int, int, int, int]  # dev, inode, mtime, size, ctime (a chmod), mode
 
 
 class KeyFileError(Exception):
@@ -32,7 +38,11 @@ class KeyFileError(Exception):
 def read_key_file(path: str) -> str:
     """Read one key: surrounding whitespace (a trailing newline) trimmed, control characters refused."""
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: a FIFO put in the key's place must not block the event loop on open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise KeyFileError("not a regular file")
             data = fh.read(_MAX_KEY_FILE + 1)
     except FileNotFoundError as exc:
         raise KeyFileError("file not found") from exc
@@ -60,7 +70,7 @@ def _signature(path: str) -> _Signature | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_mode)
 
 
 class KeyFileProvider:
@@ -89,7 +99,13 @@ class KeyFileProvider:
         return self.fail_over(sent)
 
     def details(self) -> dict[str, Any]:
-        return {"kind": "key", "active": self._active, "loaded": sorted(self._keys)}
+        out: dict[str, Any] = {"kind": "key", "active": self._active, "loaded": sorted(self._keys)}
+        if self._errors:
+            out["file_errors"] = {slot: f"{why}; {self._kept(slot)}" for slot, why in sorted(self._errors.items())}
+        return out
+
+    def _kept(self, slot: str) -> str:
+        return "keeping the last good key" if slot in self._keys else "no key loaded"
 
     def retry_after(self) -> int:
         return max(1, round(self._auth.reload_seconds))
@@ -134,8 +150,8 @@ class KeyFileProvider:
         changed = False
         for slot, path in self._paths.items():
             sig = _signature(path)
-            if sig is not None and sig == self._sigs.get(slot) and slot in self._keys:
-                continue
+            if slot in self._sigs and sig == self._sigs[slot] and (slot in self._keys or slot in self._errors):
+                continue  # unchanged since the last look (also a file still missing): no read
             try:
                 key = read_key_file(path)
             except KeyFileError as exc:
@@ -143,7 +159,6 @@ class KeyFileProvider:
                 self._metrics.reloads["error"].inc()
                 if self._errors.get(slot) != str(exc):
                     self._errors[slot] = str(exc)
-                    kept = "keeping the last good key" if slot in self._keys else "no key loaded"
                     event(
                         log,
                         logging.ERROR,
@@ -152,9 +167,15 @@ class KeyFileProvider:
                         slot=slot,
                         path=path,
                         reason=str(exc),
-                        action=kept,
+                        action=self._kept(slot),
                     )
                 continue
+            if (
+                self._keys.get(slot, key) != key
+                and sig is not None
+                and 0 <= time.time() - sig[2] / 1e9 < SETTLE_SECONDS
+            ):
+                continue  # a new key written moments ago may be half written: read it again on the next poll
             self._sigs[slot] = sig
             if self._errors.pop(slot, None) is not None:
                 event(log, logging.INFO, "key_file_recovered", route=self._route, slot=slot, path=path)
