@@ -71,7 +71,7 @@ def build_provider(route: Route, *, metrics: Metrics, route_metrics: RouteMetric
             AML_KEYS: AmlKeysSource,
             AAD: AadSource,
         }
-        source = kinds[auth.type](auth=auth, identity=identity)
+        source = kinds[auth.type](auth=auth, identity=identity, clock=clock)
     assert auth.refresh is not None
     return Refresher(
         route=route.name,

@@ -192,6 +192,7 @@ class Refresher:
             "expires_in": expires,
             "refresh_in": round(self._next_at - now, 3),
             "last_refresh": self._last_outcome,
+            "last_error": self._last_reason or None,
             "consecutive_failures": self._failures,
         }
 
@@ -269,6 +270,10 @@ class Refresher:
             return
         elapsed = loop.time() - t0
         now = self._clock.time()
+        if token.expires_at is not None and token.expires_at <= now:
+            # Installing it would throw away a token that may still be good, then refetch at min_interval forever.
+            self._failed(TransientError("the fetched token has already expired"), elapsed)
+            return
         previous = self._token
         if previous is not None and previous.expires_at is not None:
             m.token_remaining_at_refresh.observe(max(0.0, previous.expires_at - now))

@@ -4,9 +4,9 @@ v1/v2 keys, and Entra ID tokens for `aad_token` endpoints. Wire formats: shared/
 
 from __future__ import annotations
 
-import time
 from urllib.parse import quote
 
+from proxy.clock import Clock, SystemClock
 from proxy.config import (
     AAD,
     AML_ENDPOINT_TOKEN,
@@ -53,9 +53,10 @@ def default_scope(auth: Auth) -> str:
     return V1_SCOPE if auth.service else V2_SCOPE
 
 
-def _token_from(access: str, *, expiry: float, refresh_after: float | None, server_now: float | None) -> Token:
+def _token_from(
+    access: str, *, expiry: float, refresh_after: float | None, server_now: float | None, local_now: float
+) -> Token:
     """Move the server's times onto the local clock and trust the earlier of expiry and the JWT's exp."""
-    local_now = time.time()
     iat, exp = jwt_times(access)
     if server_now is None and iat is not None:
         server_now = iat + 1.0  # iat is whole seconds, truncated: take the end of that second
@@ -69,9 +70,10 @@ def _token_from(access: str, *, expiry: float, refresh_after: float | None, serv
 
 
 class _ControlPlaneSource:
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, what: str) -> None:
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, what: str, clock: Clock | None) -> None:
         self.auth = auth
         self.identity = identity
+        self.clock = clock or SystemClock()
         assert auth.refresh is not None
         self.http = CredentialHttp(what=what, ca_file=auth.ca_file, timeout=auth.refresh.timeout_seconds)
         self.scope = default_scope(auth)
@@ -105,8 +107,8 @@ class AmlServiceTokenSource(_ControlPlaneSource):
 
     kind = AML_SERVICE_TOKEN
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
-        super().__init__(auth=auth, identity=identity, what="AML v1 token endpoint")
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
+        super().__init__(auth=auth, identity=identity, what="AML v1 token endpoint", clock=clock)
         self.url = v1_service_url(auth, "token")
 
     async def fetch(self, previous: Token | None) -> Token:
@@ -119,6 +121,7 @@ class AmlServiceTokenSource(_ControlPlaneSource):
             expiry=epoch(body, "AML v1 token endpoint", "expiryOn"),
             refresh_after=None if refresh is None else epoch(body, "AML v1 token endpoint", "refreshAfter"),
             server_now=answer.server_now,
+            local_now=self.clock.time(),
         )
 
 
@@ -127,8 +130,8 @@ class AmlEndpointTokenSource(_ControlPlaneSource):
 
     kind = AML_ENDPOINT_TOKEN
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
-        super().__init__(auth=auth, identity=identity, what="AML v2 token endpoint")
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
+        super().__init__(auth=auth, identity=identity, what="AML v2 token endpoint", clock=clock)
         self.url = v2_endpoint_url(auth, "token")
 
     async def fetch(self, previous: Token | None) -> Token:
@@ -142,6 +145,7 @@ class AmlEndpointTokenSource(_ControlPlaneSource):
             expiry=epoch(body, what, "expiryTimeUtc"),
             refresh_after=None if refresh is None else epoch(body, what, "refreshAfterTimeUtc"),
             server_now=answer.server_now,
+            local_now=self.clock.time(),
         )
 
 
@@ -150,9 +154,9 @@ class AmlKeysSource(_ControlPlaneSource):
 
     kind = AML_KEYS
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
         v1 = auth.service is not None
-        super().__init__(auth=auth, identity=identity, what="AML v1 listkeys" if v1 else "AML v2 listKeys")
+        super().__init__(auth=auth, identity=identity, what="AML v1 listkeys" if v1 else "AML v2 listKeys", clock=clock)
         self.url = v1_service_url(auth, "listkeys") if v1 else v2_endpoint_url(auth, "listKeys")
 
     async def fetch(self, previous: Token | None) -> Token:
@@ -164,7 +168,10 @@ class AmlKeysSource(_ControlPlaneSource):
         if not primary.isprintable() or (secondary is not None and not secondary.isprintable()):
             raise TransientError("AML listKeys: a key contains control characters")
         return Token(
-            value=primary, secondary=secondary, expires_at=None, refresh_at=time.time() + self.auth.refetch_seconds
+            value=primary,
+            secondary=secondary,
+            expires_at=None,
+            refresh_at=self.clock.time() + self.auth.refetch_seconds,
         )
 
 
@@ -173,7 +180,7 @@ class AadSource:
 
     kind = AAD
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity) -> None:
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
         self.identity = identity
         self.scope = default_scope(auth)
 

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import secrets
 import time
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-import proxy.credentials.aml
 from proxy.app import ProxyService
 from proxy.clock import ManualClock
 from proxy.config import parse
@@ -183,8 +181,6 @@ async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy_logs: 
         policy: dict[str, Any] | None = None,
     ) -> Rig:
         clock = ManualClock(start=float(int(time.time())))
-        # The token sources read the local clock to correct server skew; on this rig the local clock is `clock`.
-        monkeypatch.setattr(proxy.credentials.aml, "time", types.SimpleNamespace(time=clock.time))
         secret = "client-secret-" + secrets.token_urlsafe(16)
         remember(secret)
         config = {
