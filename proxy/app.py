@@ -64,7 +64,10 @@ def build_provider(route: Route, *, metrics: Metrics, route_metrics: RouteMetric
         source = JwtFileSource(auth=auth)
     else:
         assert auth.identity is not None
-        identity = AzureIdentity(config=auth.identity, ca_file=auth.ca_file, metrics=metrics)
+        assert auth.refresh is not None
+        identity = AzureIdentity(
+            config=auth.identity, ca_file=auth.ca_file, metrics=metrics, timeout=auth.refresh.timeout_seconds
+        )
         kinds: dict[str, type[AmlServiceTokenSource | AmlEndpointTokenSource | AmlKeysSource | AadSource]] = {
             AML_SERVICE_TOKEN: AmlServiceTokenSource,
             AML_ENDPOINT_TOKEN: AmlEndpointTokenSource,

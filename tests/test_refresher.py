@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -344,3 +345,18 @@ def test_refresh_errors_carry_safe_reasons() -> None:
     exc: RefreshError = TransientError("HTTP 503", retry_after=5)
     assert exc.outcome == "transient_error" and exc.retry_after == 5
     assert PermanentError("x").outcome == "permanent_error"
+
+
+async def test_a_source_that_hangs_is_cut_off_as_a_transient_failure_and_the_refresher_lives_on() -> None:
+    """The refresher's own timeout (3x the per-call timeout) is the backstop for a source with no timeout."""
+    clock = ManualClock(start=1000.0)
+    source = FakeSource(clock)
+    refresher, _metrics = make(clock, source, policy=dataclasses.replace(POLICY, timeout_seconds=0.02))
+    await refresher.start()
+    source.gate = asyncio.Event()  # the next fetch never returns by itself
+    await refresher.refresh_now("operator")
+    assert refresher.details()["last_refresh"] == "transient_error"
+    assert refresher.details()["last_error"] == "timed out"
+    source.gate.set()
+    await refresher.refresh_now("operator")
+    assert refresher.details()["last_refresh"] == "success" and refresher.current is not None

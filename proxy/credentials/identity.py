@@ -7,11 +7,16 @@ at the configured authority and CA, and classifies failures as transient or perm
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import ssl
 import time
 from typing import Any
 
+import aiohttp
 from azure.core.credentials import AccessTokenInfo
-from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import ClientAuthenticationError, DecodeError, ServiceRequestError, ServiceResponseError
 from azure.identity import CredentialUnavailableError
 from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential, WorkloadIdentityCredential
 
@@ -25,17 +30,20 @@ from proxy.refresher import PermanentError, TransientError
 class AzureIdentity:
     """Tokens for the proxy's identity, one credential object per route."""
 
-    def __init__(self, *, config: Identity, ca_file: str | None, metrics: Metrics) -> None:
+    def __init__(self, *, config: Identity, ca_file: str | None, metrics: Metrics, timeout: float = 10.0) -> None:
         self.kind = config.type
         self._config = config
         self._ca_file = ca_file
         self._metrics = metrics
+        self._timeout = timeout
         self._credential: Any = None
         self._last: dict[str, str] = {}
 
     def _build(self) -> Any:
         c = self._config
-        kwargs: dict[str, Any] = {}
+        # No retries inside azure-core: the refresher owns backoff and honours Retry-After, and a fetch must not
+        # sleep through the refresher's timeout.
+        kwargs: dict[str, Any] = {"retry_total": 0}
         if self._ca_file:
             kwargs["connection_verify"] = self._ca_file
         if c.authority_host:
@@ -68,22 +76,23 @@ class AzureIdentity:
             self._credential = self._build()
         started = time.perf_counter()
         try:
-            info: AccessTokenInfo = await self._credential.get_token_info(scope)
+            async with asyncio.timeout(self._timeout):
+                info: AccessTokenInfo = await self._credential.get_token_info(scope)
         except CredentialUnavailableError as exc:
-            self._metrics.entra_requests.labels(self.kind, "error").inc()
+            self._count_error()
             raise PermanentError(f"{self.kind} identity unavailable: {_first_line(exc)}") from exc
         except ClientAuthenticationError as exc:
-            self._metrics.entra_requests.labels(self.kind, "error").inc()
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            reason = f"Entra ID refused the {self.kind} identity: {_first_line(exc)}"
-            if status is not None and (status >= 500 or status == 429):
-                raise TransientError(reason) from exc
-            if status is None and not _looks_like_an_answer(exc):
-                raise TransientError(f"Entra ID unreachable: {_first_line(exc)}") from exc
-            raise PermanentError(reason) from exc
-        except (ServiceRequestError, ServiceResponseError, OSError) as exc:
-            self._metrics.entra_requests.labels(self.kind, "error").inc()
-            raise TransientError(f"Entra ID unreachable: {type(exc).__name__}") from exc
+            self._count_error()
+            raise _classify_refusal(exc, self.kind) from exc
+        except TimeoutError as exc:
+            self._count_error()
+            raise TransientError(f"Entra ID did not answer within {self._timeout:g} s") from exc
+        except (DecodeError, KeyError, ValueError, TypeError) as exc:  # an answer that is not a token response
+            self._count_error()
+            raise TransientError("Entra ID sent a malformed answer") from exc
+        except (ServiceRequestError, ServiceResponseError, OSError, aiohttp.ClientError) as exc:
+            self._count_error()
+            raise TransientError(_transport_reason(exc)) from exc
         REDACTOR.add(info.token)
         if self._last.get(scope) == info.token:
             self._metrics.entra_requests.labels(self.kind, "cached").inc()
@@ -92,6 +101,9 @@ class AzureIdentity:
             self._metrics.entra_requests.labels(self.kind, "acquired").inc()
             self._metrics.entra_duration.labels(self.kind).observe(time.perf_counter() - started)
         return info
+
+    def _count_error(self) -> None:
+        self._metrics.entra_requests.labels(self.kind, "error").inc()
 
     async def reset(self) -> None:
         """Drop azure-identity's cached tokens: the next call acquires a new one (after a control plane's 401)."""
@@ -107,6 +119,54 @@ class AzureIdentity:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+
+
+def _classify_refusal(exc: ClientAuthenticationError, kind: str) -> TransientError | PermanentError:
+    """Entra ID's refusal as a stable reason: the status and the OAuth error code, never the description, whose
+    trace id and timestamp change on every answer (so each retry would look like a new state)."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is None:
+        if _looks_like_an_answer(exc):
+            return PermanentError(f"Entra ID refused the {kind} identity")
+        return TransientError(_transport_reason(exc))
+    code = "no error code"
+    try:
+        body = json.loads(response.text())  # type: ignore[union-attr]
+        if isinstance(body, dict) and _ERROR_CODE.match(str(body.get("error", ""))):
+            code = str(body["error"])
+    except (ValueError, TypeError, AttributeError):
+        pass
+    reason = f"Entra ID: HTTP {status} ({code})"
+    if status >= 500 or status in (408, 429):
+        return TransientError(reason, retry_after=_retry_after(response), status=status)
+    return PermanentError(reason, status=status)
+
+
+def _retry_after(response: Any) -> float | None:
+    value = getattr(response, "headers", {}).get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """Why Entra ID could not be reached, from the whole chain of causes: TLS is told apart from the rest."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError):
+            return "Entra ID TLS certificate not trusted"
+        if isinstance(cause, ssl.SSLError | aiohttp.ClientSSLError):
+            return "Entra ID TLS handshake failed"
+        inner = getattr(cause, "inner_exception", None)
+        cause = inner if isinstance(inner, BaseException) else (cause.__cause__ or cause.__context__)
+    return f"Entra ID unreachable: {type(exc).__name__}"
 
 
 def _looks_like_an_answer(exc: BaseException) -> bool:

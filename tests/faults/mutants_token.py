@@ -81,7 +81,9 @@ MUTANTS = [
         path="proxy/refresher.py",
         old='            self._failed(TransientError("timed out"), loop.time() - t0)\n            return',
         new="            raise",
-        tests=(TLS + "[untrusted_ca-entra]", ENTRA + "[http_500]"),
+        tests=(
+            "tests/test_refresher.py::test_a_source_that_hangs_is_cut_off_as_a_transient_failure_and_the_refresher_lives_on",
+        ),
     ),
     Mutant(
         name="token_endpoint_timeout_not_classified",
@@ -89,5 +91,33 @@ MUTANTS = [
         old='raise TransientError(f"{self._what}: timed out") from exc',
         new="raise",
         tests=(ENDPOINT + "[timeout-v2]",),
+    ),
+    Mutant(
+        name="entra_reason_carries_the_description",
+        path="proxy/credentials/identity.py",
+        old='    reason = f"Entra ID: HTTP {status} ({code})"',
+        new='    reason = f"Entra ID: HTTP {status} ({code}) {exc}"',
+        tests=(ENTRA + "[http_500]", ENTRA + "[http_400]"),
+    ),
+    Mutant(
+        name="entra_retries_inside_azure_core",
+        path="proxy/credentials/identity.py",
+        old='kwargs: dict[str, Any] = {"retry_total": 0}',
+        new="kwargs: dict[str, Any] = {}",
+        tests=(ENTRA + "[http_500]",),
+    ),
+    Mutant(
+        name="entra_malformed_answer_not_classified",
+        path="proxy/credentials/identity.py",
+        old="except (DecodeError, KeyError, ValueError, TypeError) as exc:",
+        new="except DecodeError as exc:",
+        tests=(ENTRA + "[missing_fields]",),
+    ),
+    Mutant(
+        name="entra_call_without_its_own_timeout",
+        path="proxy/credentials/identity.py",
+        old="async with asyncio.timeout(self._timeout):",
+        new="async with asyncio.timeout(None):",
+        tests=(ENTRA + "[slow]",),
     ),
 ]

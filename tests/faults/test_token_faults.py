@@ -453,12 +453,15 @@ async def test_a_jwt_exp_earlier_than_the_reported_expiry_wins_and_is_never_used
 
 # -- faults at Entra ID, met when the ARM token must be renewed -------------------------------------------------
 
-# Entra ID is the same for both planes: v2 only. The reasons are left unchecked here: today they are "timed out"
-# (azure-core retries the 500 inside one fetch), "unexpected DecodeError" and "unexpected KeyError" (see the report).
+# Entra ID is the same for both planes: v2 only. The reason is stable from one answer to the next (status and
+# OAuth error code, never the description with its trace id), so repeats are one state, not a log storm.
 ENTRA_FAULTS = {
-    "http_500": ({"action": "status", "status": 500}, "transient_error"),
-    "invalid_json": ({"action": "invalid_json"}, "transient_error"),
-    "missing_fields": ({"action": "missing_fields"}, "transient_error"),
+    "http_500": ({"action": "status", "status": 500}, "transient_error", "Entra ID: HTTP 500 ("),
+    "http_400": ({"action": "status", "status": 400}, "permanent_error", "Entra ID: HTTP 400 ("),
+    "http_429": ({"action": "status", "status": 429, "retry_after": 1}, "transient_error", "Entra ID: HTTP 429 ("),
+    "invalid_json": ({"action": "invalid_json"}, "transient_error", "Entra ID sent a malformed answer"),
+    "missing_fields": ({"action": "missing_fields"}, "transient_error", "Entra ID sent a malformed answer"),
+    "slow": ({"action": "delay", "seconds": 30}, "transient_error", "Entra ID did not answer within "),
 }
 
 
@@ -466,8 +469,8 @@ ENTRA_FAULTS = {
 async def test_entra_fault_on_arm_token_renewal_is_classified_logged_once_and_served_through(
     make_rig: RigFactory, name: str
 ) -> None:
-    fault, outcome = ENTRA_FAULTS[name]
-    rig = await make_rig("v2")
+    fault, outcome, reason = ENTRA_FAULTS[name]
+    rig = await make_rig("v2", policy={"timeout_seconds": 0.5} if name == "slow" else None)
     assert (await score(rig))[0] == 200
     # The ARM token (200 s) has expired at the control plane by renewal time (300 s): the proxy must go to Entra ID.
     rig.emu.state.add_fault(target="entra", **fault)
@@ -476,7 +479,9 @@ async def test_entra_fault_on_arm_token_renewal_is_classified_logged_once_and_se
         await rig.next_attempt()
     details = rig.details()
     assert details["last_refresh"] == outcome and details["consecutive_failures"] == 3
+    assert details["last_error"].startswith(reason), details["last_error"]
     assert rig.refreshes(outcome) == 3
+    assert rig.metric("aml_auth_proxy_entra_token_requests_total", identity="client_secret", outcome="error") == 3
     assert (await score(rig))[0] == 200
     failed = rig.events("token_refresh_failed")
     level = logging.ERROR if outcome == "permanent_error" else logging.WARNING
