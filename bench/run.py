@@ -467,6 +467,10 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s measurements (smoke test, under a minute)")
@@ -489,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = Mode(seconds=seconds, quick=args.quick, soak_seconds=args.soak, profile=args.profile)
 
     # SIGTERM (make interrupted, a CI timeout) unwinds like Ctrl-C, so the finally below stops every child.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python would keep it so.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="aml-bench-"))
     procs = Procs(tmp)
