@@ -270,6 +270,10 @@ class Refresher:
             return
         elapsed = loop.time() - t0
         now = self._clock.time()
+        if not all(_header_safe(v) for v in (token.value, token.secondary) if v is not None):
+            # CR, LF, NUL or another control character would split or corrupt the credential header.
+            self._failed(TransientError("the fetched credential contains control characters or spaces"), elapsed)
+            return
         if token.expires_at is not None and token.expires_at <= now:
             # Installing it would throw away a token that may still be good, then refetch at min_interval forever.
             self._failed(TransientError("the fetched token has already expired"), elapsed)
@@ -369,6 +373,11 @@ class Refresher:
         target -= self._rng() * min(p.jitter_seconds, 0.1 * max(0.0, target - now))
         # Times already past on arrival (clock skew, a stale token): soon, but not in a loop.
         return max(target, floor)
+
+
+def _header_safe(value: str) -> bool:
+    """A credential goes into a header value verbatim: printable ASCII without spaces, and not empty."""
+    return bool(value) and value.isascii() and value.isprintable() and " " not in value
 
 
 def _round(at: float | None, now: float) -> float | None:

@@ -360,3 +360,21 @@ async def test_a_source_that_hangs_is_cut_off_as_a_transient_failure_and_the_ref
     source.gate.set()
     await refresher.refresh_now("operator")
     assert refresher.details()["last_refresh"] == "success" and refresher.current is not None
+
+
+@pytest.mark.parametrize("bad", ["tok\r\nX-Injected: yes", "tok\nX", "tok\x00", "tok en", ""])
+async def test_a_credential_that_would_inject_a_header_is_refused_and_never_installed(bad: str) -> None:
+    clock = ManualClock(start=1000.0)
+    source = FakeSource(clock)
+    refresher, _metrics = make(clock, source)
+    await refresher.start()
+    good = refresher.current
+    assert good is not None
+
+    async def injected(previous: Token | None) -> Token:
+        return Token(value=bad, expires_at=clock.time() + 3.0, refresh_at=None)
+
+    source.fetch = injected  # type: ignore[method-assign]
+    await refresher.refresh_now("operator")
+    assert refresher.current is good  # the last good token stays
+    assert refresher.details()["last_error"] == "the fetched credential contains control characters or spaces"
