@@ -41,7 +41,11 @@ V1_SCOPE = "https://management.core.windows.net//.default"
 V2_SCOPE = "https://management.azure.com/.default"
 AML_SCOPE = "https://ml.azure.com/.default"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_SECRET_KEY_RE = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _FORBIDDEN_INJECT_HEADERS = frozenset(
     {
@@ -93,6 +97,17 @@ class Pool:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecretRef:
+    """One key of a Kubernetes Secret in `kubernetes.namespace`, read and watched through the API."""
+
+    name: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.key}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Identity:
     """The proxy's own Azure identity (azure-identity async credentials)."""
 
@@ -102,6 +117,7 @@ class Identity:
     authority_host: str | None
     token_file: str | None
     client_secret_file: str | None
+    client_secret_ref: SecretRef | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,8 +159,16 @@ class Auth:
     username_file: str | None = None
     password_file: str | None = None
     token_file: str | None = None
+    primary_secret_ref: SecretRef | None = None
+    secondary_secret_ref: SecretRef | None = None
     identity: Identity | None = None
     refresh: RefreshPolicy | None = None
+
+    def secret_refs(self) -> tuple[SecretRef, ...]:
+        """Every Secret key this route reads through the Kubernetes API."""
+        identity_ref = self.identity.client_secret_ref if self.identity is not None else None
+        refs = (self.primary_secret_ref, self.secondary_secret_ref, identity_ref)
+        return tuple(r for r in refs if r is not None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +199,26 @@ class Route:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Kubernetes:
+    """How the proxy reaches the Kubernetes API (Secret watches, Events); resolved from config and environment.
+
+    `pod_name`/`pod_namespace` come from the downward API (POD_NAME, POD_NAMESPACE); `incluster_environ` holds
+    KUBERNETES_SERVICE_HOST/PORT when the pod has them; `kubeconfig_env` is KUBECONFIG.
+    """
+
+    namespace: str | None = None
+    kubeconfig: str | None = None
+    service_account_dir: str = SERVICE_ACCOUNT_DIR
+    events: bool = False
+    backoff_initial_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    incluster_environ: Mapping[str, str] = field(default_factory=dict)
+    kubeconfig_env: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     listen: Listen
     admin: Listen
@@ -183,6 +227,10 @@ class Settings:
     access_log: bool
     limits: Limits = field(default_factory=lambda: Limits())
     routes: tuple[Route, ...] = field(default_factory=tuple)
+    kubernetes: Kubernetes = field(default_factory=lambda: Kubernetes())
+
+    def uses_kubernetes(self) -> bool:
+        return self.kubernetes.events or any(r.auth.secret_refs() for r in self.routes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,6 +256,7 @@ class Leaf:
     maximum: float | None = None
     types: tuple[str, ...] | None = None  # auth types that use this key; None = every route
     required_for: tuple[str, ...] = ()  # auth types for which the key has no default
+    required_unless: str | None = None  # a sibling section whose presence makes this key optional
 
 
 TOP_LEAVES: tuple[Leaf, ...] = (
@@ -257,6 +306,47 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         minimum=0.1,
         maximum=3600,
     ),
+    Leaf(
+        "kubernetes.namespace",
+        "optstr",
+        None,
+        "Namespace of the Secrets named by *_secret_ref (default: the service account's namespace file, else "
+        "POD_NAMESPACE, else the kubeconfig context's).",
+    ),
+    Leaf(
+        "kubernetes.kubeconfig",
+        "optstr",
+        None,
+        "kubeconfig file for the Kubernetes API (default: the in-cluster service account, else KUBECONFIG).",
+    ),
+    Leaf(
+        "kubernetes.service_account_dir",
+        "str",
+        SERVICE_ACCOUNT_DIR,
+        "Directory of the in-cluster service account token, ca.crt and namespace.",
+    ),
+    Leaf(
+        "kubernetes.events",
+        "optbool",
+        None,
+        "Emit Kubernetes Events about the pod (default: true when POD_NAME and POD_NAMESPACE are set).",
+    ),
+    Leaf(
+        "kubernetes.backoff_initial_seconds",
+        "float",
+        0.5,
+        "First reconnect delay cap of a Secret watch after an error (full jitter, doubling).",
+        minimum=0.01,
+        maximum=3600,
+    ),
+    Leaf(
+        "kubernetes.backoff_max_seconds",
+        "float",
+        30.0,
+        "Largest reconnect delay of a Secret watch; a denied (403) or missing Secret is retried at this pace.",
+        minimum=0.01,
+        maximum=3600,
+    ),
 )
 
 ROUTE_LEAVES: tuple[Leaf, ...] = (
@@ -304,8 +394,27 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "File holding the primary key (a mounted Secret key).",
         types=(KEY_FILE,),
         required_for=(KEY_FILE,),
+        required_unless="auth.primary_secret_ref",
     ),
     Leaf("auth.secondary_file", "optstr", None, "File holding the secondary key, used after a 401.", types=(KEY_FILE,)),
+    Leaf(
+        "auth.primary_secret_ref.name",
+        "optstr",
+        None,
+        "Kubernetes Secret holding the primary key, read and watched through the API (instead of primary_file).",
+        types=(KEY_FILE,),
+    ),
+    Leaf("auth.primary_secret_ref.key", "optstr", None, "Key of the primary key in that Secret.", types=(KEY_FILE,)),
+    Leaf(
+        "auth.secondary_secret_ref.name",
+        "optstr",
+        None,
+        "Kubernetes Secret holding the secondary key (instead of secondary_file).",
+        types=(KEY_FILE,),
+    ),
+    Leaf(
+        "auth.secondary_secret_ref.key", "optstr", None, "Key of the secondary key in that Secret.", types=(KEY_FILE,)
+    ),
     Leaf(
         "auth.reload_seconds",
         "float",
@@ -457,6 +566,20 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         types=IDENTITY_TYPES,
     ),
     Leaf(
+        "auth.identity.client_secret_ref.name",
+        "optstr",
+        None,
+        "client_secret: Kubernetes Secret holding the client secret, watched through the API (instead of the file).",
+        types=IDENTITY_TYPES,
+    ),
+    Leaf(
+        "auth.identity.client_secret_ref.key",
+        "optstr",
+        None,
+        "client_secret: key of the client secret in that Secret.",
+        types=IDENTITY_TYPES,
+    ),
+    Leaf(
         "auth.refresh.margin_seconds",
         "float",
         0.0,
@@ -549,7 +672,7 @@ def _fmt(value: Any) -> str:
 def _convert(leaf: Leaf, value: Any, where: str, problems: _Problems) -> Any:
     """Check one value against its leaf; return the converted value or REQUIRED on error."""
     bad = REQUIRED
-    if leaf.kind in ("optstr", "optfloat") and value is None:
+    if leaf.kind in ("optstr", "optfloat", "optbool") and value is None:
         return None
     if leaf.kind in ("str", "optstr"):
         if not isinstance(value, str) or not value:
@@ -564,7 +687,7 @@ def _convert(leaf: Leaf, value: Any, where: str, problems: _Problems) -> Any:
             problems.add(where, f"{_fmt(value)} is not allowed; allowed: {', '.join(leaf.choices)}")
             return bad
         return value
-    if leaf.kind == "bool":
+    if leaf.kind in ("bool", "optbool"):
         if not isinstance(value, bool):
             problems.add(where, f"{_fmt(value)} is not allowed; expected true or false")
             return bad
@@ -638,6 +761,9 @@ def _read_section(
             out[leaf.key] = leaf.default
             continue
         if node is REQUIRED:
+            if leaf.required_unless is not None and _present(raw, leaf.required_unless):
+                out[leaf.key] = leaf.default
+                continue
             if leaf.default is REQUIRED or auth_type in leaf.required_for:
                 problems.add(where, f"is required{_for_type(leaf, auth_type)}")
                 out[leaf.key] = REQUIRED
@@ -646,6 +772,15 @@ def _read_section(
             continue
         out[leaf.key] = _convert(leaf, node, where, problems)
     return out
+
+
+def _present(raw: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return False
+        node = node[part]
+    return True
 
 
 def _for_type(leaf: Leaf, auth_type: str) -> str:
@@ -751,12 +886,44 @@ def _check_route(values: dict[str, Any], where: str, problems: _Problems) -> URL
         _check_https(values.get(key), f"{where}{key}", problems)
     if isinstance(values.get("auth.url"), str):
         _check_http_url(values["auth.url"], f"{where}auth.url", problems)
+    _check_secret_refs(values, where, problems)
     identity_type = values.get("auth.identity.type")
     if auth_type in IDENTITY_TYPES and identity_type == "client_secret":
+        secret_ref = values.get("auth.identity.client_secret_ref.name")
         for key in ("auth.identity.client_secret_file", "auth.identity.tenant_id", "auth.identity.client_id"):
-            if values.get(key) is None:
+            if values.get(key) is None and not (key.endswith("_file") and secret_ref is not None):
                 problems.add(f"{where}{key}", "is required with auth.identity.type 'client_secret'")
     return url
+
+
+def _check_secret_refs(values: dict[str, Any], where: str, problems: _Problems) -> None:
+    """*_secret_ref: name and key together, valid Kubernetes names, and never beside the file they replace."""
+    for ref in ("auth.primary_secret_ref", "auth.secondary_secret_ref", "auth.identity.client_secret_ref"):
+        name, key = values.get(f"{ref}.name"), values.get(f"{ref}.key")
+        if (name is None) != (key is None):
+            missing, given = ("key", "name") if key is None else ("name", "key")
+            problems.add(f"{where}{ref}.{missing}", f"is required with {ref}.{given}")
+        if isinstance(name, str) and not _DNS_SUBDOMAIN_RE.match(name):
+            problems.add(f"{where}{ref}.name", f"{_fmt(name)} is not allowed; expected a Secret name (a-z 0-9 - .)")
+        if isinstance(key, str) and not _SECRET_KEY_RE.match(key):
+            problems.add(f"{where}{ref}.key", f"{_fmt(key)} is not allowed; expected a Secret key (a-z A-Z 0-9 - . _)")
+    pairs = (
+        ("auth.primary_file", "auth.primary_secret_ref"),
+        ("auth.secondary_file", "auth.secondary_secret_ref"),
+        ("auth.identity.client_secret_file", "auth.identity.client_secret_ref"),
+    )
+    for file_key, ref in pairs:
+        if values.get(file_key) is not None and values.get(f"{ref}.name") is not None:
+            problems.add(f"{where}{ref}", f"set {file_key} or {ref}, not both")
+    files = values.get("auth.primary_file") is not None or values.get("auth.secondary_file") is not None
+    refs = any(values.get(f"auth.{slot}_secret_ref.name") is not None for slot in ("primary", "secondary"))
+    if files and refs and not (values.get("auth.primary_file") and values.get("auth.primary_secret_ref.name")):
+        problems.add(f"{where}auth", "a route reads its keys from files or from Secrets, not both")
+    if values.get("auth.identity.client_secret_ref.name") is not None and values.get("auth.identity.type") not in (
+        None,
+        "client_secret",
+    ):
+        problems.add(f"{where}auth.identity.client_secret_ref", "is used only with auth.identity.type 'client_secret'")
 
 
 def placeholder_for(auth_type: str) -> str:
@@ -818,9 +985,11 @@ def parse(raw: Any, environ: Mapping[str, str]) -> Settings:
         if url is None or any(v is REQUIRED for v in values.values()):
             continue
         routes.append(_build_route(values, url))
+    kube = _build_kubernetes(top, environ, problems)
     if any(v is REQUIRED for v in top.values()) or problems.lines:
         raise ConfigError(problems.lines)
     return Settings(
+        kubernetes=kube,
         listen=Listen(host=top["listen.host"], port=top["listen.port"]),
         admin=Listen(host=top["admin.host"], port=top["admin.port"]),
         shutdown_grace_seconds=top["shutdown_grace_seconds"],
@@ -835,6 +1004,40 @@ def parse(raw: Any, environ: Mapping[str, str]) -> Settings:
         ),
         routes=tuple(routes),
     )
+
+
+def _build_kubernetes(top: dict[str, Any], environ: Mapping[str, str], problems: _Problems) -> Kubernetes:
+    """The Kubernetes API settings; POD_NAME/POD_NAMESPACE (downward API) turn Events on unless set to false."""
+    pod_name = environ.get("POD_NAME") or None
+    pod_namespace = environ.get("POD_NAMESPACE") or None
+    events = top.get("kubernetes.events")
+    if events is None:
+        events = pod_name is not None and pod_namespace is not None
+    elif events is True and (pod_name is None or pod_namespace is None):
+        problems.add("kubernetes.events", "true needs POD_NAME and POD_NAMESPACE (the downward API) to name the pod")
+    incluster = {k: environ[k] for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT") if k in environ}
+    initial, maximum = top.get("kubernetes.backoff_initial_seconds"), top.get("kubernetes.backoff_max_seconds")
+    if isinstance(initial, float) and isinstance(maximum, float) and initial > maximum:
+        problems.add("kubernetes.backoff_initial_seconds", f"{initial:g} is above kubernetes.backoff_max_seconds")
+    if any(v is REQUIRED for k, v in top.items() if k.startswith("kubernetes.")):
+        return Kubernetes()
+    return Kubernetes(
+        namespace=top["kubernetes.namespace"],
+        kubeconfig=top["kubernetes.kubeconfig"],
+        service_account_dir=top["kubernetes.service_account_dir"],
+        events=bool(events),
+        backoff_initial_seconds=top["kubernetes.backoff_initial_seconds"],
+        backoff_max_seconds=top["kubernetes.backoff_max_seconds"],
+        pod_name=pod_name,
+        pod_namespace=pod_namespace,
+        incluster_environ=incluster,
+        kubeconfig_env=environ.get("KUBECONFIG") or None,
+    )
+
+
+def _secret_ref(values: dict[str, Any], ref: str) -> SecretRef | None:
+    name, key = values.get(f"{ref}.name"), values.get(f"{ref}.key")
+    return SecretRef(name=name, key=key) if isinstance(name, str) and isinstance(key, str) else None
 
 
 def _build_route(values: dict[str, Any], url: URL) -> Route:
@@ -892,6 +1095,7 @@ def _build_auth(values: dict[str, Any]) -> Auth:
             authority_host=values["auth.identity.authority_host"],
             token_file=values["auth.identity.token_file"],
             client_secret_file=values["auth.identity.client_secret_file"],
+            client_secret_ref=_secret_ref(values, "auth.identity.client_secret_ref"),
         )
     refresh = None
     if auth_type in REFRESHED_TYPES:
@@ -902,6 +1106,8 @@ def _build_auth(values: dict[str, Any]) -> Auth:
         template=template,
         identity=identity,
         refresh=refresh,
+        primary_secret_ref=_secret_ref(values, "auth.primary_secret_ref"),
+        secondary_secret_ref=_secret_ref(values, "auth.secondary_secret_ref"),
         **fields,
     )
 

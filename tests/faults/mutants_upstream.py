@@ -1,0 +1,130 @@
+"""Weakened proxies for tests/faults/test_upstream_faults.py and tests/faults/test_process_faults.py (see
+tests/mutation.py): each mutant removes one behaviour, and the tests named for that behaviour must then fail."""
+
+from __future__ import annotations
+
+from tests.mutation import Mutant
+
+UP = "tests/faults/test_upstream_faults.py::"
+PROC = "tests/faults/test_process_faults.py::"
+UPLOAD = PROC + "test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body"
+FWD = "proxy/forwarding.py"
+REQUEST = "upstream = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)\n"
+RETRY = "retried = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)\n"
+
+MUTANTS = [
+    Mutant(
+        name="refused connection answered as a timeout",
+        path=FWD,
+        old='        return 502, "connect", "upstream connection failed"',
+        new='        return 504, "timeout", "upstream connection failed"',
+        tests=(UP + "test_connection_refused_gives_json_502_and_the_route_recovers",),
+    ),
+    Mutant(
+        name="no per-read timeout upstream",
+        path=FWD,
+        old="sock_connect=t.connect, sock_read=t.read)",
+        new="sock_connect=t.connect, sock_read=None)",
+        tests=(UP + "test_stall_before_the_headers_gives_json_504",),
+    ),
+    Mutant(
+        name="invalid upstream answers counted as resets",
+        path=FWD,
+        old='    return 502, "protocol", "upstream sent an invalid response"',
+        new='    return 502, "reset", "upstream sent an invalid response"',
+        tests=(UP + "test_malformed_response_head_gives_json_502",),
+    ),
+    Mutant(
+        name="a broken answer is ended cleanly instead of cutting the caller's connection",
+        path=FWD,
+        old="            if request.transport is not None:\n                request.transport.close()\n",
+        new="            await response.write_eof()\n",
+        tests=(
+            UP + "test_reset_mid_response_cuts_the_callers_connection",
+            UP + "test_stall_after_the_headers_cuts_the_callers_connection_as_a_timeout",
+            UP + "test_trickle_slower_than_the_read_timeout_is_cut_as_a_timeout",
+            UP + "test_bad_chunked_encoding_cuts_the_callers_connection",
+        ),
+    ),
+    Mutant(
+        name="the read timeout bounds the whole exchange",
+        path=FWD,
+        old="aiohttp.ClientTimeout(total=t.total, connect=t.connect",
+        new="aiohttp.ClientTimeout(total=t.read, connect=t.connect",
+        tests=(UP + "test_trickle_within_the_read_timeout_is_delivered_intact",),
+    ),
+    Mutant(
+        name="5xx answers retried with the other credential",
+        path=FWD,
+        old="if upstream.status == 401 and not caller_credential:",
+        new="if upstream.status in (401, 500, 503) and not caller_credential:",
+        tests=(UP + "test_5xx_burst_is_passed_through_with_its_body_and_never_retried",),
+    ),
+    Mutant(
+        name="any method resent once after the upstream disconnected",
+        path=FWD,
+        old="            " + REQUEST,
+        new=(
+            "            try:\n                "
+            + REQUEST
+            + "            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):\n                "
+            + REQUEST
+        ),
+        tests=(
+            UP + "test_post_is_not_resent_after_the_upstream_read_its_body_and_reset",
+            UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",
+        ),
+    ),
+    Mutant(
+        name="the resend after a 401 is resent again after a disconnect",
+        path=FWD,
+        old="        " + RETRY,
+        new=(
+            "        try:\n            "
+            + RETRY
+            + "        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):\n            "
+            + RETRY
+        ),
+        tests=(UP + "test_post_is_resent_once_after_a_401_and_never_again",),
+    ),
+    Mutant(
+        name="idempotent requests not resent after a reused connection turned out closed",
+        path=FWD,
+        old="            " + REQUEST,
+        new="            session._retry_connection = False\n            " + REQUEST,
+        tests=(UP + "test_get_on_a_reused_connection_the_upstream_just_closed_succeeds",),
+    ),
+    Mutant(
+        name="pooled connections the upstream closed are reused as if alive",
+        path=FWD,
+        old="_READ_CHUNK = 1 << 16\n",
+        new=(
+            "_READ_CHUNK = 1 << 16\n"
+            "aiohttp.client_proto.ResponseHandler.is_connected = lambda self: True  # type: ignore\n"
+        ),
+        tests=(UP + "test_upstream_closing_after_each_response_without_connection_close_fails_nothing",),
+    ),
+    Mutant(
+        name="a request body that breaks off is passed on as complete",
+        path=FWD,
+        old="            chunk = await self._content.readany()\n            if not chunk:\n                return\n",
+        new=(
+            "            try:\n                chunk = await self._content.readany()\n"
+            "            except BaseException:\n                return\n"
+            "            if not chunk:\n                return\n"
+        ),
+        # Chunked only: with a Content-Length the upstream itself notices a short body.
+        tests=(UPLOAD + "[grace-too-short-chunked]",),
+    ),
+    Mutant(
+        name="no grace period on SIGTERM",
+        path="proxy/app.py",
+        old="shutdown_timeout=s.shutdown_grace_seconds",
+        new="shutdown_timeout=0.2",
+        tests=(
+            PROC + "test_sigterm_with_500_requests_in_flight_lets_all_finish_and_exits_0",
+            UPLOAD + "[grace-long-enough-chunked]",
+            UPLOAD + "[grace-long-enough-content-length]",
+        ),
+    ),
+]
