@@ -156,6 +156,29 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
     return 502, "protocol", "upstream sent an invalid response"
 
 
+class _InvalidBody(aiohttp.ClientError):
+    """The upstream's body did not parse (a bad chunk size, say); _classify counts it as a protocol error."""
+
+
+async def _next_chunk(upstream: aiohttp.ClientResponse, read_timeout: float) -> bytes:
+    """The next piece of the upstream's body, waiting at most the route's read timeout.
+
+    aiohttp's C parser, on an invalid body after the headers (a bad chunk size), closes the connection but neither
+    fails nor ends the body, and stops the sock_read timer: without a bound of its own the proxy would hold the
+    caller until timeouts.total, which is unset by default.
+    """
+    try:
+        async with asyncio.timeout(read_timeout):
+            return await upstream.content.readany()
+    except TimeoutError:
+        conn = upstream.connection
+        protocol = conn.protocol if conn is not None else None
+        failed = protocol.exception() if protocol is not None else None
+        if isinstance(failed, http_exceptions.HttpProcessingError):
+            raise _InvalidBody(f"upstream sent an invalid body: {type(failed).__name__}") from failed
+        raise
+
+
 class _BodyTooLarge(Exception):
     """A body without Content-Length grew past limits.max_body_bytes."""
 
@@ -376,8 +399,9 @@ class ProxyHandler:
         sent = 0
         try:
             await response.prepare(request)
+            read_timeout = rt.config.timeouts.read
             while True:
-                chunk = await upstream.content.readany()
+                chunk = await _next_chunk(upstream, read_timeout)
                 if not chunk:
                     break
                 await response.write(chunk)
@@ -438,6 +462,20 @@ class ProxyHandler:
 
 class _ProxyRequestHandler(web.RequestHandler):
     over_limit = False  # accepted beyond limits.max_connections: its request gets 503 and the connection closes
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp drops every byte that arrives once shutdown began (close() or shutdown()), even the rest of the
+        body of the request being handled, so an upload in flight at SIGTERM would stall until the grace period
+        ends. While a request is in progress its bytes are still fed; no new request is started either way."""
+        if self._request_in_progress and (self._close or self._force_close):
+            closing = (self._close, self._force_close)
+            self._close = self._force_close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close, self._force_close = closing
+            return
+        super().data_received(data)
 
     """aiohttp's connection handler with the proxy's answer to unparsable requests.
 

@@ -127,4 +127,20 @@ MUTANTS = [
             UPLOAD + "[grace-long-enough-content-length]",
         ),
     ),
+    Mutant(
+        name="bytes of an upload in flight dropped once shutdown began",
+        path="proxy/forwarding.py",
+        old="        if self._request_in_progress and (self._close or self._force_close):",
+        new="        if False:",
+        tests=(
+            "tests/faults/test_process_faults.py::test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body",
+        ),
+    ),
+    Mutant(
+        name="the upstream body read without a bound of its own",
+        path="proxy/forwarding.py",
+        old="                chunk = await _next_chunk(upstream, read_timeout)",
+        new="                chunk = await upstream.content.readany()",
+        tests=("tests/faults/test_upstream_faults.py::test_bad_chunked_encoding_cuts_the_callers_connection",),
+    ),
 ]
