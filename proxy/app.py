@@ -30,13 +30,15 @@ from proxy.config import (
     placeholder_for,
 )
 from proxy.credentials.aml import AadSource, AmlEndpointTokenSource, AmlKeysSource, AmlServiceTokenSource
-from proxy.credentials.base import CredentialProvider
+from proxy.credentials.base import NO_EVENTS, CredentialProvider, EventSink
 from proxy.credentials.identity import AzureIdentity
 from proxy.credentials.jwt_file import JwtFileSource
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
+from proxy.credentials.secret_keys import SecretKeyProvider
 from proxy.forwarding import ProxyHandler, ProxyServer, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
+from proxy.kube.runtime import KubeRuntime
 from proxy.logs import event
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.refresher import Refresher, TokenSource
@@ -52,11 +54,22 @@ def _guard(task: asyncio.Task[None], *, route: str) -> None:
     event(log, logging.CRITICAL, "background_task_ended", route=route, error_type=type(exc).__name__ if exc else None)
 
 
-def build_provider(route: Route, *, metrics: Metrics, route_metrics: RouteMetrics, clock: Clock) -> CredentialProvider:
+def build_provider(
+    route: Route,
+    *,
+    metrics: Metrics,
+    route_metrics: RouteMetrics,
+    clock: Clock,
+    events: EventSink = NO_EVENTS,
+    kube_runtime: KubeRuntime | None = None,
+) -> CredentialProvider:
     """The credential provider for one route: key files, or a refresher around the kind's token source."""
     auth = route.auth
     if auth.type == KEY_FILE:
-        return KeyFileProvider(route=route.name, auth=auth, metrics=route_metrics)
+        if auth.primary_secret_ref is not None and kube_runtime is not None:
+            feeds = kube_runtime.feeds(route.name, auth.secret_refs())
+            return SecretKeyProvider(route=route.name, auth=auth, metrics=route_metrics, feeds=feeds, events=events)
+        return KeyFileProvider(route=route.name, auth=auth, metrics=route_metrics, events=events)
     source: TokenSource
     if auth.type == MLSERVER:
         source = MlServerSource(auth=auth, base_url=auth.url or str(route.upstream.origin()))
@@ -65,8 +78,13 @@ def build_provider(route: Route, *, metrics: Metrics, route_metrics: RouteMetric
     else:
         assert auth.identity is not None
         assert auth.refresh is not None
+        ref = auth.identity.client_secret_ref
         identity = AzureIdentity(
-            config=auth.identity, ca_file=auth.ca_file, metrics=metrics, timeout=auth.refresh.timeout_seconds
+            config=auth.identity,
+            ca_file=auth.ca_file,
+            metrics=metrics,
+            timeout=auth.refresh.timeout_seconds,
+            secret_feed=kube_runtime.feeds(route.name, [ref])[ref.name] if ref and kube_runtime else None,
         )
         kinds: dict[str, type[AmlServiceTokenSource | AmlEndpointTokenSource | AmlKeysSource | AadSource]] = {
             AML_SERVICE_TOKEN: AmlServiceTokenSource,
@@ -85,6 +103,7 @@ def build_provider(route: Route, *, metrics: Metrics, route_metrics: RouteMetric
         policy=auth.refresh,
         metrics=route_metrics,
         clock=clock,
+        events=events,
     )
 
 
@@ -108,9 +127,18 @@ class ProxyService:
         self.lifecycle = Lifecycle()
         self.routes: list[RouteRuntime] = []
         self.clock = clock or SystemClock()
+        self.kube_runtime = KubeRuntime.build(settings, api=None, metrics=self.metrics, clock=self.clock)
+        events = self.kube_runtime.events if self.kube_runtime is not None else NO_EVENTS
         for route in settings.routes:
             rm = self.metrics.for_route(route.name, region=route.region, kind=route.auth.type)
-            provider = build_provider(route, metrics=self.metrics, route_metrics=rm, clock=self.clock)
+            provider = build_provider(
+                route,
+                metrics=self.metrics,
+                route_metrics=rm,
+                clock=self.clock,
+                events=events,
+                kube_runtime=self.kube_runtime,
+            )
             self.routes.append(RouteRuntime(config=route, provider=provider, metrics=rm))
         self.handler = ProxyHandler(
             router=Router(self.routes),
@@ -132,6 +160,8 @@ class ProxyService:
         await self._admin_runner.setup()
         await web.TCPSite(self._admin_runner, s.admin.host, s.admin.port).start()
         self.admin_port = _bound_port(self._admin_runner)
+        if self.kube_runtime is not None:
+            await self.kube_runtime.start()  # Secret watches first: key routes wait for their first read
         for rt in self.routes:
             rt.session = rt.make_session()
             await rt.provider.start()
@@ -176,6 +206,8 @@ class ProxyService:
             if rt.session is not None:
                 await rt.session.close()
                 rt.session = None
+        if self.kube_runtime is not None:
+            await self.kube_runtime.stop()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

@@ -18,6 +18,9 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "protocol")
 RELOAD_OUTCOMES = ("success", "unchanged", "error")
 REFRESH_OUTCOMES = ("success", "transient_error", "permanent_error")
+WATCH_RESTART_REASONS = ("closed", "expired", "unreachable", "forbidden", "error")
+EVENT_REASONS = ("TokenRefreshFailing", "TokenRefreshRecovered", "TokenExpired", "KeyFailover", "SecretUnavailable")
+EVENT_OUTCOMES = ("created", "aggregated", "rate_limited", "dropped", "failed")
 # Token calls go to the workspace's region: 5 ms (same region) to 10 s (a struggling one) must resolve.
 REFRESH_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 REMAINING_BUCKETS = (0.5, 1, 2, 5, 15, 60, 300, 900, 1800, 3600, 7200, 21600, 43200, 86400)
@@ -135,6 +138,21 @@ class Metrics:
             buckets=REFRESH_BUCKETS,
             registry=r,
         )
+        self.kube_watch_restarts = Counter(
+            f"{NS}_kubernetes_watch_restarts",
+            "Secret watch restarts by reason (closed, expired, unreachable, forbidden, error).",
+            ("route", "reason"),
+            registry=r,
+        )
+        self.kube_events = Counter(
+            f"{NS}_kubernetes_events",
+            "Kubernetes Events by reason and outcome (created, aggregated, rate_limited, dropped, failed).",
+            ("reason", "outcome"),
+            registry=r,
+        )
+        for reason in EVENT_REASONS:
+            for outcome in EVENT_OUTCOMES:
+                self.kube_events.labels(reason, outcome)
         self.build_info = Gauge(
             f"{NS}_build_info", "Always 1; labels carry the version.", ("version", "python"), registry=r
         )
@@ -146,6 +164,8 @@ class Metrics:
             rm.upstream_errors[kind] = self.upstream_errors.labels(route, kind)
         for outcome in RELOAD_OUTCOMES:
             rm.reloads[outcome] = self.credential_reloads.labels(route, outcome)
+        for reason in WATCH_RESTART_REASONS:
+            self.kube_watch_restarts.labels(route, reason)
         for code in ("401", "403"):
             rm.auth_failures[code] = self.upstream_auth_failures.labels(route, code)
         self.route_ready.labels(route).set(0)

@@ -20,7 +20,14 @@ from typing import Any, Protocol
 
 from proxy.clock import Clock
 from proxy.config import RefreshPolicy
-from proxy.credentials.base import Credential
+from proxy.credentials.base import (
+    NO_EVENTS,
+    TOKEN_EXPIRED,
+    TOKEN_REFRESH_FAILING,
+    TOKEN_REFRESH_RECOVERED,
+    Credential,
+    EventSink,
+)
 from proxy.logs import REDACTOR, event
 from proxy.metrics import RouteMetrics
 
@@ -121,7 +128,10 @@ class Refresher:
         metrics: RouteMetrics,
         clock: Clock,
         rng: Callable[[], float] = random.random,
+        events: EventSink = NO_EVENTS,
     ) -> None:
+        self._events = events
+        self._expired_reported = False
         self._route = route
         self._source = source
         self._header = header
@@ -303,6 +313,12 @@ class Refresher:
             refresh_in=round(self._next_at - now, 3),
             recovered=recovered,
         )
+        if recovered:
+            self._events.emit(
+                warning=False,
+                reason=TOKEN_REFRESH_RECOVERED,
+                message=f"route {self._route}: {self._source.kind} token refreshed again after failures",
+            )
         self._wake.set()
 
     def _install(self, token: Token) -> None:
@@ -314,6 +330,7 @@ class Refresher:
         ]
         self._active = 0
         self._token = token
+        self._expired_reported = False
         self._metrics.ready.set(1)
 
     def _failed(self, exc: RefreshError, elapsed: float) -> None:
@@ -340,6 +357,21 @@ class Refresher:
             failures=self._failures,
         )
         m.ready.set(1 if self.current is not None else 0)
+        if changed:
+            self._events.emit(
+                warning=True,
+                reason=TOKEN_REFRESH_FAILING,
+                message=f"route {self._route}: {self._source.kind} token refresh failing: {exc.reason}",
+            )
+        if token is not None and token.expires_at is not None and now >= token.expires_at:
+            if not self._expired_reported:
+                self._expired_reported = True
+                self._events.emit(
+                    warning=True,
+                    reason=TOKEN_EXPIRED,
+                    message=f"route {self._route}: the {self._source.kind} token expired before it could be "
+                    "refreshed; requests get 503",
+                )
         level = logging.ERROR if exc.outcome == PERMANENT else logging.WARNING
         if not changed:
             level = logging.DEBUG  # one line per state change, not one per retry

@@ -117,7 +117,7 @@ BROKEN: list[tuple[str, object, list[str]]] = [
     (
         "unknown top-level key",
         {**GOOD, "lisen": {}},
-        ["lisen: unknown key; allowed: access_log, admin, limits, listen"],
+        ["lisen: unknown key; allowed: access_log, admin, kubernetes, limits, listen"],
     ),
     (
         "typo in a nested key",

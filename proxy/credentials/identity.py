@@ -22,6 +22,7 @@ from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential
 
 from proxy.config import Identity
 from proxy.credentials.keys import KeyFileError, read_key_file
+from proxy.credentials.secret_keys import SecretFeed
 from proxy.logs import REDACTOR
 from proxy.metrics import Metrics
 from proxy.refresher import PermanentError, TransientError
@@ -30,8 +31,18 @@ from proxy.refresher import PermanentError, TransientError
 class AzureIdentity:
     """Tokens for the proxy's identity, one credential object per route."""
 
-    def __init__(self, *, config: Identity, ca_file: str | None, metrics: Metrics, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        config: Identity,
+        ca_file: str | None,
+        metrics: Metrics,
+        timeout: float = 10.0,
+        secret_feed: SecretFeed | None = None,
+    ) -> None:
         self.kind = config.type
+        self._secret_feed = secret_feed  # client_secret_ref: the watched Secret
+        self._secret_used: str | None = None
         self._config = config
         self._ca_file = ca_file
         self._metrics = metrics
@@ -49,12 +60,10 @@ class AzureIdentity:
         if c.authority_host:
             kwargs["authority"] = c.authority_host
         if c.type == "client_secret":
-            assert c.client_secret_file and c.tenant_id and c.client_id  # config requires them
-            try:
-                secret = read_key_file(c.client_secret_file)
-            except KeyFileError as exc:
-                raise PermanentError(f"client secret file: {exc}") from exc
+            assert c.tenant_id and c.client_id  # config requires them
+            secret = self._client_secret()
             REDACTOR.add(secret)
+            self._secret_used = secret
             return ClientSecretCredential(c.tenant_id, c.client_id, secret, **kwargs)
         if c.type == "managed":
             kwargs.pop("authority", None)  # IMDS; AZURE_POD_IDENTITY_AUTHORITY_HOST points elsewhere
@@ -70,8 +79,36 @@ class AzureIdentity:
         except ValueError as exc:  # a missing AZURE_* variable; the message names it
             raise PermanentError(f"workload identity: {exc}") from exc
 
+    def _client_secret(self) -> str:
+        c = self._config
+        if c.client_secret_ref is not None and self._secret_feed is not None:
+            state = self._secret_feed.state
+            try:
+                if state is None:
+                    raise KeyFileError("not read yet")
+                return state.value(c.client_secret_ref.key)
+            except KeyFileError as exc:
+                raise PermanentError(f"client secret Secret {c.client_secret_ref}: {exc}") from exc
+        assert c.client_secret_file  # config requires the file or the Secret
+        try:
+            return read_key_file(c.client_secret_file)
+        except KeyFileError as exc:
+            raise PermanentError(f"client secret file: {exc}") from exc
+
+    def _secret_rotated(self) -> bool:
+        """The watched client secret changed since the credential was built (a bad update keeps the old one)."""
+        ref, feed = self._config.client_secret_ref, self._secret_feed
+        if ref is None or feed is None or feed.state is None or self._secret_used is None:
+            return False
+        try:
+            return feed.state.value(ref.key) != self._secret_used
+        except KeyFileError:
+            return False
+
     async def token(self, scope: str) -> AccessTokenInfo:
         """A token for `scope`, from azure-identity's cache when it is still good."""
+        if self._credential is not None and self._secret_rotated():
+            await self.reset()  # a rotated client secret: the next token is acquired with the new one
         if self._credential is None:
             self._credential = self._build()
         started = time.perf_counter()

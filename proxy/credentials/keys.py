@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from proxy.config import Auth
-from proxy.credentials.base import Credential
+from proxy.credentials.base import KEY_FAILOVER, NO_EVENTS, Credential, EventSink
 from proxy.headers import render_credential
 from proxy.logs import REDACTOR, event
 from proxy.metrics import RouteMetrics
@@ -52,11 +52,17 @@ def read_key_file(path: str) -> str:
         raise KeyFileError("is a directory") from exc
     except OSError as exc:
         raise KeyFileError(f"cannot read: {exc.strerror}") from exc
+    return validate_key(data)
+
+
+def validate_key(data: bytes | str) -> str:
+    """The rules every key obeys, wherever it comes from (a file, a Kubernetes Secret): at most 16 KiB of ASCII,
+    surrounding whitespace (a trailing newline) trimmed, not empty, no control characters."""
     if len(data) > _MAX_KEY_FILE:
         raise KeyFileError(f"larger than {_MAX_KEY_FILE} bytes")
     try:
-        key = data.decode("ascii").strip()
-    except UnicodeDecodeError as exc:
+        key = (data.decode("ascii") if isinstance(data, bytes) else data.encode("ascii").decode("ascii")).strip()
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
         raise KeyFileError("not ASCII text") from exc
     if not key:
         raise KeyFileError("empty")
@@ -73,18 +79,16 @@ def _signature(path: str) -> _Signature | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_mode)
 
 
-class KeyFileProvider:
-    """Primary/secondary keys from files, with failover on 401."""
+class KeyPair:
+    """Primary/secondary keys with failover on 401, whatever loads them (files here, Secrets in secret_keys.py).
 
-    def __init__(self, *, route: str, auth: Auth, metrics: RouteMetrics) -> None:
+    Subclasses call `_set_key` with each validated key and `_select` after a round of loading."""
+
+    def __init__(self, *, route: str, auth: Auth, metrics: RouteMetrics, events: EventSink = NO_EVENTS) -> None:
         self._route = route
         self._auth = auth
         self._metrics = metrics
-        assert auth.primary_file is not None  # config requires it for this kind
-        self._paths: dict[str, str] = {"primary": auth.primary_file}
-        if auth.secondary_file:
-            self._paths["secondary"] = auth.secondary_file
-        self._sigs: dict[str, _Signature | None] = {}
+        self._events = events
         self._keys: dict[str, str] = {}
         self._creds: dict[str, Credential] = {}
         self._errors: dict[str, str] = {}
@@ -97,21 +101,6 @@ class KeyFileProvider:
 
     async def unauthorized(self, sent: Credential) -> Credential | None:
         return self.fail_over(sent)
-
-    def details(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": "key", "active": self._active, "loaded": sorted(self._keys)}
-        if self._errors:
-            out["file_errors"] = {slot: f"{why}; {self._kept(slot)}" for slot, why in sorted(self._errors.items())}
-        return out
-
-    def _kept(self, slot: str) -> str:
-        return "keeping the last good key" if slot in self._keys else "no key loaded"
-
-    def retry_after(self) -> int:
-        return max(1, round(self._auth.reload_seconds))
-
-    async def refresh_now(self, reason: str) -> None:
-        self.reload()
 
     def fail_over(self, sent: Credential) -> Credential | None:
         """Switch to the other key after a 401 with `sent` (once per credential)."""
@@ -126,7 +115,63 @@ class KeyFileProvider:
         self._current = cred
         self._metrics.failovers.inc()
         event(log, logging.WARNING, "key_failover", route=self._route, to=other)
+        self._events.emit(
+            warning=True,
+            reason=KEY_FAILOVER,
+            message=f"route {self._route}: upstream refused the {self._other(other)} key (401), using the {other} key",
+        )
         return cred
+
+    @staticmethod
+    def _other(slot: str) -> str:
+        return "secondary" if slot == "primary" else "primary"
+
+    def _kept(self, slot: str) -> str:
+        return "keeping the last good key" if slot in self._keys else "no key loaded"
+
+    def _set_key(self, slot: str, key: str) -> bool:
+        """Install a validated key; True when it is new."""
+        if self._keys.get(slot) == key:
+            self._metrics.reloads["unchanged"].inc()
+            return False
+        REDACTOR.add(key)
+        self._keys[slot] = key
+        self._creds[slot] = Credential(
+            header=self._auth.header, value=render_credential(self._auth.template, key), label=slot
+        )
+        self._metrics.reloads["success"].inc()
+        event(log, logging.INFO, "key_loaded", route=self._route, slot=slot)
+        return True
+
+    def _select(self) -> None:
+        if self._active not in self._creds and self._creds:
+            self._active = next(slot for slot in SLOTS if slot in self._creds)
+        self._current = self._creds.get(self._active)
+        self._metrics.ready.set(1 if self._current is not None else 0)
+
+
+class KeyFileProvider(KeyPair):
+    """Primary/secondary keys from files, with failover on 401."""
+
+    def __init__(self, *, route: str, auth: Auth, metrics: RouteMetrics, events: EventSink = NO_EVENTS) -> None:
+        super().__init__(route=route, auth=auth, metrics=metrics, events=events)
+        assert auth.primary_file is not None  # config requires it for this kind
+        self._paths: dict[str, str] = {"primary": auth.primary_file}
+        if auth.secondary_file:
+            self._paths["secondary"] = auth.secondary_file
+        self._sigs: dict[str, _Signature | None] = {}
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": "key", "active": self._active, "loaded": sorted(self._keys)}
+        if self._errors:
+            out["file_errors"] = {slot: f"{why}; {self._kept(slot)}" for slot, why in sorted(self._errors.items())}
+        return out
+
+    def retry_after(self) -> int:
+        return max(1, round(self._auth.reload_seconds))
+
+    async def refresh_now(self, reason: str) -> None:
+        self.reload()
 
     def readiness(self) -> tuple[bool, str]:
         if self._current is not None:
@@ -179,19 +224,6 @@ class KeyFileProvider:
             self._sigs[slot] = sig
             if self._errors.pop(slot, None) is not None:
                 event(log, logging.INFO, "key_file_recovered", route=self._route, slot=slot, path=path)
-            if self._keys.get(slot) == key:
-                self._metrics.reloads["unchanged"].inc()
-                continue
-            REDACTOR.add(key)
-            self._keys[slot] = key
-            self._creds[slot] = Credential(
-                header=self._auth.header, value=render_credential(self._auth.template, key), label=slot
-            )
-            self._metrics.reloads["success"].inc()
-            event(log, logging.INFO, "key_loaded", route=self._route, slot=slot)
-            changed = True
-        if self._active not in self._creds and self._creds:
-            self._active = next(slot for slot in SLOTS if slot in self._creds)
-        self._current = self._creds.get(self._active)
-        self._metrics.ready.set(1 if self._current is not None else 0)
+            changed = self._set_key(slot, key) or changed
+        self._select()
         return changed

@@ -32,6 +32,7 @@ k8s_config: Any = importlib.import_module("kubernetes.config")
 ApiException: Any = importlib.import_module("kubernetes.client.exceptions").ApiException
 ConfigException: Any = importlib.import_module("kubernetes.config.config_exception").ConfigException
 InClusterConfigLoader: Any = importlib.import_module("kubernetes.config.incluster_config").InClusterConfigLoader
+iter_resp_lines: Any = importlib.import_module("kubernetes.watch.watch").iter_resp_lines
 
 T = TypeVar("T")
 
