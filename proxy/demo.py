@@ -25,6 +25,7 @@ from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.runner import RunningEmulator, start_emulator
+from proxy.emulator.secretdir import write_private
 from proxy.logs import setup as setup_logging
 from proxy.metrics import histogram_quantile
 
@@ -203,7 +204,7 @@ async def _run(azmlinfsrv: str | None, token_seconds: float) -> int:
         keys = Path(tmp) / "keys"
         secret_file = Path(tmp) / "client-secret"
         client_secret = secrets.token_urlsafe(24)
-        secret_file.write_text(client_secret + "\n")
+        write_private(secret_file, client_secret + "\n")
         if azmlinfsrv:
             say("Starting the real AML scoring server (azmlinfsrv) with the sample score.py ...")
             backend = await start_azmlinfsrv(executable=azmlinfsrv)

@@ -55,6 +55,7 @@ from proxy.emulator.kube_store import (
     unauthorized,
 )
 from proxy.emulator.runner import _serve_app
+from proxy.emulator.secretdir import write_private
 from proxy.emulator.tls import LocalTls, make_local_tls
 
 log = logging.getLogger(__name__)
@@ -561,8 +562,7 @@ class RunningKubeApi:
             "current-context": "emulator",
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        path.chmod(0o600)
+        write_private(path, yaml.safe_dump(config, sort_keys=False))
         return path
 
     def write_incluster(self, directory: Path, *, user: str, namespace: str | None = None) -> InClusterFiles:
@@ -579,8 +579,7 @@ class RunningKubeApi:
             namespace_file=directory / "namespace",
             environ={"KUBERNETES_SERVICE_HOST": self._host, "KUBERNETES_SERVICE_PORT": str(self._port)},
         )
-        files.token_file.write_text(self.token(user))
-        files.token_file.chmod(0o600)
+        write_private(files.token_file, self.token(user))
         files.ca_file.write_bytes(self.ca_file.read_bytes())
         files.namespace_file.write_text(namespace or self.namespace)
         return files

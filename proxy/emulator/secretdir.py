@@ -38,6 +38,15 @@ def _current_payload_dir(root: Path) -> str | None:
     return target if target.startswith("..") and "/" not in target else None
 
 
+def write_private(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write a file that holds a secret: created with mode 0600 (never readable by others, not even briefly)."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+
+
 def write_secret_dir(path: str | os.PathLike[str], data: Mapping[str, str | bytes], *, file_mode: int = 0o600) -> None:
     """Make `path` hold exactly `data` (key -> content), switching over atomically like kubelet does.
 

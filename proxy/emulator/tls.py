@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.emulator.secretdir import write_private
 
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 VALIDITY = datetime.timedelta(days=365)
@@ -55,12 +56,6 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
         except ValueError:
             names.append(x509.DNSName(host))
     return x509.SubjectAlternativeName(names)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def make_local_tls(directory: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS) -> LocalTls:
@@ -135,7 +130,7 @@ def make_local_tls(directory: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS) -> 
     tls = LocalTls(ca_file=directory / "ca.pem", cert_file=directory / "server.pem", key_file=directory / "server.key")
     tls.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     tls.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
+    write_private(
         tls.key_file,
         server_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
