@@ -38,6 +38,7 @@ from proxy.credentials.mlserver import MlServerSource
 from proxy.credentials.secret_keys import SecretKeyProvider
 from proxy.forwarding import ProxyHandler, ProxyServer, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
+from proxy.kube.client import KubeApi
 from proxy.kube.runtime import KubeRuntime
 from proxy.logs import event
 from proxy.metrics import Metrics, RouteMetrics
@@ -60,10 +61,12 @@ def build_provider(
     metrics: Metrics,
     route_metrics: RouteMetrics,
     clock: Clock,
+    kube: KubeApi | None = None,
     events: EventSink = NO_EVENTS,
     kube_runtime: KubeRuntime | None = None,
 ) -> CredentialProvider:
-    """The credential provider for one route: key files, or a refresher around the kind's token source."""
+    """The credential provider for one route: key files, or a refresher around the kind's token source (shared
+    across replicas through the Kubernetes API when the route has `share`)."""
     auth = route.auth
     if auth.type == KEY_FILE:
         if auth.primary_secret_ref is not None and kube_runtime is not None:
@@ -94,7 +97,7 @@ def build_provider(
         }
         source = kinds[auth.type](auth=auth, identity=identity, clock=clock)
     assert auth.refresh is not None
-    return Refresher(
+    refresher = Refresher(
         route=route.name,
         source=source,
         header=auth.header,
@@ -104,6 +107,19 @@ def build_provider(
         metrics=route_metrics,
         clock=clock,
         events=events,
+    )
+    if route.share is None or kube is None:
+        return refresher
+    from proxy.kube.share import build_shared  # the kubernetes client loads only when a route shares
+
+    return build_shared(
+        route=route.name,
+        share=route.share,
+        refresher=refresher,
+        kube=kube,
+        timeout=auth.refresh.timeout_seconds,
+        metrics=metrics,
+        clock=clock,
     )
 
 
@@ -127,7 +143,9 @@ class ProxyService:
         self.lifecycle = Lifecycle()
         self.routes: list[RouteRuntime] = []
         self.clock = clock or SystemClock()
-        self.kube_runtime = KubeRuntime.build(settings, api=None, metrics=self.metrics, clock=self.clock)
+        self.kube = KubeApi(settings.kubernetes) if any(r.share for r in settings.routes) else None
+        self.kube_runtime = KubeRuntime.build(settings, api=self.kube, metrics=self.metrics, clock=self.clock)
+        self.kube = self.kube_runtime.api if self.kube_runtime is not None else self.kube
         events = self.kube_runtime.events if self.kube_runtime is not None else NO_EVENTS
         for route in settings.routes:
             rm = self.metrics.for_route(route.name, region=route.region, kind=route.auth.type)
@@ -136,6 +154,7 @@ class ProxyService:
                 metrics=self.metrics,
                 route_metrics=rm,
                 clock=self.clock,
+                kube=self.kube,
                 events=events,
                 kube_runtime=self.kube_runtime,
             )
@@ -206,6 +225,8 @@ class ProxyService:
             if rt.session is not None:
                 await rt.session.close()
                 rt.session = None
+        if self.kube is not None:
+            self.kube.close()
         if self.kube_runtime is not None:
             await self.kube_runtime.stop()
         if self._admin_runner is not None:

@@ -32,6 +32,9 @@ AUTH_TYPES = (KEY_FILE, AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD, ML
 TOKEN_TYPES = (AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD, MLSERVER, JWT_FILE)
 REFRESHED_TYPES = (*TOKEN_TYPES, AML_KEYS)
 CONTROL_PLANE_TYPES = (AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN)
+# Token kinds one replica may fetch for all (share.*): not mlserver (its fetcher revokes the token at shutdown,
+# and renewal needs that replica's refresh token) and not jwt-file (nothing is fetched).
+SHARED_TYPES = (AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD)
 IDENTITY_TYPES = (AML_KEYS, AML_SERVICE_TOKEN, AML_ENDPOINT_TOKEN, AAD)
 IDENTITY_KINDS = ("workload", "managed", "client_secret")
 ARM_URL = "https://management.azure.com"
@@ -172,6 +175,16 @@ class Auth:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Share:
+    """One replica per route fetches the token (the Lease holder) and writes it to a Secret the others read."""
+
+    lease: str
+    secret: str
+    lease_seconds: int
+    renew_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     """Bounds on what callers may make the proxy hold (see docs/security.md)."""
 
@@ -196,6 +209,7 @@ class Route:
     timeouts: Timeouts
     pool: Pool
     auth: Auth
+    share: Share | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,7 +244,7 @@ class Settings:
     kubernetes: Kubernetes = field(default_factory=lambda: Kubernetes())
 
     def uses_kubernetes(self) -> bool:
-        return self.kubernetes.events or any(r.auth.secret_refs() for r in self.routes)
+        return self.kubernetes.events or any(r.auth.secret_refs() or r.share for r in self.routes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -644,6 +658,38 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         minimum=0.01,
         types=REFRESHED_TYPES,
     ),
+    Leaf(
+        "share.lease",
+        "optstr",
+        None,
+        "Lease that elects the one replica that fetches this route's token for all; unset: each fetches its own.",
+        types=SHARED_TYPES,
+    ),
+    Leaf(
+        "share.secret",
+        "optstr",
+        None,
+        "Secret the elected replica writes the token to and the others watch. Default: <share.lease>-token.",
+        types=SHARED_TYPES,
+    ),
+    Leaf(
+        "share.lease_seconds",
+        "int",
+        15,
+        "Lease duration: a leader not heard of this long is replaced.",
+        minimum=1,
+        maximum=3600,
+        types=SHARED_TYPES,
+    ),
+    Leaf(
+        "share.renew_seconds",
+        "float",
+        5.0,
+        "How often the leader renews the Lease and the others try to take it.",
+        minimum=0.1,
+        maximum=3600,
+        types=SHARED_TYPES,
+    ),
 )
 
 
@@ -893,7 +939,41 @@ def _check_route(values: dict[str, Any], where: str, problems: _Problems) -> URL
         for key in ("auth.identity.client_secret_file", "auth.identity.tenant_id", "auth.identity.client_id"):
             if values.get(key) is None and not (key.endswith("_file") and secret_ref is not None):
                 problems.add(f"{where}{key}", "is required with auth.identity.type 'client_secret'")
+    if auth_type in SHARED_TYPES:
+        _check_share(values, where, problems)
     return url
+
+
+def _check_share(values: dict[str, Any], where: str, problems: _Problems) -> None:
+    """share.*: Kubernetes names, and the timing rule that lets a new leader refresh before the refresh time."""
+    lease, secret = values["share.lease"], values["share.secret"]
+    lease_seconds, renew = values["share.lease_seconds"], values["share.renew_seconds"]
+    if lease is None:
+        if secret is not None:
+            problems.add(f"{where}share.secret", "is only used with share.lease")
+        return
+    for key, name in (("share.lease", lease), ("share.secret", secret)):
+        if isinstance(name, str) and not _DNS_SUBDOMAIN_RE.match(name):
+            problems.add(
+                f"{where}{key}", f"{_fmt(name)} is not allowed; a Kubernetes name: a-z, 0-9, '-' and '.', at most 253"
+            )
+    if isinstance(lease, str) and secret is None and len(lease) > 247:
+        problems.add(f"{where}share.lease", "is too long for the default share.secret <lease>-token; set share.secret")
+    if not isinstance(lease_seconds, int) or not isinstance(renew, float):
+        return
+    if renew >= lease_seconds:
+        problems.add(
+            f"{where}share.renew_seconds",
+            f"{renew:g} is not allowed; expected less than share.lease_seconds ({lease_seconds})",
+        )
+    margin = values["auth.refresh.margin_seconds"]
+    if isinstance(margin, float) and lease_seconds + renew > margin:
+        problems.add(
+            f"{where}share.lease_seconds",
+            f"{lease_seconds} + share.renew_seconds {renew:g} is more than auth.refresh.margin_seconds ({margin:g}): "
+            "a replica taking over from a dead leader would refresh after the token's refresh time; "
+            "raise auth.refresh.margin_seconds to at least lease_seconds + renew_seconds",
+        )
 
 
 def _check_secret_refs(values: dict[str, Any], where: str, problems: _Problems) -> None:
@@ -1059,6 +1139,19 @@ def _build_route(values: dict[str, Any], url: URL) -> Route:
             keepalive_seconds=values["pool.keepalive_seconds"],
         ),
         auth=_build_auth(values),
+        share=_build_share(values),
+    )
+
+
+def _build_share(values: dict[str, Any]) -> Share | None:
+    lease = values["share.lease"]
+    if lease is None:
+        return None
+    return Share(
+        lease=lease,
+        secret=values["share.secret"] or f"{lease}-token",
+        lease_seconds=values["share.lease_seconds"],
+        renew_seconds=values["share.renew_seconds"],
     )
 
 

@@ -80,6 +80,8 @@ class Metrics:
             ("route",),
             registry=r,
         )
+        self.share_role = Gauge(f"{NS}_share_role", "Shared token role (1 = current).", ("route", "role"), registry=r)
+        self.share_transitions = Counter(f"{NS}_share_transitions", "Changes of share role.", ("route",), registry=r)
         self.route_ready = Gauge(
             f"{NS}_route_ready", "1 when the route has a usable credential.", ("route",), registry=r
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,6 +153,10 @@ class Refresher:
         self._last_reason = ""
         self._inflight: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Sharing (proxy/kube/share.py): a follower adopts tokens instead of fetching on schedule, and a leader
+        # publishes each token it fetches.
+        self._scheduling = True
+        self.on_fetched: Callable[[Token], None] | None = None
 
     # -- the request path ------------------------------------------------------------------------------------
 
@@ -222,10 +227,10 @@ class Refresher:
 
     async def _schedule_loop(self) -> None:
         while True:
-            delay = self._next_at - self._clock.time()
+            delay = self._next_at - self._clock.time() if self._scheduling else math.inf
             if delay > 0:
                 self._wake.clear()
-                sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+                sleeper = asyncio.ensure_future(self._clock.sleep(min(delay, 86400.0)))
                 waker = asyncio.ensure_future(self._wake.wait())
                 try:
                     await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
@@ -246,6 +251,39 @@ class Refresher:
             except Exception as exc:  # shutdown must go on
                 event(log, logging.WARNING, "revoke_failed", route=self._route, error_type=type(exc).__name__)
         await self._source.close()
+
+    # -- sharing ---------------------------------------------------------------------------------------------
+
+    def adopt(self, token: Token) -> str | None:
+        """Install a token another replica fetched; schedule nothing. Returns why it was refused, or None."""
+        now = self._clock.time()
+        if not _header_safe(token.value) or token.secondary is not None:
+            return "the shared credential contains control characters or spaces"
+        if token.expires_at is None or token.expires_at <= now:
+            return "the shared token has expired"
+        self._install(token)
+        self._metrics.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=self._failures)
+        return None
+
+    def pause(self) -> None:
+        """Stop fetching on schedule (a follower: the leader fetches). Forced refreshes still fetch."""
+        self._scheduling = False
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Fetch on schedule again, from the token now installed (adopted or fetched)."""
+        if self._scheduling:
+            return
+        self._scheduling = True
+        now = self._clock.time()
+        token = self._token
+        self._next_at = now if token is None or self.current is None else self._schedule(token, now)
+        self._wake.set()
+
+    @property
+    def token(self) -> Token | None:
+        """The installed token (secret: for the share module only, never for logs)."""
+        return self._token
 
     async def refresh_now(self, reason: str) -> None:
         """Fetch now, or join the fetch already in flight."""
@@ -300,6 +338,8 @@ class Refresher:
         self._last_success = now
         self._next_at = self._schedule(token, now)
         m.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=0)
+        if self.on_fetched is not None:
+            self.on_fetched(token)
         level = logging.INFO if recovered or reason in ("startup", "unauthorized", "operator") else logging.DEBUG
         event(
             log,

@@ -20,6 +20,8 @@ def test_every_metric_and_label_is_documented_and_nothing_else() -> None:
     metrics.rejected.labels("no_route").inc()
     metrics.entra_requests.labels("workload", "acquired").inc()
     metrics.entra_duration.labels("workload").observe(0.1)
+    metrics.share_role.labels("r", "leader").set(1)
+    metrics.share_transitions.labels("r").inc()
     exposed: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
