@@ -72,6 +72,24 @@ async def test_no_target_reaches_another_host(two_routes: Any, target: str, host
     assert two_routes.seen == {"a": [], "b": []}
 
 
+@pytest.mark.parametrize("target", ["http://169.254.169.254/x", "https://evil.example/", "evil.example:443", "*"])
+async def test_non_origin_targets_get_400_even_behind_a_catch_all_route(
+    serve: Any, make_proxy: ProxyFactory, key_dir: Any, target: str
+) -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.Response(text="reached")
+
+    app = web.Application()
+    app.router.add_route("*", "/{t:.*}", record)
+    svc = await make_proxy({"name": "all", "match": "/", "upstream": await serve(app), "auth": key_dir(new_key("all"))})
+    answer = await raw(svc.proxy_port, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+    assert status(answer) == 400, answer[:120]
+    assert seen == []
+
+
 async def test_the_host_header_never_picks_the_upstream(two_routes: Any) -> None:
     answer = await raw(two_routes.proxy_port, b"GET /a/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
     assert status(answer) == 200 and answer.endswith(b"a")
