@@ -78,6 +78,7 @@ class EventRecorder:
         self._sent: OrderedDict[tuple[str, str, str], _Sent] = OrderedDict()
         self._uid: str | None = None
         self._last_failure: str | None = None
+        self._seq = 0
 
     # -- EventSink -----------------------------------------------------------------------------------------------
 
@@ -143,7 +144,8 @@ class EventRecorder:
                 self._uid = pod.metadata.uid
             except Exception as exc:  # no `get` on pods: name the pod without its UID
                 self._debug_once(api_error(exc, verb="get", what=f"Pod {self._namespace}/{self._pod}").reason)
-        name = f"{self._pod}.{int(report.at * 1e9):x}"
+        self._seq += 1  # two reports in one clock tick (a manual clock) still get distinct names
+        name = f"{self._pod}.{int(report.at * 1e9) + self._seq:x}"
         at = _time(report.at)
         event = k8s.CoreV1Event(
             metadata=k8s.V1ObjectMeta(name=name, namespace=self._namespace),
