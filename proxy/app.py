@@ -40,7 +40,7 @@ from proxy.forwarding import ProxyHandler, ProxyServer, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
 from proxy.kube.client import KubeApi
 from proxy.kube.runtime import KubeRuntime
-from proxy.logs import event
+from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.refresher import Refresher, TokenSource
 
@@ -162,7 +162,7 @@ class ProxyService:
         self.handler = ProxyHandler(
             router=Router(self.routes),
             metrics=self.metrics,
-            access_log_enabled=settings.access_log,
+            access_log=AccessLog() if settings.access_log else None,
             limits=settings.limits,
         )
         self.admin_app = create_admin_app(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)

@@ -12,7 +12,6 @@ import logging
 import re
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,14 +28,14 @@ from proxy.headers import (
     CLIENT_REQUEST_ID,
     REQUEST_ID,
     downstream_response_headers,
+    new_request_id,
     request_id,
     upstream_request_headers,
 )
-from proxy.logs import event
+from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
 
 log = logging.getLogger("aml_auth_proxy.forwarding")
-access_log = logging.getLogger("aml_auth_proxy.access")
 
 _READ_CHUNK = 1 << 16
 
@@ -236,17 +235,22 @@ class ProxyHandler:
     """The single handler of the proxy port."""
 
     def __init__(
-        self, *, router: Router, metrics: Metrics, access_log_enabled: bool, limits: Limits | None = None
+        self,
+        *,
+        router: Router,
+        metrics: Metrics,
+        access_log: AccessLog | None,
+        limits: Limits | None = None,
     ) -> None:
         self.router = router
         self.metrics = metrics
-        self.access_log_enabled = access_log_enabled
+        self.access_log = access_log
         self.limits = limits or Limits()
         self.in_flight = 0
 
     def _reject(self, status: int, error: str, reason: str, *, route: str | None, rid: str | None) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
-        return json_error(status, error, route=route, rid=rid or uuid.uuid4().hex)
+        return json_error(status, error, route=route, rid=rid or new_request_id())
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         limits = self.limits
@@ -299,23 +303,19 @@ class ProxyHandler:
             self.in_flight -= 1
             elapsed = time.perf_counter() - start
             rm.request_done(request.method, status, elapsed)
-            if self.access_log_enabled:
-                access_log.info(
-                    "access",
-                    extra={
-                        "event": "access",
-                        "fields": {
-                            "route": rt.name,
-                            "method": request.method,
-                            "path": path,
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 3),
-                            "request_id": rid,
-                            "bytes_in": request.content_length,
-                            "bytes_out": sent,
-                            "upstream_ms": round(upstream_s * 1000, 3),
-                        },
-                    },
+            if self.access_log is not None:
+                self.access_log.write(
+                    {
+                        "route": rt.name,
+                        "method": request.method,
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "request_id": rid,
+                        "bytes_in": request.content_length,
+                        "bytes_out": sent,
+                        "upstream_ms": round(upstream_s * 1000, 3),
+                    }
                 )
         return response
 
@@ -391,11 +391,18 @@ class ProxyHandler:
     async def _relay(
         self, request: web.BaseRequest, rt: RouteRuntime, upstream: aiohttp.ClientResponse, rid: str, waited: float
     ) -> _Outcome:
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=downstream_response_headers(upstream.headers, rid=rid),
-        )
+        headers = downstream_response_headers(upstream.headers, rid=rid)
+        content = upstream.content
+        if content.is_eof() and request.method != "HEAD" and upstream.status not in (204, 304):
+            # The whole answer came with its head (most scoring answers): one buffered write, no streaming.
+            body = content.read_nowait()
+            return (
+                web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body),
+                upstream.status,
+                len(body),
+                waited,
+            )
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         sent = 0
         try:
             await response.prepare(request)
@@ -498,7 +505,7 @@ class _ProxyRequestHandler(web.RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the answer has started; the connection is closed instead")
         status, reason = parse_error(exc, status)
-        rid = uuid.uuid4().hex
+        rid = new_request_id()
         server = self._manager
         if isinstance(server, ProxyServer):
             server.metrics.rejected.labels("too_large" if status in (414, 431) else "bad_http").inc()

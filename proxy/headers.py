@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -42,11 +42,16 @@ def connection_tokens(values: Iterable[str]) -> set[str]:
     return names
 
 
+def new_request_id() -> str:
+    """32 random hex digits, like uuid4().hex without building a UUID (a measurable cost per request)."""
+    return os.urandom(16).hex()
+
+
 def request_id(headers: CIMultiDictProxy[str]) -> str | None:
     """The caller's request id, a fresh one when absent, or None when the caller's is unusable."""
     rid = headers.get(CLIENT_REQUEST_ID) or headers.get(REQUEST_ID)
     if rid is None:
-        return uuid.uuid4().hex
+        return new_request_id()
     return rid if _REQUEST_ID_RE.match(rid) else None
 
 

@@ -6,10 +6,12 @@ value the proxy loads is registered here, and any formatted line that still cont
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 LOGGER_NAME = "aml_auth_proxy"
@@ -70,6 +72,42 @@ class JsonFormatter(logging.Formatter):
         return REDACTOR.scrub(line) if self.redact else line
 
 
+class AccessLog:
+    """The access log: one JSON line per request in the same shape as JsonFormatter's, built with one
+    `json.dumps` (no LogRecord, no handler lock) and written in batches, one write per event-loop turn.
+
+    At thousands of requests a second the stdlib path (a LogRecord, a lock, a format and a flushed write per
+    line) cost about a third of the proxy's CPU. Lines are written before the loop waits for I/O again, so a
+    crash loses at most the lines of one loop turn.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream  # None: sys.stdout as it is at write time
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def write(self, fields: dict[str, Any]) -> None:
+        doc = {"ts": round(time.time(), 3), "level": "info", "logger": "aml_auth_proxy.access", "event": "access"}
+        doc.update(fields)
+        self._lines.append(REDACTOR.scrub(json.dumps(doc, default=str, separators=(",", ":"))))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        stream = self._stream or sys.stdout
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stdout must not fail requests
+            pass
+
+
 def setup(level: str = "info", *, stream: TextIO | None = None) -> None:
     """Route our logger (and aiohttp's) to JSON lines on stdout."""
     handler = logging.StreamHandler(stream or sys.stdout)
@@ -79,6 +117,10 @@ def setup(level: str = "info", *, stream: TextIO | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # No caller lookup, thread or process names per record: our lines do not show them.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # aiohttp's own access logger is off; ours writes one line per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

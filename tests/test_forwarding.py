@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
-import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +16,7 @@ import trustme
 from aiohttp import web
 
 from proxy.emulator.echo import create_echo_app
+from proxy.logs import AccessLog
 from tests.conftest import LOG_DIR, ProxyFactory, new_key
 
 Serve = Callable[..., Awaitable[str]]
@@ -431,14 +432,17 @@ async def test_keep_alive_connections_are_reused(proxy: Any) -> None:
     assert sum(len(v) for v in connector._conns.values()) == 1  # one idle pooled connection served all 20
 
 
-async def test_access_log_line_per_request_without_credentials(proxy: Any, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="aml_auth_proxy.access"):
-        _resp, _seen = await echo_call(
-            proxy, "POST", "/q?secret-looking=1", data=b"12345", headers={"x-request-id": "rid-1"}
-        )
-    records = [r for r in caplog.records if getattr(r, "event", None) == "access"]
-    assert len(records) == 1
-    fields = records[0].fields  # type: ignore[attr-defined]
+async def test_access_log_line_per_request_without_credentials(proxy: Any) -> None:
+    buffer = io.StringIO()
+    proxy.handler.access_log = AccessLog(buffer)
+    _resp, _seen = await echo_call(
+        proxy, "POST", "/q?secret-looking=1", data=b"12345", headers={"x-request-id": "rid-1"}
+    )
+    await asyncio.sleep(0)  # the batch is written at the end of the loop turn
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 1
+    fields = json.loads(lines[0])
+    assert fields["event"] == "access" and fields["logger"] == "aml_auth_proxy.access" and fields["level"] == "info"
     assert fields["route"] == "echo" and fields["status"] == 200 and fields["request_id"] == "rid-1"
     assert fields["method"] == "POST" and fields["bytes_in"] == 5 and fields["bytes_out"] > 0
     assert fields["path"] == "/q"  # no query string: it may carry secrets

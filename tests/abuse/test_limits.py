@@ -92,10 +92,7 @@ async def test_an_oversized_header_field_gets_431_and_its_bytes_are_never_echoed
     remember(caller_secret)
     before = (LOG_DIR / "in-process.log").read_text()
     request = (
-        b"GET /score HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
-        + caller_secret.encode()
-        + b"x" * 5000
-        + b"\r\n\r\n"
+        b"GET /score HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + caller_secret.encode() + b"x" * 5000 + b"\r\n\r\n"
     )
     status, headers, body = await exchange(limited.proxy_port, request)
     document = assert_json_error(status, headers, body, 431)
