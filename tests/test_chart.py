@@ -175,6 +175,9 @@ def pod_specs_everywhere(objs: tuple[Obj, ...] | list[Obj]) -> Iterator[Obj]:
             yield obj["spec"]
 
 
+# The ci files that turn on a feature calling the Kubernetes API (and so get a Role and the API token).
+KUBE_API_FILES = ("secret-watch-values.yaml", "events-values.yaml", "share-values.yaml")
+
 STANDALONE_FILES = [
     f for f in CI_FILES if (yaml.safe_load((CI_DIR / f).read_text()) or {}).get("standalone", {}).get("enabled", True)
 ]
@@ -198,6 +201,7 @@ def test_there_is_a_ci_values_file_per_feature() -> None:
         "token-auth-values.yaml",
         "monitoring-values.yaml",
         "sidecar-only-values.yaml",
+        *KUBE_API_FILES,
     }
     assert expected <= set(CI_FILES)
 
@@ -274,7 +278,12 @@ def test_rendered_proxy_config_passes_the_proxys_own_check(ci_file: str, tmp_pat
     config = tmp_path / "config.yaml"
     config.write_text(proxy_config(render_ci(ci_file)))
     # AML_AUTH_PROXY_* variables override the file: keep any from the test environment out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AML_AUTH_PROXY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AML_AUTH_PROXY_", "POD_"))}
+    # The downward API variables the chart gives the proxy, as kubelet would fill them in.
+    for spec in pod_specs_everywhere(render_ci(ci_file)):
+        for container in all_containers(spec):
+            if container["name"] == "aml-auth-proxy":
+                env.update({e["name"]: f"demo-{e['name'].lower()}" for e in downward_env(container)})
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "check-config", "--config", str(config)],
         capture_output=True,
@@ -336,6 +345,9 @@ def test_notes_render_for_standalone_and_sidecar_mode() -> None:
         ({"prometheusRule": {"thresholds": {"upstream5xxRatio": 5}}}, "at '/prometheusRule/thresholds/upstream5x"),
         ({"grafanaDashboard": {"label": {}}}, "at '/grafanaDashboard': additional properties 'label' not allowed"),
         ({"podDisruptionBudget": {"minAvailable": "half"}}, "at '/podDisruptionBudget/minAvailable'"),
+        ({"config": {"kubernetes": {"events": True}}}, "at '/config/kubernetes': additional properties 'events'"),
+        ({"rbac": {"extraSecretNames": ["Bad_Name"]}}, "at '/rbac/extraSecretNames/0'"),
+        ({"events": {"enabled": "yes"}}, "at '/events/enabled': got string, want boolean"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_readable_message(values: Obj, message: str) -> None:
@@ -427,6 +439,11 @@ def test_schema_rejects_bad_values_with_a_readable_message(values: Obj, message:
             },
             KUBE_VERSION,
             "sidecar.extraEnv[0] (TOKEN) reads a Secret into an environment variable",
+        ),
+        (
+            {"events": {"enabled": True}, "sidecar": {"extraEnv": [{"name": "POD_NAME", "value": "x"}]}},
+            KUBE_VERSION,
+            "sidecar.extraEnv[0] sets POD_NAME, which the chart already sets from the downward API",
         ),
         (
             {"secrets": {"existingSecret": ""}},
@@ -536,7 +553,7 @@ def test_proxy_container_and_pod_are_hardened(ci_file: str) -> None:
         "requests": {"cpu": "50m", "memory": "64Mi"},
         "limits": {"cpu": "500m", "memory": "256Mi"},
     }
-    assert spec["automountServiceAccountToken"] is False
+    assert spec["automountServiceAccountToken"] is (ci_file in KUBE_API_FILES)
 
 
 @pytest.mark.parametrize("ci_file", STANDALONE_FILES)
@@ -723,6 +740,169 @@ def test_existing_service_account_is_used_by_name() -> None:
     objs = render_ok(deep_merge(BASE, {"serviceAccount": {"create": False, "name": "scoring-sa"}}))
     assert not find(objs, "ServiceAccount")
     assert pod_spec(objs)["serviceAccountName"] == "scoring-sa"
+
+
+# --- Kubernetes API features: RBAC, API token, downward API -------------------------------------------------------
+
+SECRET_WATCH_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
+EVENTS_RULES = [
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+]
+LEASE_RULE = {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "update"]}
+LEASE_CREATE_RULE = {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}
+SHARED_SECRET_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "update"]}
+SECRET_CREATE_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}
+DOWNWARD_ENV = [
+    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+]
+
+
+def downward_env(container: Obj) -> list[Obj]:
+    return [e for e in container.get("env", []) if e["name"] in ("POD_NAME", "POD_NAMESPACE")]
+
+
+def named(rule: Obj, names: list[str]) -> Obj:
+    return {**rule, "resourceNames": names}
+
+
+def role_rules(objs: tuple[Obj, ...] | list[Obj], namespace: str = NAMESPACE) -> list[Obj]:
+    """The rules of the one Role in `namespace`, after checking its RoleBinding binds it to the chart's account."""
+    here = [o for o in objs if o["metadata"].get("namespace") == namespace]
+    role, binding = one(here, "Role", FULLNAME), one(here, "RoleBinding", FULLNAME)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": FULLNAME}
+    account = pod_spec(objs)["serviceAccountName"] if find(objs, "Deployment") else FULLNAME
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    rules: list[Obj] = role["rules"]
+    return rules
+
+
+def kube_config(objs: tuple[Obj, ...] | list[Obj]) -> Obj:
+    config: Obj = yaml.safe_load(proxy_config(objs))["kubernetes"]
+    return config
+
+
+def validate_all(objs: tuple[Obj, ...] | list[Obj]) -> None:
+    for obj in objs:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("ci_file", [f for f in CI_FILES if f not in KUBE_API_FILES])
+def test_no_role_no_binding_and_no_api_token_without_a_kubernetes_feature(ci_file: str) -> None:
+    objs = render_ci(ci_file)
+    assert not find(objs, "Role") and not find(objs, "RoleBinding")
+    assert kube_config(objs) == {"events": False}  # never left to POD_NAME/POD_NAMESPACE
+    for spec in pod_specs_everywhere(objs):
+        assert spec["automountServiceAccountToken"] is False
+        for container in all_containers(spec):
+            assert not downward_env(container), f"ci/{ci_file}: {container['name']}"
+
+
+def test_default_values_have_every_kubernetes_feature_off() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["events"] == {"enabled": False}
+    assert values["rbac"] == {"create": True, "extraSecretNames": []}
+    assert values["config"]["kubernetes"] == {}
+    objs = render_ok(BASE)
+    assert not find(objs, "Role") and not find(objs, "RoleBinding")
+    assert pod_spec(objs)["automountServiceAccountToken"] is False
+
+
+def test_secret_watch_grants_get_list_watch_on_exactly_the_named_secrets() -> None:
+    objs = render_ci("secret-watch-values.yaml")
+    # The routes' primary/secondary refs (one Secret) and the identity's client secret, plus rbac.extraSecretNames.
+    assert role_rules(objs) == [named(SECRET_WATCH_RULE, ["fraud-keys-next", "managed-sp", "scoring-endpoint-keys"])]
+    spec = pod_spec(objs)
+    assert spec["automountServiceAccountToken"] is True
+    assert not downward_env(proxy_container(spec))  # the Secret watch needs no pod name
+    assert kube_config(objs) == {"events": False}
+    only_extra = render_ok(deep_merge(BASE, {"rbac": {"extraSecretNames": ["keys-b", "keys-a"]}}))
+    assert role_rules(only_extra) == [named(SECRET_WATCH_RULE, ["keys-a", "keys-b"])]
+    assert pod_spec(only_extra)["automountServiceAccountToken"] is True
+
+
+def test_events_grant_create_patch_on_events_and_get_on_pods_and_set_the_downward_api() -> None:
+    objs = render_ci("events-values.yaml")
+    assert role_rules(objs) == EVENTS_RULES
+    spec = pod_spec(objs)
+    assert spec["automountServiceAccountToken"] is True
+    proxy = proxy_container(spec)
+    assert proxy["env"][:2] == DOWNWARD_ENV
+    assert kube_config(objs) == {"events": True}
+    for container in spec["containers"]:
+        if container["name"] != "aml-auth-proxy":
+            assert not downward_env(container)  # the app is left alone
+
+
+def test_share_grants_the_named_leases_and_secrets_plus_create() -> None:
+    objs = render_ci("share-values.yaml")
+    assert role_rules(objs) == [
+        named(LEASE_RULE, ["managed-token-leader", "risk-token-leader"]),
+        LEASE_CREATE_RULE,
+        # share.secret where set, else the proxy's default <share.lease>-token
+        named(SHARED_SECRET_RULE, ["managed-token-leader-token", "risk-shared-token"]),
+        SECRET_CREATE_RULE,
+    ]
+    spec = pod_spec(objs)
+    assert spec["automountServiceAccountToken"] is True
+    assert proxy_container(spec)["env"] == DOWNWARD_ENV  # the Lease holder is the pod
+    assert kube_config(objs) == {"events": False}  # POD_NAME alone does not turn Events on
+
+
+def test_features_together_get_each_rule_once_and_other_secrets_stay_out() -> None:
+    routes = [
+        {
+            **BASE["config"]["routes"][0],
+            "auth": {"type": "key", "primary_secret_ref": {"name": "keys", "key": "primaryKey"}},
+        },
+        {
+            "name": "shared",
+            "match": "/shared",
+            "upstream": "https://managed.westeurope.inference.ml.azure.com",
+            "auth": {"type": "aad", "identity": {"type": "managed"}, "refresh": {"margin_seconds": 60}},
+            "share": {"lease": "shared-leader"},
+        },
+    ]
+    values = deep_merge(BASE, {"events": {"enabled": True}, "config": {"routes": routes}})
+    objs = render_ok(values)
+    validate_all(objs)
+    assert role_rules(objs) == [
+        named(SECRET_WATCH_RULE, ["keys"]),
+        *EVENTS_RULES,
+        named(LEASE_RULE, ["shared-leader"]),
+        LEASE_CREATE_RULE,
+        named(SHARED_SECRET_RULE, ["shared-leader-token"]),
+        SECRET_CREATE_RULE,
+    ]
+    # The mounted Secret (secrets.existingSecret) is read by kubelet, not by the proxy: not in any rule.
+    assert all("scoring-endpoint-keys" not in r.get("resourceNames", []) for r in role_rules(objs))
+    proxy = proxy_container(pod_spec(objs))
+    assert [e["name"] for e in proxy["env"]] == ["POD_NAME", "POD_NAMESPACE"]  # once, however many features
+
+    # Secrets and Leases in another namespace: their rules go to a Role there, Events stay in the pod's.
+    elsewhere = render_ok(deep_merge(values, {"config": {"kubernetes": {"namespace": "ml-secrets"}}}))
+    validate_all(elsewhere)
+    assert role_rules(elsewhere) == EVENTS_RULES
+    assert role_rules(elsewhere, "ml-secrets") == [r for r in role_rules(objs) if r not in EVENTS_RULES]
+    assert kube_config(elsewhere) == {"namespace": "ml-secrets", "events": True}
+
+
+def test_rbac_create_false_renders_no_role_but_the_feature_still_gets_its_token() -> None:
+    values = deep_merge(BASE, {"events": {"enabled": True}, "rbac": {"create": False}})
+    objs = render_ok(values)
+    assert not find(objs, "Role") and not find(objs, "RoleBinding")
+    spec = pod_spec(objs)
+    assert spec["automountServiceAccountToken"] is True
+    assert proxy_container(spec)["env"] == DOWNWARD_ENV
+
+
+def test_role_binding_names_an_existing_service_account() -> None:
+    values = deep_merge(BASE, {"events": {"enabled": True}, "serviceAccount": {"create": False, "name": "scoring-sa"}})
+    objs = render_ok(values)
+    binding = one(objs, "RoleBinding", FULLNAME)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "scoring-sa", "namespace": NAMESPACE}]
 
 
 # --- network policy, PDB, services and monitors ----------------------------------------------------------------
@@ -922,3 +1102,28 @@ def test_sidecar_template_renders_a_container_in_a_parent_chart(
     assert spec["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"] == "rel-aml-auth-proxy"
     metrics = one(objs, "Service", "rel-aml-auth-proxy-metrics")
     assert selects(metrics["spec"]["selector"], template["metadata"]["labels"])
+
+
+def test_sidecar_template_in_a_parent_chart_gets_the_downward_api_and_the_api_token(
+    parent_chart: Path, tmp_path: Path
+) -> None:
+    # As README shows it, the parent's pod takes automountServiceAccountToken from the subchart's helper.
+    plain = parse_manifests(helm("template", "rel", str(parent_chart), "--namespace", NAMESPACE).stdout)
+    spec = one(plain, "Deployment", "rel-scoring-client")["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert not downward_env(proxy_container(spec))
+    assert not find(plain, "Role")
+
+    on = tmp_path / "on.yaml"
+    on.write_text(yaml.safe_dump({"aml-auth-proxy": {"events": {"enabled": True}}}))
+    result = helm("template", "rel", str(parent_chart), "--namespace", NAMESPACE, "-f", str(on))
+    assert result.returncode == 0, result.stderr
+    objs = parse_manifests(result.stdout)
+    validate_all(objs)
+    spec = one(objs, "Deployment", "rel-scoring-client")["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is True
+    assert proxy_container(spec)["env"] == DOWNWARD_ENV
+    assert one(objs, "Role", "rel-aml-auth-proxy")["rules"] == EVENTS_RULES
+    binding = one(objs, "RoleBinding", "rel-aml-auth-proxy")
+    account = {"kind": "ServiceAccount", "name": spec["serviceAccountName"], "namespace": NAMESPACE}
+    assert binding["subjects"] == [account]

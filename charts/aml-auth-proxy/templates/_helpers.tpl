@@ -120,10 +120,62 @@ checksum/config: {{ include "aml-auth-proxy.configData" . | sha256sum }}
 {{- end }}
 {{- end }}
 
+{{/*
+What the proxy asks of the Kubernetes API, collected from the values, as JSON (use with fromJson):
+  watchedSecrets  Secrets read through the API: the routes' auth.primary_secret_ref, auth.secondary_secret_ref
+                  and auth.identity.client_secret_ref names, plus rbac.extraSecretNames (sorted, unique)
+  leases          the routes' share.lease names
+  sharedSecrets   the Secrets those routes share their token through (share.secret, default <share.lease>-token)
+  events          events.enabled
+  podEnv          POD_NAME and POD_NAMESPACE are needed (Events name the pod; a Lease holder is the pod)
+  apiToken        the pod mounts the service account token (a feature above, or serviceAccount.automountToken)
+*/}}
+{{- define "aml-auth-proxy.kubeFeatures" -}}
+{{- $v := .Values }}
+{{- $watched := list }}
+{{- $leases := list }}
+{{- $shared := list }}
+{{- range $route := $v.config.routes }}
+{{- if kindIs "map" $route }}
+{{- $auth := index $route "auth" | default dict }}
+{{- if kindIs "map" $auth }}
+{{- $refs := list (index $auth "primary_secret_ref") (index $auth "secondary_secret_ref") }}
+{{- $identity := index $auth "identity" }}
+{{- if kindIs "map" $identity }}{{ $refs = append $refs (index $identity "client_secret_ref") }}{{ end }}
+{{- range $ref := $refs }}
+{{- if and (kindIs "map" $ref) (kindIs "string" (index $ref "name")) (index $ref "name") }}
+{{- $watched = append $watched (index $ref "name") }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $share := index $route "share" }}
+{{- if and (kindIs "map" $share) (kindIs "string" (index $share "lease")) (index $share "lease") }}
+{{- $leases = append $leases $share.lease }}
+{{- $shared = append $shared (index $share "secret" | default (printf "%s-token" $share.lease)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $v.rbac.extraSecretNames }}{{ $watched = append $watched . }}{{ end }}
+{{- $events := $v.events.enabled }}
+{{- $podEnv := or $events (gt (len $leases) 0) }}
+{{- $apiToken := or $events (gt (len $watched) 0) (gt (len $leases) 0) $v.serviceAccount.automountToken }}
+{{- dict "watchedSecrets" ($watched | uniq | sortAlpha) "leases" ($leases | uniq | sortAlpha) "sharedSecrets" ($shared | uniq | sortAlpha) "events" $events "podEnv" $podEnv "apiToken" $apiToken | toJson }}
+{{- end }}
+
+{{/*
+automountServiceAccountToken for a pod that runs the proxy: "true" when a feature needs the Kubernetes API (Secret
+watch, Events, a shared token) or serviceAccount.automountToken is set, else "false".
+*/}}
+{{- define "aml-auth-proxy.automountServiceAccountToken" -}}
+{{- (include "aml-auth-proxy.kubeFeatures" . | fromJson).apiToken | toString }}
+{{- end }}
+
 {{/* The proxy's config file (docs/configuration.md). Numbers go through toYaml so they never print as 1e+06. */}}
 {{- define "aml-auth-proxy.configFile" -}}
 {{- $c := .Values.config }}
-{{- $doc := dict "listen" $c.listen "admin" $c.admin "shutdown_grace_seconds" $c.shutdown_grace_seconds "log_level" $c.log_level "access_log" $c.access_log "routes" $c.routes -}}
+{{- $kube := deepCopy ($c.kubernetes | default dict) }}
+{{- $_ := set $kube "events" .Values.events.enabled }}
+{{- $doc := dict "listen" $c.listen "admin" $c.admin "shutdown_grace_seconds" $c.shutdown_grace_seconds "log_level" $c.log_level "access_log" $c.access_log "routes" $c.routes "kubernetes" $kube -}}
 # aml-auth-proxy config, rendered by the Helm chart from `config` (docs/configuration.md).
 {{ toYaml $doc }}
 {{- end }}
@@ -154,6 +206,7 @@ The proxy container: ONE list item for `containers:` (plain mode) or `initContai
 {{- define "aml-auth-proxy.sidecar" -}}
 {{- include "aml-auth-proxy.validate" . }}
 {{- $native := eq (include "aml-auth-proxy.native" .) "true" }}
+{{- $kube := include "aml-auth-proxy.kubeFeatures" . | fromJson }}
 {{- $adminPort := int .Values.config.admin.port -}}
 - name: {{ .Values.sidecar.name }}
   image: {{ include "aml-auth-proxy.image" . | quote }}
@@ -167,9 +220,22 @@ The proxy container: ONE list item for `containers:` (plain mode) or `initContai
     - name: proxy-admin
       containerPort: {{ $adminPort }}
       protocol: TCP
-  {{- with .Values.sidecar.extraEnv }}
+  {{- if or $kube.podEnv .Values.sidecar.extraEnv }}
   env:
+    {{- if $kube.podEnv }}
+    # The downward API: Events name this pod, and a shared token's Lease holder is this pod.
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: POD_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    {{- end }}
+    {{- with .Values.sidecar.extraEnv }}
     {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   startupProbe:
     httpGet:
@@ -281,7 +347,11 @@ The proxy container: ONE list item for `containers:` (plain mode) or `initContai
 {{- if eq (int $v.config.admin.port) (int $v.config.listen.port) }}
 {{- fail (printf "config.admin.port and config.listen.port are both %d: the proxy and admin ports must differ" (int $v.config.admin.port)) }}
 {{- end }}
+{{- $kube := include "aml-auth-proxy.kubeFeatures" . | fromJson }}
 {{- range $i, $e := $v.sidecar.extraEnv }}
+{{- if and $kube.podEnv (kindIs "map" $e) (has (toString $e.name) (list "POD_NAME" "POD_NAMESPACE")) }}
+{{- fail (printf "sidecar.extraEnv[%d] sets %s, which the chart already sets from the downward API (events.enabled or a route's share.lease)" $i $e.name) }}
+{{- end }}
 {{- if and (kindIs "map" $e) (kindIs "map" $e.valueFrom) (hasKey $e.valueFrom "secretKeyRef") }}
 {{- fail (printf "sidecar.extraEnv[%d] (%s) reads a Secret into an environment variable: the proxy takes secrets only as files; put it in the mounted Secret (secrets) and point a *_file key at it" $i $e.name) }}
 {{- end }}
