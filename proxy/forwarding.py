@@ -291,7 +291,7 @@ class ProxyHandler:
             return self._reject(404, "no route matches this path", "no_route", route=None, rid=rid)
         rm = rt.metrics
         start = time.perf_counter()
-        rm.in_flight.inc()
+        rm.active += 1
         self.in_flight += 1
         status = 0
         sent = 0
@@ -299,7 +299,7 @@ class ProxyHandler:
         try:
             response, status, sent, upstream_s = await self._forward(request, rt, path, query, rid)
         finally:
-            rm.in_flight.dec()
+            rm.active -= 1
             self.in_flight -= 1
             elapsed = time.perf_counter() - start
             rm.request_done(request.method, status, elapsed)

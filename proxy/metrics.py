@@ -190,7 +190,9 @@ class RouteMetrics:
     def __post_init__(self) -> None:
         m = self.metrics
         self.duration = m.duration.labels(self.route)
-        self.in_flight = m.in_flight.labels(self.route)
+        # In flight: a plain counter the handler bumps, read at scrape time (no lock taken per request).
+        self.active = 0
+        m.in_flight.labels(self.route).set_function(lambda: self.active)
         self.failovers = m.key_failovers.labels(self.route)
         self.retries = m.retries.labels(self.route)
         self.disconnects = m.client_disconnects.labels(self.route)
