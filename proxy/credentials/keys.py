@@ -129,6 +129,22 @@ class KeyPair:
     def _kept(self, slot: str) -> str:
         return "keeping the last good key" if slot in self._keys else "no key loaded"
 
+    def _load_failed(self, logger: logging.Logger, name: str, slot: str, reason: str, **where: str) -> None:
+        """Count a failed load of `slot` and log event `name` at error level, once per distinct reason."""
+        self._metrics.reloads["error"].inc()
+        if self._errors.get(slot) != reason:
+            self._errors[slot] = reason
+            event(
+                logger,
+                logging.ERROR,
+                name,
+                route=self._route,
+                slot=slot,
+                **where,
+                reason=reason,
+                action=self._kept(slot),
+            )
+
     def _set_key(self, slot: str, key: str) -> bool:
         """Install a validated key; True when it is new."""
         if self._keys.get(slot) == key:
@@ -201,19 +217,7 @@ class KeyFileProvider(KeyPair):
                 key = read_key_file(path)
             except KeyFileError as exc:
                 self._sigs[slot] = sig
-                self._metrics.reloads["error"].inc()
-                if self._errors.get(slot) != str(exc):
-                    self._errors[slot] = str(exc)
-                    event(
-                        log,
-                        logging.ERROR,
-                        "key_file_error",
-                        route=self._route,
-                        slot=slot,
-                        path=path,
-                        reason=str(exc),
-                        action=self._kept(slot),
-                    )
+                self._load_failed(log, "key_file_error", slot, str(exc), path=path)
                 continue
             if (
                 self._keys.get(slot, key) != key

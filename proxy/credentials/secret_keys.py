@@ -135,19 +135,7 @@ class SecretKeyProvider(KeyPair):
             try:
                 key = state.value(ref.key)
             except KeyFileError as exc:
-                self._metrics.reloads["error"].inc()
-                if self._errors.get(slot) != str(exc):
-                    self._errors[slot] = str(exc)
-                    event(
-                        log,
-                        logging.ERROR,
-                        "key_secret_error",
-                        route=self._route,
-                        slot=slot,
-                        secret=str(ref),
-                        reason=str(exc),
-                        action=self._kept(slot),
-                    )
+                self._load_failed(log, "key_secret_error", slot, str(exc), secret=str(ref))
                 continue
             if self._errors.pop(slot, None) is not None:
                 event(log, logging.INFO, "key_secret_recovered", route=self._route, slot=slot, secret=str(ref))
