@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
 from proxy.config import parse
+from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.logs import JsonFormatter
 from tests.logscan import scan_logs
@@ -86,6 +87,21 @@ def key_dir(tmp_path: Path) -> Callable[..., dict[str, str]]:
         return {"primary_file": str(root / "primary"), "secondary_file": str(root / "secondary")}
 
     return write
+
+
+# The Kubernetes API stand-in (proxy/emulator/kube.py): its namespace and the proxy's service account user there.
+KUBE_NS = "ml"
+KUBE_SA = f"system:serviceaccount:{KUBE_NS}:aml-auth-proxy"
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[RunningKubeApi]:
+    """The Kubernetes API stand-in on 127.0.0.1, namespace KUBE_NS, a watch bookmark every 0.2 s."""
+    server = await start_kube_api(namespace=KUBE_NS, bookmark_interval=0.2)
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 ProxyFactory = Callable[..., Awaitable[ProxyService]]

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import datetime
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,9 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Rule
+from tests.conftest import KUBE_NS as NS
+from tests.conftest import KUBE_SA as SA
 from tests.conftest import remember
-
-NS = "ml"
-SA = f"system:serviceaccount:{NS}:aml-auth-proxy"
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[RunningKubeApi]:
-    server = await start_kube_api(namespace=NS, bookmark_interval=0.2)
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 def api_client(kube: RunningKubeApi, user: str = SUPERUSER, *, token: str | None = None) -> client.ApiClient:

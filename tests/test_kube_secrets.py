@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,12 @@ from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Rule, resource_by_name
+from tests.conftest import KUBE_NS as NS
+from tests.conftest import KUBE_SA as SA
 from tests.conftest import new_key
 
-NS = "ml"
-SA = f"system:serviceaccount:{NS}:aml-auth-proxy"
 SECRETS = resource_by_name("secrets")
 KUBE = {"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.3}
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[RunningKubeApi]:
-    server = await start_kube_api(namespace=NS, bookmark_interval=0.2)
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 def put_secret(kube: RunningKubeApi, name: str, **data: str) -> None:
