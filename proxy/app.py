@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -136,28 +137,46 @@ class ProxyService:
     """The running proxy: build with settings, `await start()`, later `await stop()`."""
 
     def __init__(
-        self, settings: Settings, *, registry: CollectorRegistry | None = None, clock: Clock | None = None
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Clock | None = None,
+        provider_factory: Callable[[Route, RouteMetrics], CredentialProvider] | None = None,
+        admin: bool = True,
+        reuse_port: bool = False,
     ) -> None:
+        """`provider_factory` replaces build_provider (a worker process: credentials come from the primary, and
+        nothing Kubernetes runs); `admin=False` serves no admin port; `reuse_port` binds the proxy port with
+        SO_REUSEPORT so worker processes can share it (proxy/workers.py)."""
         self.settings = settings
         self.metrics = Metrics(registry)
         self.lifecycle = Lifecycle()
         self.routes: list[RouteRuntime] = []
         self.clock = clock or SystemClock()
-        self.kube = KubeApi(settings.kubernetes) if any(r.share for r in settings.routes) else None
-        self.kube_runtime = KubeRuntime.build(settings, api=self.kube, metrics=self.metrics, clock=self.clock)
-        self.kube = self.kube_runtime.api if self.kube_runtime is not None else self.kube
+        self._admin = admin
+        self._reuse_port = reuse_port
+        self.kube: KubeApi | None = None
+        self.kube_runtime: KubeRuntime | None = None
+        if provider_factory is None:
+            self.kube = KubeApi(settings.kubernetes) if any(r.share for r in settings.routes) else None
+            self.kube_runtime = KubeRuntime.build(settings, api=self.kube, metrics=self.metrics, clock=self.clock)
+            self.kube = self.kube_runtime.api if self.kube_runtime is not None else self.kube
         events = self.kube_runtime.events if self.kube_runtime is not None else NO_EVENTS
         for route in settings.routes:
             rm = self.metrics.for_route(route.name, region=route.region, kind=route.auth.type)
-            provider = build_provider(
-                route,
-                metrics=self.metrics,
-                route_metrics=rm,
-                clock=self.clock,
-                kube=self.kube,
-                events=events,
-                kube_runtime=self.kube_runtime,
-            )
+            if provider_factory is not None:
+                provider = provider_factory(route, rm)
+            else:
+                provider = build_provider(
+                    route,
+                    metrics=self.metrics,
+                    route_metrics=rm,
+                    clock=self.clock,
+                    kube=self.kube,
+                    events=events,
+                    kube_runtime=self.kube_runtime,
+                )
             self.routes.append(RouteRuntime(config=route, provider=provider, metrics=rm))
         self.handler = ProxyHandler(
             router=Router(self.routes),
@@ -175,10 +194,11 @@ class ProxyService:
     async def start(self) -> None:
         """Load credentials, then listen. The first credential is loaded before any port reports ready."""
         s = self.settings
-        self._admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None)
-        await self._admin_runner.setup()
-        await web.TCPSite(self._admin_runner, s.admin.host, s.admin.port).start()
-        self.admin_port = _bound_port(self._admin_runner)
+        if self._admin:
+            self._admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None)
+            await self._admin_runner.setup()
+            await web.TCPSite(self._admin_runner, s.admin.host, s.admin.port).start()
+            self.admin_port = _bound_port(self._admin_runner)
         if self.kube_runtime is not None:
             await self.kube_runtime.start()  # Secret watches first: key routes wait for their first read
         for rt in self.routes:
@@ -190,8 +210,11 @@ class ProxyService:
         server = ProxyServer(self.handler, limits=s.limits, handler_cancellation=False, access_log=None)
         self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace_seconds)
         await self._proxy_runner.setup()
-        await web.TCPSite(self._proxy_runner, s.listen.host, s.listen.port, backlog=1024).start()
+        site = web.TCPSite(self._proxy_runner, s.listen.host, s.listen.port, backlog=1024, reuse_port=self._reuse_port)
+        await site.start()
         self.proxy_port = _bound_port(self._proxy_runner)
+        if not self._admin:
+            return  # a worker process: proxy/workers.py logs its own start
         event(
             log,
             logging.INFO,
@@ -211,9 +234,13 @@ class ProxyService:
             in_flight=self.handler.in_flight,
             grace_seconds=self.settings.shutdown_grace_seconds,
         )
+        drains = []
+        if self.lifecycle.workers is not None:  # forward SIGTERM; workers drain alongside this process
+            drains.append(self.lifecycle.workers.stop(self.settings.shutdown_grace_seconds))
         if self._proxy_runner is not None:
-            await self._proxy_runner.cleanup()  # closes the listener, then waits for handlers
-            self._proxy_runner = None
+            drains.append(self._proxy_runner.cleanup())  # closes the listener, then waits for handlers
+        await asyncio.gather(*drains)
+        self._proxy_runner = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -232,4 +259,5 @@ class ProxyService:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
-        event(log, logging.INFO, "stopped")
+        if self._admin:
+            event(log, logging.INFO, "stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -26,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", help="YAML config file (optional when AML_AUTH_PROXY_* variables set it all)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="proxy processes sharing the port (overrides the `workers` key; 0 = one per CPU the container may use)",
+    )
     check = sub.add_parser("check-config", help="validate a config without starting")
     check.add_argument("--config", help="YAML config file")
     sub.add_parser("emulator", help="run the local AML emulator (see `emulator --help`)", add_help=False)
@@ -52,11 +58,15 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. Returns the exit code."""
-    from proxy.app import ProxyService
+async def serve(settings: Settings, *, config_path: str | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. Returns the exit code.
 
-    service = ProxyService(settings)
+    With more than one worker this is the primary process: it also starts, feeds and stops the workers."""
+    from proxy.app import ProxyService
+    from proxy.workers import WorkerPool, resolve_workers
+
+    workers = resolve_workers(settings.workers)
+    service = ProxyService(settings, reuse_port=workers > 1)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +77,10 @@ async def serve(settings: Settings) -> int:
         event(log, logging.ERROR, "start_failed", reason=str(exc))
         await service.stop()
         return 1
+    if workers > 1:
+        pool = WorkerPool(service, count=workers - 1, config_path=config_path)
+        service.lifecycle.workers = pool
+        await pool.start()
     # Everything built at start-up lives for the whole run: keep it out of the collector's scans, and collect
     # the young generation less often (a request allocates many short-lived objects, few cycles).
     gc.collect()
@@ -83,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.emulator.runner import main as emulator_main
 
         return emulator_main(args_list[1:])
+    if args_list[:1] == ["worker"]:  # hidden: started by the primary process (proxy/workers.py)
+        return _worker(args_list[1:])
     args = _parser().parse_args(args_list)
     if args.command == "check-config":
         settings = _load(args.config)
@@ -98,9 +114,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
+    if args.workers is not None:
+        if not 0 <= args.workers <= 256:
+            print(f"config error: --workers: {args.workers} is out of range; expected 0 to 256", file=sys.stderr)
+            return EXIT_CONFIG
+        settings = dataclasses.replace(settings, workers=args.workers)
     setup_logging(settings.log_level)
     _install_uvloop()
-    code = asyncio.run(serve(settings))
+    code = asyncio.run(serve(settings, config_path=args.config))
     # Shutdown is complete: a repeated SIGTERM (kubelet, a supervisor) must not turn exit 0 into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="aml-auth-proxy worker")
+    parser.add_argument("--config")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    setup_logging(settings.log_level)
+    _install_uvloop()
+    from proxy.workers import run_worker
+
+    code = asyncio.run(run_worker(settings, fd=args.fd, port=args.port, index=args.index))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code

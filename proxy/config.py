@@ -239,6 +239,7 @@ class Settings:
     shutdown_grace_seconds: float
     log_level: str
     access_log: bool
+    workers: int = 0  # 0 = one per CPU the container may use (proxy/workers.py)
     limits: Limits = field(default_factory=lambda: Limits())
     routes: tuple[Route, ...] = field(default_factory=tuple)
     kubernetes: Kubernetes = field(default_factory=lambda: Kubernetes())
@@ -288,6 +289,14 @@ TOP_LEAVES: tuple[Leaf, ...] = (
     ),
     Leaf("log_level", "enum", "info", "Lowest level logged.", choices=LOG_LEVELS),
     Leaf("access_log", "bool", True, "Write one JSON access line per request."),
+    Leaf(
+        "workers",
+        "int",
+        0,
+        "Proxy processes sharing the proxy port; 0 = one per CPU the container may use (cgroup quota, affinity).",
+        minimum=0,
+        maximum=256,
+    ),
     Leaf(
         "limits.max_header_bytes",
         "int",
@@ -1075,6 +1084,7 @@ def parse(raw: Any, environ: Mapping[str, str]) -> Settings:
         shutdown_grace_seconds=top["shutdown_grace_seconds"],
         log_level=top["log_level"],
         access_log=top["access_log"],
+        workers=top["workers"],
         limits=Limits(
             max_header_bytes=top["limits.max_header_bytes"],
             max_headers=top["limits.max_headers"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,12 +16,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.forwarding import RouteRuntime
 from proxy.metrics import Metrics
 
+if TYPE_CHECKING:
+    from proxy.workers import WorkerPool
+
 
 @dataclass(eq=False)
 class Lifecycle:
     """Process-wide state the probes read."""
 
     shutting_down: bool = False
+    workers: WorkerPool | None = None  # the worker processes, when `workers` > 1 (this is the primary)
 
 
 def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[bool, dict[str, object]]:
@@ -36,6 +41,10 @@ def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[boo
     body: dict[str, object] = {"ready": ready, "not_ready": not_ready, "routes": detail}
     if lifecycle.shutting_down:
         body["shutting_down"] = True
+    if lifecycle.workers is not None:
+        # Informational: the primary serves the port and every credential, so it decides readiness; a missing
+        # worker is restarted and only lowers capacity.
+        body["workers"] = lifecycle.workers.status()
     return ready, body
 
 
@@ -50,7 +59,9 @@ def create_admin_app(*, routes: Sequence[RouteRuntime], metrics: Metrics, lifecy
         return web.Response(status=200 if ready else 503, text=json.dumps(body), content_type="application/json")
 
     async def metrics_handler(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        pool = lifecycle.workers
+        source = metrics.registry if pool is None else pool.collector(metrics.registry)  # totals of all processes
+        return web.Response(body=generate_latest(source), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def refresh(request: web.Request) -> web.Response:
         """Force one refresh of a route's credential (joins one already in flight)."""
@@ -61,6 +72,8 @@ def create_admin_app(*, routes: Sequence[RouteRuntime], metrics: Metrics, lifecy
                 {"error": "unknown route; pass ?route=NAME", "routes": sorted(by_name)}, status=404
             )
         await rt.provider.refresh_now("operator")
+        if lifecycle.workers is not None:
+            lifecycle.workers.push_changes()  # workers get the new credential now, not at the next check
         ok, why = rt.provider.readiness()
         return web.json_response(
             {"route": rt.name, "ready": ok, "reason": why, **rt.provider.details()}, status=200 if ok else 503

@@ -27,9 +27,21 @@ class ProxyProcess:
 
     @classmethod
     async def start(
-        cls, config: dict[str, Any], tmp_path: Path, *, name: str = "proxy", argv_prefix: tuple[str, ...] = ()
+        cls,
+        config: dict[str, Any],
+        tmp_path: Path,
+        *,
+        name: str = "proxy",
+        argv_prefix: tuple[str, ...] = (),
+        args: tuple[str, ...] = (),
     ) -> ProxyProcess:
-        doc = {"listen": {"host": "127.0.0.1", "port": 0}, "admin": {"host": "127.0.0.1", "port": 0}, **config}
+        # One process unless the caller asks for workers: tests measure a process's RSS and fds.
+        doc = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "workers": 1,
+            **config,
+        }
         config_path = tmp_path / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(doc))
         log_path = subprocess_log(name)
@@ -40,6 +52,7 @@ class ProxyProcess:
                 "run",
                 "--config",
                 str(config_path),
+                *args,
                 stdout=log,
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
