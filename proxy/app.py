@@ -13,6 +13,7 @@ import functools
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -30,20 +31,20 @@ from proxy.config import (
     Settings,
     placeholder_for,
 )
-from proxy.credentials.aml import AadSource, AmlEndpointTokenSource, AmlKeysSource, AmlServiceTokenSource
 from proxy.credentials.base import NO_EVENTS, CredentialProvider, EventSink
-from proxy.credentials.identity import AzureIdentity
 from proxy.credentials.jwt_file import JwtFileSource
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
 from proxy.credentials.secret_keys import SecretKeyProvider
 from proxy.forwarding import ProxyHandler, ProxyServer, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
-from proxy.kube.client import KubeApi
-from proxy.kube.runtime import KubeRuntime
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.refresher import Refresher, TokenSource
+
+if TYPE_CHECKING:
+    from proxy.kube.client import KubeApi
+    from proxy.kube.runtime import KubeRuntime
 
 log = logging.getLogger("aml_auth_proxy.app")
 
@@ -80,6 +81,10 @@ def build_provider(
     elif auth.type == JWT_FILE:
         source = JwtFileSource(auth=auth)
     else:
+        # Imported here: azure-identity costs several MiB of memory, paid only by routes with an Azure identity.
+        from proxy.credentials.aml import AadSource, AmlEndpointTokenSource, AmlKeysSource, AmlServiceTokenSource
+        from proxy.credentials.identity import AzureIdentity
+
         assert auth.identity is not None
         assert auth.refresh is not None
         ref = auth.identity.client_secret_ref
@@ -158,7 +163,11 @@ class ProxyService:
         self._reuse_port = reuse_port
         self.kube: KubeApi | None = None
         self.kube_runtime: KubeRuntime | None = None
-        if provider_factory is None:
+        if provider_factory is None and settings.uses_kubernetes():
+            # Imported only here: the kubernetes client costs about 15 MiB of memory, paid only when used.
+            from proxy.kube.client import KubeApi
+            from proxy.kube.runtime import KubeRuntime
+
             self.kube = KubeApi(settings.kubernetes) if any(r.share for r in settings.routes) else None
             self.kube_runtime = KubeRuntime.build(settings, api=self.kube, metrics=self.metrics, clock=self.clock)
             self.kube = self.kube_runtime.api if self.kube_runtime is not None else self.kube
