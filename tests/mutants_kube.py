@@ -42,11 +42,11 @@ MUTANTS = [
     ),
     Mutant(
         name="a bad Secret update replaces the last good key",
-        path="proxy/credentials/secret_keys.py",
-        old="""                self._metrics.reloads["error"].inc()
+        path="proxy/credentials/keys.py",  # the count-and-log of a failed load, shared by files and Secrets
+        old="""        self._metrics.reloads["error"].inc()
 """,
-        new="""                self._metrics.reloads["error"].inc()
-                self._creds.pop(slot, None)
+        new="""        self._metrics.reloads["error"].inc()
+        self._creds.pop(slot, None)
 """,
         tests=(f"{SECRETS}::test_a_bad_update_keeps_the_last_good_key_and_a_good_one_replaces_it",),
     ),

@@ -20,8 +20,8 @@ MUTANTS = [
     Mutant(
         name="a key file's trailing newline is sent",
         path="proxy/credentials/keys.py",
-        old='key = data.decode("ascii").strip()',
-        new='key = data.decode("ascii").lstrip()',
+        old='.encode("ascii").decode("ascii")).strip()',
+        new='.encode("ascii").decode("ascii")).lstrip()',
         tests=("tests/abuse/test_header_injection.py",),
     ),
     Mutant(

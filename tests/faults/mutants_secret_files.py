@@ -5,7 +5,7 @@ from tests.mutation import Mutant
 _T = "tests/faults/test_secret_file_faults.py::"
 _BROKEN = _T + "test_a_broken_key_file_keeps_the_last_good_key_reports_it_once_and_recovers"
 _KEYS = "proxy/credentials/keys.py"
-_ERROR_BRANCH = "                self._sigs[slot] = sig\n                self._metrics.reloads"
+_ERROR_BRANCH = '        self._metrics.reloads["error"].inc()\n        if self._errors.get(slot) != reason:\n'
 
 MUTANTS = [
     Mutant(
@@ -33,7 +33,7 @@ MUTANTS = [
         name="a broken file drops the last good key",
         path=_KEYS,
         old=_ERROR_BRANCH,
-        new=_ERROR_BRANCH.replace("sig\n", "sig\n                self._creds.pop(slot, None)\n"),
+        new=_ERROR_BRANCH.replace(".inc()\n", ".inc()\n        self._creds.pop(slot, None)\n"),
         tests=(_BROKEN + "[emptied]",),
     ),
     Mutant(
