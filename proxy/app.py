@@ -211,7 +211,7 @@ class ProxyService:
         if self.kube_runtime is not None:
             await self.kube_runtime.start()  # Secret watches first: key routes wait for their first read
         for rt in self.routes:
-            rt.session = rt.make_session()
+            rt.pool = rt.make_pool()
             await rt.provider.start()
             task = asyncio.create_task(rt.provider.run(), name=f"credentials:{rt.name}")
             task.add_done_callback(functools.partial(_guard, route=rt.name))
@@ -258,9 +258,9 @@ class ProxyService:
         self._tasks.clear()
         for rt in self.routes:
             await rt.provider.close()
-            if rt.session is not None:
-                await rt.session.close()
-                rt.session = None
+            if rt.pool is not None:
+                await rt.pool.close()
+                rt.pool = None
         if self.kube is not None:
             self.kube.close()
         if self.kube_runtime is not None:

@@ -396,7 +396,14 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
     Leaf("tls.verify", "bool", True, "Verify the upstream TLS certificate."),
     Leaf("tls.ca_file", "optstr", None, "PEM CA bundle to trust for the upstream instead of the system store."),
     Leaf("timeouts.connect", "float", 10.0, "Seconds to connect (including TLS).", minimum=0.001),
-    Leaf("timeouts.read", "float", 60.0, "Seconds to wait for each read from the upstream.", minimum=0.001),
+    Leaf(
+        "timeouts.read",
+        "float",
+        60.0,
+        "Seconds the upstream may make no progress (no byte of its answer, no piece of the upload taken) while the "
+        "proxy waits on it.",
+        minimum=0.001,
+    ),
     Leaf(
         "timeouts.total", "optfloat", None, "Seconds for the whole upstream exchange; null = no limit.", minimum=0.001
     ),

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import re
-import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import http_exceptions, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.config import Limits, Route
 from proxy.credentials.base import Credential, CredentialProvider
@@ -34,32 +32,25 @@ from proxy.headers import (
 )
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
+from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 
 log = logging.getLogger("aml_auth_proxy.forwarding")
-
-_READ_CHUNK = 1 << 16
 
 
 @dataclass(eq=False, kw_only=True)
 class RouteRuntime:
-    """One route, prepared at start-up: its config, credential provider, metrics and upstream session."""
+    """One route, prepared at start-up: its config, credential provider, metrics and upstream pool."""
 
     config: Route
     provider: CredentialProvider
     metrics: RouteMetrics
-    session: aiohttp.ClientSession | None = None
-    timeout: aiohttp.ClientTimeout = field(init=False)
-    _origin: str = field(init=False)
+    pool: UpstreamPool | None = None
     _base_path: str = field(init=False)
     _prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
-        up = self.config.upstream
-        self._origin = str(up.origin())
-        self._base_path = up.raw_path.rstrip("/")
+        self._base_path = self.config.upstream.raw_path.rstrip("/")
         self._prefix = self.config.match.rstrip("/")
-        t = self.config.timeouts
-        self.timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_connect=t.connect, sock_read=t.read)
 
     @property
     def name(self) -> str:
@@ -69,34 +60,15 @@ class RouteRuntime:
         prefix = self._prefix
         return not prefix or path == prefix or path.startswith(prefix + "/")
 
-    def target(self, path: str, query: str) -> URL:
+    def target(self, path: str, query: str) -> str:
+        """The request target sent upstream: the raw path (prefix stripped if configured) and the query as received;
+        `query` is empty or starts with "?" (a bare "?" is kept)."""
         if self.config.strip_prefix and self._prefix:
             path = path[len(self._prefix) :] or "/"
-        url = self._origin + self._base_path + path
-        if query:
-            url += "?" + query
-        return URL(url, encoded=True)
+        return self._base_path + path + query
 
-    def make_session(self) -> aiohttp.ClientSession:
-        tls = self.config.tls
-        ssl_ctx: ssl.SSLContext | bool = True
-        if not tls.verify:
-            ssl_ctx = False
-        elif tls.ca_file:
-            ssl_ctx = ssl.create_default_context(cafile=tls.ca_file)
-        connector = aiohttp.TCPConnector(
-            limit=self.config.pool.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self.config.pool.keepalive_seconds,
-            ssl=ssl_ctx,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=self.timeout,
-        )
+    def make_pool(self) -> UpstreamPool:
+        return pool_for(self.config)
 
 
 class Router:
@@ -139,43 +111,12 @@ def json_error(status: int, error: str, *, route: str | None, rid: str | None) -
 
 
 def _classify(exc: BaseException) -> tuple[int, str, str]:
-    """(status, metric kind, reason) for an upstream failure before the answer started."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return 502, "tls", "upstream TLS handshake failed"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return 504, "timeout", "upstream connect timed out"
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    """(status, metric kind, reason) for an upstream failure; the reasons are fixed texts (proxy/upstream.py)."""
+    if isinstance(exc, UpstreamError):
+        return exc.status, exc.kind, exc.reason
+    if isinstance(exc, TimeoutError):
         return 504, "timeout", "upstream timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return 502, "connect", "upstream connection failed"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return 502, "reset", "upstream broke off the body"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return 502, "reset", "upstream closed the connection"
-    return 502, "protocol", "upstream sent an invalid response"
-
-
-class _InvalidBody(aiohttp.ClientError):
-    """The upstream's body did not parse (a bad chunk size, say); _classify counts it as a protocol error."""
-
-
-async def _next_chunk(upstream: aiohttp.ClientResponse, read_timeout: float) -> bytes:
-    """The next piece of the upstream's body, waiting at most the route's read timeout.
-
-    aiohttp's C parser, on an invalid body after the headers (a bad chunk size), closes the connection but neither
-    fails nor ends the body, and stops the sock_read timer: without a bound of its own the proxy would hold the
-    caller until timeouts.total, which is unset by default.
-    """
-    try:
-        async with asyncio.timeout(read_timeout):
-            return await upstream.content.readany()
-    except TimeoutError:
-        conn = upstream.connection
-        protocol = conn.protocol if conn is not None else None
-        failed = protocol.exception() if protocol is not None else None
-        if isinstance(failed, http_exceptions.HttpProcessingError):
-            raise _InvalidBody(f"upstream sent an invalid body: {type(failed).__name__}") from failed
-        raise
+    return 502, "protocol", "upstream exchange failed"
 
 
 class _BodyTooLarge(Exception):
@@ -278,7 +219,8 @@ class ProxyHandler:
                 route=None,
                 rid=None,
             )
-        path, _, query = raw.partition("?")
+        path, mark, query = raw.partition("?")
+        query = mark + query
         rid = request_id(request.headers)
         if rid is None:
             return self._reject(
@@ -304,18 +246,16 @@ class ProxyHandler:
             elapsed = time.perf_counter() - start
             rm.request_done(request.method, status, elapsed)
             if self.access_log is not None:
-                self.access_log.write(
-                    {
-                        "route": rt.name,
-                        "method": request.method,
-                        "path": path,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "request_id": rid,
-                        "bytes_in": request.content_length,
-                        "bytes_out": sent,
-                        "upstream_ms": round(upstream_s * 1000, 3),
-                    }
+                self.access_log.request(
+                    route=rt.name,
+                    method=request.method,
+                    path=path,
+                    status=status,
+                    seconds=elapsed,
+                    request_id=rid,
+                    bytes_in=request.content_length,
+                    bytes_out=sent,
+                    upstream_seconds=upstream_s,
                 )
         return response
 
@@ -342,20 +282,24 @@ class ProxyHandler:
             rid=rid,
             deployment=cfg.deployment,
         )
+        if isinstance(body, bytes):
+            headers["Content-Length"] = str(len(body))
+        elif body is not None and "Content-Length" not in headers:
+            headers["Transfer-Encoding"] = "chunked"
         caller_credential = cfg.keep_caller_credential and cred.header in request.headers
-        session = rt.session
-        assert session is not None
+        pool = rt.pool
+        assert pool is not None
         try:
             started = time.perf_counter()
-            upstream = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
+            upstream = await pool.request(request.method, url, headers, body)
             if upstream.status in (401, 403):
                 rt.metrics.auth_failures[str(upstream.status)].inc()
             if upstream.status == 401 and not caller_credential:
                 upstream = await self._after_401(request, rt, upstream, cred, headers, url, body)
-        except (_ClientGone, TimeoutError, aiohttp.ClientError) as exc:
-            if isinstance(body, _BodyStream) and body.too_large:
-                return self._too_large(rt, rid)
-            if self._caller_gone(request):
+        except _BodyTooLarge:
+            return self._too_large(rt, rid)
+        except (_ClientGone, UpstreamError, ConnectionError, aiohttp.ClientPayloadError) as exc:
+            if self._caller_gone(request) and not isinstance(exc, UpstreamError):
                 return self._client_gone(rt, rid, "request body")
             return self._upstream_failed(rt, rid, exc)
         try:
@@ -367,35 +311,36 @@ class ProxyHandler:
         self,
         request: web.BaseRequest,
         rt: RouteRuntime,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         sent: Credential,
         headers: CIMultiDict[str],
-        url: URL,
+        url: str,
         body: bytes | _BodyStream | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Switch to the other credential; resend once when the body was buffered (a stream cannot be resent)."""
         other = await rt.provider.unauthorized(sent)
         if other is None or other is sent or not (body is None or isinstance(body, bytes)):
             return upstream
-        await upstream.read()  # drain the small 401 body so the connection is reused
-        upstream.release()
+        try:
+            await upstream.read()  # drain the small 401 body so the connection is reused
+        finally:
+            upstream.release()
         headers[other.header] = other.value
         rt.metrics.retries.inc()
-        session = rt.session
-        assert session is not None
-        retried = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
+        pool = rt.pool
+        assert pool is not None
+        retried = await pool.request(request.method, url, headers, body)
         if retried.status in (401, 403):
             rt.metrics.auth_failures[str(retried.status)].inc()
         return retried
 
     async def _relay(
-        self, request: web.BaseRequest, rt: RouteRuntime, upstream: aiohttp.ClientResponse, rid: str, waited: float
+        self, request: web.BaseRequest, rt: RouteRuntime, upstream: UpstreamResponse, rid: str, waited: float
     ) -> _Outcome:
         headers = downstream_response_headers(upstream.headers, rid=rid)
-        content = upstream.content
-        if content.is_eof() and request.method != "HEAD" and upstream.status not in (204, 304):
+        if upstream.complete and request.method != "HEAD" and upstream.status not in (204, 304):
             # The whole answer came with its head (most scoring answers): one buffered write, no streaming.
-            body = content.read_nowait()
+            body = upstream.body_now()
             return (
                 web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body),
                 upstream.status,
@@ -406,9 +351,8 @@ class ProxyHandler:
         sent = 0
         try:
             await response.prepare(request)
-            read_timeout = rt.config.timeouts.read
             while True:
-                chunk = await _next_chunk(upstream, read_timeout)
+                chunk = await upstream.read_chunk()
                 if not chunk:
                     break
                 await response.write(chunk)
@@ -418,7 +362,7 @@ class ProxyHandler:
             self._client_gone(rt, rid, "response body")
             upstream.close()
             return response, 499, sent, waited
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             # The answer has started: the only honest signal left is to cut the caller's connection.
             self._count_failure(rt, rid, exc, "upstream_failed_mid_response", bytes_sent=sent)
             upstream.close()

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 # RFC 9110 7.6.1 plus the de-facto ones. Proxy-* headers are dropped by prefix below.
 HOP_BY_HOP = frozenset(
@@ -42,9 +42,25 @@ def connection_tokens(values: Iterable[str]) -> set[str]:
     return names
 
 
+_ID_BYTES = 16
+_ID_BATCH = 256  # ids per getrandom() call: one system call per request was a measurable cost
+_random = bytearray()
+
+
+def _forget_random() -> None:
+    _random.clear()  # a forked child must never hand out its parent's ids
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_request_id() -> str:
-    """32 random hex digits, like uuid4().hex without building a UUID (a measurable cost per request)."""
-    return os.urandom(16).hex()
+    """32 random hex digits from the OS's CSPRNG, like uuid4().hex without building a UUID."""
+    if not _random:
+        _random[:] = os.urandom(_ID_BYTES * _ID_BATCH)
+    rid = _random[-_ID_BYTES:].hex()
+    del _random[-_ID_BYTES:]
+    return rid
 
 
 def request_id(headers: CIMultiDictProxy[str]) -> str | None:
@@ -94,7 +110,7 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: CIMultiDictProxy[str], *, rid: str) -> CIMultiDict[str]:
+def downstream_response_headers(upstream: MultiMapping[str], *, rid: str) -> CIMultiDict[str]:
     """Headers to return to the caller: upstream's end-to-end headers plus our request id."""
     drop = RESPONSE_DROP
     conn = upstream.getall("connection", ())

@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from json.encoder import encode_basestring_ascii as _json_str  # the C escaper json.dumps uses
 from typing import Any, TextIO
 
 LOGGER_NAME = "aml_auth_proxy"
@@ -73,12 +74,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class AccessLog:
-    """The access log: one JSON line per request in the same shape as JsonFormatter's, built with one
-    `json.dumps` (no LogRecord, no handler lock) and written in batches, one write per event-loop turn.
+    """The access log: one JSON line per request in the same shape as JsonFormatter's, formatted from a fixed
+    template (no LogRecord, no handler lock, no generic JSON encoder) and written in batches, one write per
+    event-loop turn.
 
     At thousands of requests a second the stdlib path (a LogRecord, a lock, a format and a flushed write per
-    line) cost about a third of the proxy's CPU. Lines are written before the loop waits for I/O again, so a
-    crash loses at most the lines of one loop turn.
+    line) cost about a third of the proxy's CPU, and json.dumps of the line about a tenth. Lines are written
+    before the loop waits for I/O again, so a crash loses at most the lines of one loop turn.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -86,10 +88,28 @@ class AccessLog:
         self._lines: list[str] = []
         self._scheduled = False
 
-    def write(self, fields: dict[str, Any]) -> None:
-        doc = {"ts": round(time.time(), 3), "level": "info", "logger": "aml_auth_proxy.access", "event": "access"}
-        doc.update(fields)
-        self._lines.append(REDACTOR.scrub(json.dumps(doc, default=str, separators=(",", ":"))))
+    def request(
+        self,
+        *,
+        route: str,
+        method: str,
+        path: str,
+        status: int,
+        seconds: float,
+        request_id: str,
+        bytes_in: int | None,
+        bytes_out: int,
+        upstream_seconds: float,
+    ) -> None:
+        """One request's line; strings are JSON-escaped (a caller chooses the path and the request id)."""
+        line = (
+            f'{{"ts":{round(time.time(), 3)!r},"level":"info","logger":"aml_auth_proxy.access","event":"access",'
+            f'"route":{_json_str(route)},"method":{_json_str(method)},"path":{_json_str(path)},"status":{status},'
+            f'"duration_ms":{round(seconds * 1000, 3)!r},"request_id":{_json_str(request_id)},'
+            f'"bytes_in":{"null" if bytes_in is None else bytes_in},"bytes_out":{bytes_out},'
+            f'"upstream_ms":{round(upstream_seconds * 1000, 3)!r}}}'
+        )
+        self._lines.append(REDACTOR.scrub(line))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)

@@ -427,9 +427,8 @@ async def test_keep_alive_connections_are_reused(proxy: Any) -> None:
             async with client.get(url(proxy, "/")) as resp:
                 seen = await resp.json()
                 ports.add(tuple(seen["headers"][0]))  # Host is constant; the check below is on the pool
-    connector = proxy.routes[0].session.connector
-    assert connector is not None
-    assert sum(len(v) for v in connector._conns.values()) == 1  # one idle pooled connection served all 20
+    pool = proxy.routes[0].pool
+    assert pool.open == 1 and pool.idle == 1  # one pooled connection served all 20
 
 
 async def test_access_log_line_per_request_without_credentials(proxy: Any) -> None:

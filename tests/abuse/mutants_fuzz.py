@@ -31,8 +31,8 @@ MUTANTS = [
     Mutant(
         name="the query string dropped",
         path="proxy/forwarding.py",
-        old='        if query:\n            url += "?" + query',
-        new='        if query and False:\n            url += "?" + query',
+        old="        return self._base_path + path + query\n",
+        new="        return self._base_path + path\n",
         tests=_FUZZ,
     ),
 ]

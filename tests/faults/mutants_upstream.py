@@ -9,29 +9,30 @@ UP = "tests/faults/test_upstream_faults.py::"
 PROC = "tests/faults/test_process_faults.py::"
 UPLOAD = PROC + "test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body"
 FWD = "proxy/forwarding.py"
-REQUEST = "upstream = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)\n"
-RETRY = "retried = await session.request(request.method, url, headers=headers, data=body, allow_redirects=False)\n"
+UPSTREAM = "proxy/upstream.py"
+RETRY = "retried = await pool.request(request.method, url, headers, body)\n"
+RESEND = "                if attempt == 0 and reused and resendable and err.before_answer:\n"
 
 MUTANTS = [
     Mutant(
         name="refused connection answered as a timeout",
-        path=FWD,
-        old='        return 502, "connect", "upstream connection failed"',
-        new='        return 504, "timeout", "upstream connection failed"',
+        path=UPSTREAM,
+        old='raise UpstreamError("connect", "upstream connection failed") from exc',
+        new='raise UpstreamError("timeout", "upstream connection failed", 504) from exc',
         tests=(UP + "test_connection_refused_gives_json_502_and_the_route_recovers",),
     ),
     Mutant(
         name="no per-read timeout upstream",
-        path=FWD,
-        old="sock_connect=t.connect, sock_read=t.read)",
-        new="sock_connect=t.connect, sock_read=None)",
+        path=UPSTREAM,
+        old="        read_timeout=t.read,\n",
+        new="        read_timeout=3600.0,\n",
         tests=(UP + "test_stall_before_the_headers_gives_json_504",),
     ),
     Mutant(
         name="invalid upstream answers counted as resets",
-        path=FWD,
-        old='    return 502, "protocol", "upstream sent an invalid response"',
-        new='    return 502, "reset", "upstream sent an invalid response"',
+        path=UPSTREAM,
+        old='    return UpstreamError("protocol", "upstream sent an invalid response")',
+        new='    return UpstreamError("reset", "upstream sent an invalid response")',
         tests=(UP + "test_malformed_response_head_gives_json_502",),
     ),
     Mutant(
@@ -48,9 +49,9 @@ MUTANTS = [
     ),
     Mutant(
         name="the read timeout bounds the whole exchange",
-        path=FWD,
-        old="aiohttp.ClientTimeout(total=t.total, connect=t.connect",
-        new="aiohttp.ClientTimeout(total=t.read, connect=t.connect",
+        path=UPSTREAM,
+        old="        total_timeout=t.total,\n",
+        new="        total_timeout=t.read,\n",
         tests=(UP + "test_trickle_within_the_read_timeout_is_delivered_intact",),
     ),
     Mutant(
@@ -61,47 +62,41 @@ MUTANTS = [
         tests=(UP + "test_5xx_burst_is_passed_through_with_its_body_and_never_retried",),
     ),
     Mutant(
-        name="any method resent once after the upstream disconnected",
-        path=FWD,
-        old="            " + REQUEST,
-        new=(
-            "            try:\n                "
-            + REQUEST
-            + "            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):\n                "
-            + REQUEST
-        ),
+        name="any method resent once after the upstream disconnected, on a new connection or a reused one",
+        path=UPSTREAM,
+        old=RESEND,
+        new="                if attempt == 0 and not streamed:\n",
         tests=(
             UP + "test_post_is_not_resent_after_the_upstream_read_its_body_and_reset",
             UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",
         ),
     ),
     Mutant(
+        name="a POST resent after a reused connection turned out closed",
+        path=UPSTREAM,
+        old="        resendable = resend_if_stale and not streamed and method in IDEMPOTENT\n",
+        new="        resendable = resend_if_stale and not streamed\n",
+        tests=(UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",),
+    ),
+    Mutant(
         name="the resend after a 401 is resent again after a disconnect",
         path=FWD,
         old="        " + RETRY,
-        new=(
-            "        try:\n            "
-            + RETRY
-            + "        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):\n            "
-            + RETRY
-        ),
+        new=("        try:\n            " + RETRY + "        except UpstreamError:\n            " + RETRY),
         tests=(UP + "test_post_is_resent_once_after_a_401_and_never_again",),
     ),
     Mutant(
         name="idempotent requests not resent after a reused connection turned out closed",
-        path=FWD,
-        old="            " + REQUEST,
-        new="            session._retry_connection = False\n            " + REQUEST,
+        path=UPSTREAM,
+        old="        resend_if_stale: bool = True,\n",
+        new="        resend_if_stale: bool = False,\n",
         tests=(UP + "test_get_on_a_reused_connection_the_upstream_just_closed_succeeds",),
     ),
     Mutant(
         name="pooled connections the upstream closed are reused as if alive",
-        path=FWD,
-        old="_READ_CHUNK = 1 << 16\n",
-        new=(
-            "_READ_CHUNK = 1 << 16\n"
-            "aiohttp.client_proto.ResponseHandler.is_connected = lambda self: True  # type: ignore\n"
-        ),
+        path=UPSTREAM,
+        old="            exchange._ended(None)\n        return False\n",
+        new="            exchange._ended(None)\n        return True\n",
         tests=(UP + "test_upstream_closing_after_each_response_without_connection_close_fails_nothing",),
     ),
     Mutant(
@@ -137,10 +132,10 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        name="the upstream body read without a bound of its own",
-        path="proxy/forwarding.py",
-        old="                chunk = await _next_chunk(upstream, read_timeout)",
-        new="                chunk = await upstream.content.readany()",
-        tests=("tests/faults/test_upstream_faults.py::test_bad_chunked_encoding_cuts_the_callers_connection",),
+        name="an upstream body that does not parse waited on until the read timeout",
+        path=UPSTREAM,
+        old="            self._fail(_invalid(self._head.done()))\n",
+        new="            pass\n",
+        tests=(UP + "test_bad_chunked_encoding_cuts_the_callers_connection",),
     ),
 ]

@@ -1,0 +1,215 @@
+"""The upstream client (proxy/upstream.py) on its own, against raw HTTP/1.1 servers on 127.0.0.1: the answers and
+pool behaviours the proxy-level suites (test_forwarding, tests/faults) do not reach directly."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.upstream import UpstreamError, UpstreamPool
+from tests.faults import upstreams as u
+from tests.faults.upstreams import Exchange, FaultyUpstream
+
+
+def make_pool(port: int, **overrides: Any) -> UpstreamPool:
+    args: dict[str, Any] = {
+        "scheme": "http",
+        "host": "127.0.0.1",
+        "port": port,
+        "host_header": f"127.0.0.1:{port}",
+        "ssl_context": None,
+        "max_connections": 8,
+        "keepalive_seconds": 30.0,
+        "connect_timeout": 2.0,
+        "read_timeout": 2.0,
+        "total_timeout": None,
+    }
+    args.update(overrides)
+    return UpstreamPool(**args)
+
+
+async def fetch(pool: UpstreamPool, method: str = "GET", body: Any = None, **headers: str) -> tuple[int, bytes]:
+    response = await pool.request(method, "/x", CIMultiDict(headers), body)
+    try:
+        return response.status, await response.read()
+    finally:
+        response.release()
+
+
+def answer(data: bytes, *, keep: bool = True) -> u.Behaviour:
+    """Write these bytes as the whole answer."""
+
+    async def run(ex: Exchange) -> bool:
+        ex.writer.write(data)
+        await ex.writer.drain()
+        return keep
+
+    return run
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[FaultyUpstream]:
+    server = await FaultyUpstream.start()
+    yield server
+    await server.stop()
+
+
+async def test_a_head_answer_ends_at_its_head_and_the_connection_is_reused(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port)
+    up.script(answer(u.response_head(200, {"Content-Length": "1000"})))  # no body follows a HEAD answer
+    assert await fetch(pool, "HEAD") == (200, b"")
+    assert await fetch(pool) == (200, b"ok")
+    assert up.connections == 1 and [a.method for a in up.arrivals] == ["HEAD", "GET"]
+    await pool.close()
+
+
+async def test_informational_answers_are_skipped_for_the_final_one(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port)
+    final = u.response_head(201, {"Content-Length": "4"}) + b"made"
+    up.script(answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + final))
+    assert await fetch(pool, "POST", b"x") == (201, b"made")
+    assert await fetch(pool) == (200, b"ok")
+    assert up.connections == 1
+    await pool.close()
+
+
+async def test_a_body_without_framing_ends_when_the_upstream_closes(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port)
+    up.script(answer(u.response_head(200) + b"until the end", keep=False))
+    assert await fetch(pool) == (200, b"until the end")
+    assert await fetch(pool) == (200, b"ok")
+    assert up.connections == 2  # a body that ends at close leaves no connection to reuse
+    await pool.close()
+
+
+async def test_a_caller_reading_slowly_pauses_the_upstream_instead_of_buffering(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port)
+    size = 32 << 20
+    sent: list[asyncio.StreamWriter] = []
+
+    async def big(ex: Exchange) -> bool:
+        sent.append(ex.writer)
+        ex.writer.write(u.response_head(200, {"Content-Length": str(size)}))
+        for _ in range(size >> 20):
+            ex.writer.write(b"z" * (1 << 20))
+            await ex.writer.drain()
+        return True
+
+    up.script(big)
+    response = await pool.request("GET", "/big", CIMultiDict(), None)
+    await asyncio.sleep(0.5)  # nobody reads: the client must stop reading from the socket
+    assert response.buffered <= 2 << 20
+    assert sent and sent[0].transport.get_write_buffer_size() > 0  # the upstream is the one holding the bytes
+    total = len(await response.read())
+    response.release()
+    assert total == size
+    assert await fetch(pool) == (200, b"ok")  # and the connection went back to the pool
+    assert up.connections == 1
+    await pool.close()
+
+
+async def test_requests_beyond_max_connections_wait_for_a_free_one(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port, max_connections=2)
+    up.default = u.ok(b"slow", delay=0.2)
+    results = await asyncio.gather(*(fetch(pool) for _ in range(6)))
+    assert results == [(200, b"slow")] * 6
+    assert up.connections == 2 and pool.open == 2
+    await pool.close()
+
+
+async def test_idle_connections_are_closed_after_keepalive_seconds(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port, keepalive_seconds=0.2)
+    assert await fetch(pool) == (200, b"ok")
+    assert pool.idle == 1
+    await asyncio.sleep(0.5)
+    assert pool.idle == 0 and pool.open == 0
+    assert await fetch(pool) == (200, b"ok")
+    assert up.connections == 2
+    await pool.close()
+
+
+async def test_an_answer_before_the_upload_ends_stops_the_upload_and_drops_the_connection() -> None:
+    """An upstream may refuse an upload early (413, 401) without reading it; the answer is passed on, the rest of
+    the upload is not sent, and the connection (with an unfinished request on it) is never reused."""
+    heads: list[bytes] = []
+    done = asyncio.Event()
+
+    async def refuse_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(u.response_head(413, {"Content-Length": "8"}) + b"too much")
+        await writer.drain()
+        await done.wait()  # never reads the upload
+        writer.close()
+
+    server = await asyncio.start_server(refuse_early, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = make_pool(port)
+    stopped = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        try:
+            for _ in range(10_000):  # bounded; the test ends it long before
+                yield b"u" * 1024
+                await asyncio.sleep(0.01)
+        finally:
+            stopped.set()
+
+    headers = CIMultiDict({"Transfer-Encoding": "chunked"})
+    response = await pool.request("POST", "/upload", headers, endless())
+    assert response.status == 413 and await response.read() == b"too much"
+    response.release()
+    async with asyncio.timeout(2):
+        await stopped.wait()
+    await asyncio.sleep(0)
+    assert pool.idle == 0 and len(heads) == 1
+    await pool.close()
+    done.set()
+    await asyncio.sleep(0.01)
+    server.close()
+    await server.wait_closed()
+
+
+async def test_total_timeout_bounds_an_answer_that_keeps_trickling(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port, read_timeout=5.0, total_timeout=0.5)
+    up.script(u.trickle([b"t"] * 40, 0.05))  # never stalls past the read timeout; lasts 2 s
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as failed:
+        await fetch(pool)
+    assert failed.value.kind == "timeout" and failed.value.status == 504
+    assert time.monotonic() - started < 1.5
+    await pool.close()
+
+
+async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port)
+    with pytest.raises(ValueError):
+        await fetch(pool, **{"X-Note": "a\r\nX-Injected: 1"})
+    await asyncio.sleep(0.05)
+    assert up.arrivals == [] and up.connections == 0
+    await pool.close()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_a_streamed_upload_arrives_whole_with_its_framing(up: FaultyUpstream, framing: str) -> None:
+    pool = make_pool(up.port)
+    parts = [bytes([i]) * 70_000 for i in range(20)]
+    whole = b"".join(parts)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    headers = {"Transfer-Encoding": "chunked"} if framing == "chunked" else {"Content-Length": str(len(whole))}
+    up.script(u.digest())
+    assert await fetch(pool, "PUT", stream(), **headers) == (
+        200,
+        f"{len(whole)} {hashlib.sha256(whole).hexdigest()}".encode(),
+    )
+    assert up.arrivals[0].framing == framing
+    await pool.close()
