@@ -7,6 +7,7 @@ from tests.mutation import Mutant
 
 T = "tests/test_upstream_client.py::"
 UPSTREAM = "proxy/upstream.py"
+_CANCEL = "            sender.cancel()  # the upstream answered before taking the whole upload\n"
 
 MUTANTS = [
     Mutant(
@@ -45,10 +46,10 @@ MUTANTS = [
         tests=(T + "test_idle_connections_are_closed_after_keepalive_seconds",),
     ),
     Mutant(
-        name="the upload goes on after the upstream answered",
+        name="a connection with an unfinished upload goes back to the pool",
         path=UPSTREAM,
-        old="            sender.cancel()  # the upstream answered before taking the whole upload\n",
-        new="            pass\n",
+        old=_CANCEL + "            self._reusable = False\n",
+        new=_CANCEL,
         tests=(T + "test_an_answer_before_the_upload_ends_stops_the_upload_and_drops_the_connection",),
     ),
     Mutant(
@@ -71,5 +72,12 @@ MUTANTS = [
         old='        chunked = streamed and "Transfer-Encoding" in headers\n',
         new="        chunked = False\n",
         tests=(T + "test_a_streamed_upload_arrives_whole_with_its_framing[chunked]",),
+    ),
+    Mutant(
+        name="an upstream body that does not parse waited on until the read timeout",
+        path=UPSTREAM,
+        old="            self._fail(_invalid(self._head.done()))\n",
+        new="            pass\n",
+        tests=(T + "test_an_invalid_body_fails_at_once_as_a_protocol_error_while_the_upstream_stays_connected",),
     ),
 ]

@@ -88,6 +88,23 @@ async def test_a_body_without_framing_ends_when_the_upstream_closes(up: FaultyUp
     await pool.close()
 
 
+async def test_an_invalid_body_fails_at_once_as_a_protocol_error_while_the_upstream_stays_connected(
+    up: FaultyUpstream,
+) -> None:
+    pool = make_pool(up.port, read_timeout=5.0)
+    head = u.response_head(200, {"Transfer-Encoding": "chunked"})
+    up.script(answer(head + u.chunk(b"a" * 100) + b"zz\r\nnot a chunk size\r\n"))  # and the connection stays open
+    response = await pool.request("GET", "/x", CIMultiDict(), None)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as failed:
+        await response.read()
+    response.release()
+    assert (failed.value.kind, failed.value.reason) == ("protocol", "upstream sent an invalid body")
+    assert time.monotonic() - started < 1.0  # not the read timeout
+    assert pool.idle == 0
+    await pool.close()
+
+
 async def test_a_caller_reading_slowly_pauses_the_upstream_instead_of_buffering(up: FaultyUpstream) -> None:
     pool = make_pool(up.port)
     size = 32 << 20

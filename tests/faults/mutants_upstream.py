@@ -131,11 +131,4 @@ MUTANTS = [
             "tests/faults/test_process_faults.py::test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body",
         ),
     ),
-    Mutant(
-        name="an upstream body that does not parse waited on until the read timeout",
-        path=UPSTREAM,
-        old="            self._fail(_invalid(self._head.done()))\n",
-        new="            pass\n",
-        tests=(UP + "test_bad_chunked_encoding_cuts_the_callers_connection",),
-    ),
 ]
