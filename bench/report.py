@@ -85,10 +85,11 @@ def _sizing(rows: list[Row]) -> list[str]:
         if not row.target.startswith("aml-auth-proxy"):
             continue
         if row.scenario.startswith("GET"):
+            where = "with every CPU shared" if "whole machine" in row.scenario else "on one core"
             lines.append(
                 f"- {row.target}: idle RSS {row.idle_rss_mib:.1f} MiB; RSS under {row.scenario} "
                 f"{row.rss_min_mib:.1f} to {row.rss_mib:.1f} MiB; {row.vcpu_per_1k:.3f} vCPU per 1,000 req/s "
-                f"at saturation ({row.result.rps:.0f} req/s on one core)"
+                f"at saturation ({row.result.rps:.0f} req/s {where})"
             )
         elif "k6" in row.scenario:
             lines.append(

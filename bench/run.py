@@ -32,8 +32,9 @@ from typing import Any
 from bench import load
 from bench.procs import Proc, Procs, cpu_plan, free_port, wait_http
 from bench.profile import py_spy_argv, record, summarise, summarise_inclusive
-from bench.report import Row, render
+from bench.report import NGINX_PROXY, Row, render
 from proxy.emulator.secretdir import write_secret_dir
+from proxy.workers import auto_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -226,9 +227,10 @@ class Bench:
         self.say(row.one_line())
         return row
 
-    def closed_loop(self, target: Target, method: str = "GET", **extra: float) -> Row:
-        """wrk, CONNECTIONS connections: GET answered with 200 bytes, or POST 64 KiB."""
+    def closed_loop(self, target: Target, method: str = "GET", *, whole: bool = False, **extra: float) -> Row:
+        """wrk, CONNECTIONS connections: GET answered with 200 bytes, or POST 64 KiB. `whole`: nothing pinned."""
         body = POST_BODY_BYTES if method == "POST" else 0
+        cpus = None if whole else self.load_cpus
 
         def run(seconds: float, sample: Callable[[], None] | None) -> load.LoadResult:
             return load.wrk(
@@ -236,14 +238,15 @@ class Bench:
                 workdir=self.tmp,
                 connections=CONNECTIONS,
                 seconds=seconds,
-                cpus=self.load_cpus,
+                cpus=cpus,
                 method=method,
                 body_bytes=body,
                 sample=sample,
             )
 
         what = f"POST {body // 1024} KiB" if body else f"GET {GET_BODY_BYTES} B"
-        return self.measure(f"{what}, {CONNECTIONS} conns (wrk)", target, run, **extra)
+        where = f", whole machine ({os.cpu_count()} CPUs shared)" if whole else ""
+        return self.measure(f"{what}, {CONNECTIONS} conns (wrk){where}", target, run, **extra)
 
     def open_loop(self, target: Target, **extra: float) -> Row:
         """k6, OPEN_RATE requests per second with OPEN_BODY_BYTES each on OPEN_VUS connections."""
@@ -269,10 +272,18 @@ class Bench:
 
     @contextmanager
     def proxy(
-        self, name: str, label: str, upstream: str, auth: dict[str, Any], *, access_log: bool = True
+        self,
+        name: str,
+        label: str,
+        upstream: str,
+        auth: dict[str, Any],
+        *,
+        access_log: bool = True,
+        pinned: bool = True,
     ) -> Iterator[Target]:
         config, port, admin = _proxy_config(upstream, auth, access_log=access_log)
-        target = start_proxy(self.procs, self.tmp, name, label, config, port, admin, self.server_cpus)
+        cpus = self.server_cpus if pinned else None
+        target = start_proxy(self.procs, self.tmp, name, label, config, port, admin, cpus)
         try:
             yield target
         finally:
@@ -313,6 +324,7 @@ class Bench:
             port=px_port,
             upstream_port=up_port,
             authorization=f"Bearer {key}",
+            workers=1,
         )
         nginx_proxy = Target("nginx proxy", f"http://127.0.0.1:{px_port}", px)
         nginx_proxy.idle_rss = px.rss()
@@ -331,6 +343,7 @@ class Bench:
             if self.mode.soak_seconds:
                 self.soak(target)
         if not self.mode.quick:
+            self.whole_machine(up, up_port, key, key_auth)
             label = "aml-auth-proxy (key, access_log off)"
             with self.proxy("proxy-key-nolog", label, upstream, key_auth, access_log=False) as target:
                 self.scenarios(target, post=False, open_loop=False)
@@ -345,6 +358,42 @@ class Bench:
                 self.scenarios(target, post=not self.mode.quick, refreshes=0.0)
         finally:
             procs.stop(emulator)
+
+    def whole_machine(self, up: Proc, up_port: int, key: str, key_auth: dict[str, Any]) -> None:
+        """The issue's own setup: nothing pinned, every process sharing all CPUs, nginx with one worker per CPU
+        and aml-auth-proxy with its default `workers` (one per CPU it may use)."""
+        everything = set(os.sched_getaffinity(0))
+        for pid in up.pids():
+            os.sched_setaffinity(pid, everything)
+        try:
+            port = free_port()
+            px = start_nginx(
+                self.procs,
+                self.tmp,
+                "nginx-proxy-auto",
+                "proxy.conf",
+                None,
+                port=port,
+                upstream_port=up_port,
+                authorization=f"Bearer {key}",
+                workers="auto",
+            )
+            nginx = Target(NGINX_PROXY, f"http://127.0.0.1:{port}", px, idle_rss=px.rss())
+            try:
+                self.warm(nginx)
+                self.closed_loop(nginx, whole=True)
+                self.closed_loop(nginx, "POST", whole=True)
+            finally:
+                self.procs.stop(px)
+            upstream = f"http://127.0.0.1:{up_port}"
+            label = f"aml-auth-proxy (key, workers auto = {auto_workers()})"
+            with self.proxy("proxy-key-auto", label, upstream, key_auth, pinned=False) as target:
+                self.warm(target)
+                self.closed_loop(target, whole=True)
+                self.closed_loop(target, "POST", whole=True)
+        finally:
+            for pid in up.pids():
+                os.sched_setaffinity(pid, self.server_cpus or everything)
 
     def scenarios(
         self, target: Target, *, get: bool = True, post: bool = True, open_loop: bool = True, **extra: float
