@@ -337,7 +337,7 @@ class ProxyHandler:
     async def _relay(
         self, request: web.BaseRequest, rt: RouteRuntime, upstream: UpstreamResponse, rid: str, waited: float
     ) -> _Outcome:
-        headers = downstream_response_headers(upstream.headers, rid=rid)
+        headers = downstream_response_headers(upstream.raw_headers, rid=rid)
         if upstream.complete and request.method != "HEAD" and upstream.status not in (204, 304):
             # The whole answer came with its head (most scoring answers): one buffered write, no streaming.
             body = upstream.body_now()

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 7.6.1 plus the de-facto ones. Proxy-* headers are dropped by prefix below.
 HOP_BY_HOP = frozenset(
@@ -110,20 +110,27 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: MultiMapping[str], *, rid: str) -> CIMultiDict[str]:
-    """Headers to return to the caller: upstream's end-to-end headers plus our request id."""
-    drop = RESPONSE_DROP
-    conn = upstream.getall("connection", ())
-    if conn:
-        drop = drop | connection_tokens(conn)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
+def downstream_response_headers(upstream: Iterable[tuple[str, str]], *, rid: str) -> list[tuple[str, str]]:
+    """Headers to return to the caller, in the upstream's order: its end-to-end headers plus our request id.
+
+    A list of pairs, one pass over the upstream's headers: aiohttp copies what a response is given into its own
+    CIMultiDict, so building one here would be paid twice on every answer."""
+    out: list[tuple[str, str]] = []
+    named: set[str] = set()
+    for name, value in upstream:
         lname = name.lower()
-        if lname in drop or lname.startswith("proxy-") or lname in (REQUEST_ID, CLIENT_REQUEST_ID):
+        if lname in RESPONSE_DROP:
+            if lname == "connection":
+                named |= connection_tokens((value,))
             continue
-        out.add(name, value)
-    out[REQUEST_ID] = rid
-    out[CLIENT_REQUEST_ID] = rid
+        if lname.startswith("proxy-") or lname == REQUEST_ID or lname == CLIENT_REQUEST_ID:
+            continue
+        out.append((name, value))
+    named -= RESPONSE_DROP  # "Connection: keep-alive" names nothing new
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
+    out.append((REQUEST_ID, rid))
+    out.append((CLIENT_REQUEST_ID, rid))
     return out
 
 

@@ -136,7 +136,7 @@ class UpstreamResponse:
         self._deadline = deadline
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.raw_headers: list[tuple[str, str]] = []  # (name, value) as received, decoded like aiohttp's
         self.complete = False
         self._pairs: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -176,18 +176,17 @@ class UpstreamResponse:
         if status < 200:
             self._informational = True  # 100 Continue, 103 Early Hints: not passed on; the real answer follows
             return
-        headers: CIMultiDict[str] = CIMultiDict()
+        pairs = []
         framed = False
         for name, value in self._pairs:
-            key = name.decode("utf-8", "surrogateescape")
-            headers.add(key, value.decode("utf-8", "surrogateescape"))
+            pairs.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
             if not framed:
                 lname = name.lower()
                 framed = lname == b"content-length" or lname == b"transfer-encoding"
         self._pairs = []
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")
-        self.headers = headers
+        self.raw_headers = pairs
         if self._no_body or status in _NO_BODY_STATUS:
             if not self._parser.should_keep_alive():
                 self._reusable = False
@@ -300,6 +299,10 @@ class UpstreamResponse:
         self._progress = self._loop.time()
 
     # -- the consumer's side
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return CIMultiDict(self.raw_headers)
 
     @property
     def buffered(self) -> int:
