@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _HIGH_WATER = 1 << 17  # buffered answer bytes beyond which reading from the upstream pauses
 _NO_BODY_STATUS = frozenset({204, 304})
+MAX_HEAD_BYTES = 1 << 16  # an answer's status line and headers (interim answers included) may not exceed this
 
 
 class UpstreamError(Exception):
@@ -149,6 +150,7 @@ class UpstreamResponse:
         self._error: UpstreamError | None = None
         self._reusable = True
         self._got_bytes = False
+        self._head_bytes = 0
         self._needs_eof = False
         self._released = False
         self._sender: asyncio.Task[None] | None = None
@@ -231,6 +233,12 @@ class UpstreamResponse:
             self._fail(UpstreamError("protocol", "upstream switched protocols, which the proxy does not support"))
         except httptools.HttpParserError:
             self._fail(_invalid(self._head.done()))
+        else:
+            if not self._head.done():
+                # The parser keeps a header it has not finished in memory: bound what an upstream can make it hold.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._fail(UpstreamError("protocol", "upstream sent an oversized response head"))
 
     def _ended(self, exc: Exception | None) -> None:
         """The upstream closed the connection (EOF) or it broke."""

@@ -80,4 +80,11 @@ MUTANTS = [
         new="            pass\n",
         tests=(T + "test_an_invalid_body_fails_at_once_as_a_protocol_error_while_the_upstream_stays_connected",),
     ),
+    Mutant(
+        name="no bound on an answer's head",
+        path=UPSTREAM,
+        old="                if self._head_bytes > MAX_HEAD_BYTES:\n",
+        new="                if False:\n",
+        tests=(T + "test_an_endless_response_head_is_cut_off_once_it_passes_the_bound",),
+    ),
 ]

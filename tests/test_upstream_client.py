@@ -105,6 +105,26 @@ async def test_an_invalid_body_fails_at_once_as_a_protocol_error_while_the_upstr
     await pool.close()
 
 
+async def test_an_endless_response_head_is_cut_off_once_it_passes_the_bound(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port, read_timeout=5.0)
+    sent = []
+
+    async def endless_header(ex: Exchange) -> bool:
+        ex.writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(64):  # 4 MiB of one header value, never ended
+            ex.writer.write(b"v" * 65536)
+            sent.append(65536)
+            await ex.writer.drain()
+        return True
+
+    up.script(endless_header)
+    with pytest.raises(UpstreamError) as failed:
+        await fetch(pool)
+    assert (failed.value.kind, failed.value.reason) == ("protocol", "upstream sent an oversized response head")
+    assert sum(sent) < 4 << 20  # cut off while the upstream was still sending
+    await pool.close()
+
+
 async def test_a_caller_reading_slowly_pauses_the_upstream_instead_of_buffering(up: FaultyUpstream) -> None:
     pool = make_pool(up.port)
     size = 32 << 20
