@@ -395,7 +395,14 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
     ),
     Leaf("tls.verify", "bool", True, "Verify the upstream TLS certificate."),
     Leaf("tls.ca_file", "optstr", None, "PEM CA bundle to trust for the upstream instead of the system store."),
-    Leaf("timeouts.connect", "float", 10.0, "Seconds to connect (including TLS).", minimum=0.001),
+    Leaf(
+        "timeouts.connect",
+        "float",
+        10.0,
+        "Seconds to get an upstream connection: waiting for a free one when the pool is full, then connecting "
+        "(TLS included).",
+        minimum=0.001,
+    ),
     Leaf(
         "timeouts.read",
         "float",

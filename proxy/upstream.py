@@ -494,6 +494,9 @@ class UpstreamPool:
     # -- the pool
 
     async def _acquire(self) -> tuple[_Connection, bool]:
+        """A pooled connection (reused=True) or a new one. Waiting for a free one when the pool is full and then
+        connecting share one budget, timeouts.connect, as with aiohttp's connector."""
+        deadline: float | None = None
         while True:
             now = self.loop.time()
             idle = self._idle
@@ -505,20 +508,31 @@ class UpstreamPool:
             if self._closing:
                 raise UpstreamError("connect", "the proxy is shutting down")
             if not self._limit or len(self._all) < self._limit:
-                return await self._connect(), False
+                return await self._connect(deadline), False
+            if deadline is None:
+                deadline = now + self._connect_timeout
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled or timed out: pass the free slot on
+                elif waiter in self._waiters:
                     self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    reason = "no upstream connection free within the connect timeout"
+                    raise UpstreamError("timeout", reason, 504) from exc
+                raise
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float | None) -> _Connection:
         conn = _Connection(self)
         self._all.add(conn)  # counts against the limit while connecting
+        if deadline is None:
+            deadline = self.loop.time() + self._connect_timeout
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 await self.loop.create_connection(
                     lambda: conn,
                     self._host,

@@ -87,4 +87,18 @@ MUTANTS = [
         new="                if False:\n",
         tests=(T + "test_an_endless_response_head_is_cut_off_once_it_passes_the_bound",),
     ),
+    Mutant(
+        name="requests queue for a free connection without a bound",
+        path=UPSTREAM,
+        old="                async with asyncio.timeout_at(deadline):\n                    await waiter\n",
+        new="                async with asyncio.timeout_at(None):\n                    await waiter\n",
+        tests=(T + "test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout",),
+    ),
+    Mutant(
+        name="a wake-up lost when its waiter is cancelled",
+        path=UPSTREAM,
+        old="                    self._wake_one()  # woken, then cancelled or timed out: pass the free slot on\n",
+        new="                    pass\n",
+        tests=(T + "test_a_waiter_cancelled_after_it_was_woken_passes_the_free_connection_on",),
+    ),
 ]

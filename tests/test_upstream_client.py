@@ -160,6 +160,34 @@ async def test_requests_beyond_max_connections_wait_for_a_free_one(up: FaultyUps
     await pool.close()
 
 
+async def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port, max_connections=1, connect_timeout=0.3)
+    up.default = u.ok(b"slow", delay=1.0)
+    started = time.monotonic()
+    first, second = await asyncio.gather(fetch(pool), fetch(pool), return_exceptions=True)
+    assert first == (200, b"slow")
+    assert isinstance(second, UpstreamError) and (second.kind, second.status) == ("timeout", 504)
+    assert second.reason == "no upstream connection free within the connect timeout"
+    assert time.monotonic() - started < 1.5 and len(up.arrivals) == 1
+    up.default = u.ok()
+    assert await fetch(pool) == (200, b"ok")  # the slot is free again
+    await pool.close()
+
+
+async def test_a_waiter_cancelled_after_it_was_woken_passes_the_free_connection_on(up: FaultyUpstream) -> None:
+    pool = make_pool(up.port, max_connections=1)
+    held, _reused = await pool._acquire()
+    first = asyncio.create_task(pool._acquire())
+    second = asyncio.create_task(pool._acquire())
+    await asyncio.sleep(0.05)  # both wait for the one connection
+    pool._release(held)  # wakes the first waiter ...
+    first.cancel()  # ... which is cancelled before it runs (its caller went away)
+    conn, reused = await asyncio.wait_for(second, 1.0)
+    assert conn is held and reused
+    assert first.cancelled()
+    await pool.close()
+
+
 async def test_idle_connections_are_closed_after_keepalive_seconds(up: FaultyUpstream) -> None:
     pool = make_pool(up.port, keepalive_seconds=0.2)
     assert await fetch(pool) == (200, b"ok")
