@@ -155,7 +155,6 @@ class _BodyStream:
         self._prefix = prefix
         self._content = content
         self._max_body = max_body
-        self.too_large = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         total = len(self._prefix)
@@ -167,7 +166,6 @@ class _BodyStream:
                 return
             total += len(chunk)
             if self._max_body and total > self._max_body:
-                self.too_large = True
                 raise _BodyTooLarge
             yield chunk
 

@@ -370,6 +370,8 @@ class UpstreamResponse:
         if sender is not None and not sender.done():
             sender.cancel()  # the upstream answered before taking the whole upload
             self._reusable = False
+        elif sender is not None and not sender.cancelled() and sender.exception() is not None:
+            self._reusable = False  # the upload broke off after the answer began: retrieved here, never logged
         if self.complete and self._reusable and self._error is None and not self._chunks and not conn.closed:
             conn.pool._release(conn)
         else:
@@ -473,7 +475,7 @@ class UpstreamPool:
         lines.append("\r\n")
         head = "".join(lines).encode("utf-8", "surrogateescape")
         if head.count(b"\n") != len(headers) + 3:  # defence in depth: every value was checked before this point
-            raise ValueError("a header name or value holds a line break")
+            raise UpstreamError("protocol", "a header for the upstream held a line break; nothing was sent")
         return head
 
     async def _start_upload(

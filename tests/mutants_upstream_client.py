@@ -101,4 +101,11 @@ MUTANTS = [
         new="                    pass\n",
         tests=(T + "test_a_waiter_cancelled_after_it_was_woken_passes_the_free_connection_on",),
     ),
+    Mutant(
+        name="an upload that broke after the answer began is left for asyncio to log",
+        path=UPSTREAM,
+        old="        elif sender is not None and not sender.cancelled() and sender.exception() is not None:\n",
+        new="        elif False:\n",
+        tests=(T + "test_an_upload_failing_after_the_answer_began_is_reported_nowhere_and_drops_the_connection",),
+    ),
 ]

@@ -4,6 +4,7 @@ pool behaviours the proxy-level suites (test_forwarding, tests/faults) do not re
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -240,6 +241,47 @@ async def test_an_answer_before_the_upload_ends_stops_the_upload_and_drops_the_c
     await server.wait_closed()
 
 
+async def test_an_upload_failing_after_the_answer_began_is_reported_nowhere_and_drops_the_connection() -> None:
+    """The body source may fail (a caller gone, a body over the limit) after the upstream already answered: the
+    answer stands, the connection is not reused, and asyncio never logs an unretrieved task exception."""
+    done = asyncio.Event()
+
+    async def answer_then_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(u.response_head(200, {"Content-Length": "5"}) + b"early")
+        await writer.drain()
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(answer_then_read, "127.0.0.1", 0)
+    pool = make_pool(server.sockets[0].getsockname()[1])
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    answered = asyncio.Event()
+
+    async def breaks_after_the_answer() -> AsyncIterator[bytes]:
+        yield b"first"
+        await answered.wait()
+        raise ConnectionResetError("the caller went away")
+
+    chunked = CIMultiDict({"Transfer-Encoding": "chunked"})
+    response = await pool.request("POST", "/x", chunked, breaks_after_the_answer())
+    assert response.status == 200 and await response.read() == b"early"
+    answered.set()
+    await asyncio.sleep(0.05)  # the upload fails now, after the answer
+    response.release()
+    del response
+    gc.collect()
+    await asyncio.sleep(0)
+    assert unhandled == [] and pool.idle == 0
+    loop.set_exception_handler(None)
+    done.set()
+    await pool.close()
+    server.close()
+    await server.wait_closed()
+
+
 async def test_total_timeout_bounds_an_answer_that_keeps_trickling(up: FaultyUpstream) -> None:
     pool = make_pool(up.port, read_timeout=5.0, total_timeout=0.5)
     up.script(u.trickle([b"t"] * 40, 0.05))  # never stalls past the read timeout; lasts 2 s
@@ -253,8 +295,9 @@ async def test_total_timeout_bounds_an_answer_that_keeps_trickling(up: FaultyUps
 
 async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(up: FaultyUpstream) -> None:
     pool = make_pool(up.port)
-    with pytest.raises(ValueError):
+    with pytest.raises(UpstreamError) as refused:
         await fetch(pool, **{"X-Note": "a\r\nX-Injected: 1"})
+    assert refused.value.kind == "protocol"
     await asyncio.sleep(0.05)
     assert up.arrivals == [] and up.connections == 0
     await pool.close()
