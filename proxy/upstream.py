@@ -184,7 +184,8 @@ class UpstreamResponse:
             pairs.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
             if not framed:
                 lname = name.lower()
-                framed = lname == b"content-length" or lname == b"transfer-encoding"
+                # Without Content-Length or a chunked Transfer-Encoding the body ends when the connection does.
+                framed = lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower())
         self._pairs = []
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")

@@ -108,4 +108,11 @@ MUTANTS = [
         new="        elif False:\n",
         tests=(T + "test_an_upload_failing_after_the_answer_began_is_reported_nowhere_and_drops_the_connection",),
     ),
+    Mutant(
+        name="any Transfer-Encoding taken as a framed body",
+        path=UPSTREAM,
+        old='(lname == b"transfer-encoding" and b"chunked" in value.lower())',
+        new='lname == b"transfer-encoding"',
+        tests=(T + "test_a_body_without_framing_ends_when_the_upstream_closes[not-chunked]",),
+    ),
 ]

@@ -80,9 +80,12 @@ async def test_informational_answers_are_skipped_for_the_final_one(up: FaultyUps
     await pool.close()
 
 
-async def test_a_body_without_framing_ends_when_the_upstream_closes(up: FaultyUpstream) -> None:
+@pytest.mark.parametrize("framing", [{}, {"Transfer-Encoding": "identity"}], ids=["none", "not-chunked"])
+async def test_a_body_without_framing_ends_when_the_upstream_closes(
+    up: FaultyUpstream, framing: dict[str, str]
+) -> None:
     pool = make_pool(up.port)
-    up.script(answer(u.response_head(200) + b"until the end", keep=False))
+    up.script(answer(u.response_head(200, framing) + b"until the end", keep=False))
     assert await fetch(pool) == (200, b"until the end")
     assert await fetch(pool) == (200, b"ok")
     assert up.connections == 2  # a body that ends at close leaves no connection to reuse
