@@ -48,7 +48,7 @@ MUTANTS = [
         path="proxy/kube/share.py",
         old="        self._refresher.pause()\n        self._set_role(FOLLOWER,",
         new="        self._set_role(FOLLOWER,",
-        tests=(E2E,),
+        tests=(f"{UNIT}::test_a_fallen_back_replica_stops_fetching_once_a_fresh_shared_token_arrives",),
     ),
     Mutant(
         name="no_timing_rule",

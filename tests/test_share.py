@@ -190,16 +190,17 @@ class FakeSecrets:
 class FakeRefresher:
     on_fetched: Any = None
     token: Any = None
+    scheduling = True  # fetching on its own schedule, as a real refresher after start
 
     def adopt(self, token: Any) -> str | None:
         self.token = token
         return None
 
     def pause(self) -> None:
-        pass
+        self.scheduling = False
 
     def resume(self) -> None:
-        pass
+        self.scheduling = True
 
 
 def provider(store: FakeLeases, secrets_: FakeSecrets, clock: ManualClock, name: str) -> Any:
@@ -272,6 +273,22 @@ async def test_a_follower_refuses_a_stale_shared_token() -> None:
     assert not b._usable()
     b._deliver(fresh)  # the same token again, now stale
     assert b._role == "fallback"
+
+
+async def test_a_fallen_back_replica_stops_fetching_once_a_fresh_shared_token_arrives() -> None:
+    clock, store, shared = ManualClock(), FakeLeases(), FakeSecrets()
+    a, b = provider(store, shared, clock, "a"), provider(store, shared, clock, "b")
+    assert await a._elector.tick()
+    from proxy.kube.share import SharedToken
+
+    b._role = "fallback"  # fetching its own token, as after the shared one went missing
+    b._refresher.resume()
+    fresh = SharedToken(
+        token=token_at(clock, refresh_in=30, expires_in=60), fetched_at=clock.time(), holder="a", term=0
+    )
+    b._deliver(fresh)
+    assert b._role == "follower" and b._refresher.token is fresh.token
+    assert not b._refresher.scheduling, "a follower kept fetching on its own schedule"
 
 
 # -- config ------------------------------------------------------------------------------------------------------
