@@ -87,6 +87,8 @@ class _Connection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             exchange._ended(None)
+        # Nothing more will come: not reusable from this moment, before connection_lost (the transport closes next).
+        self.closed = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -95,8 +95,8 @@ MUTANTS = [
     Mutant(
         name="pooled connections the upstream closed are reused as if alive",
         path=UPSTREAM,
-        old="            exchange._ended(None)\n        return False\n",
-        new="            exchange._ended(None)\n        return True\n",
+        old="        self.closed = True\n        return False\n",
+        new="        return True\n",
         tests=(UP + "test_upstream_closing_after_each_response_without_connection_close_fails_nothing",),
     ),
     Mutant(
