@@ -452,6 +452,8 @@ class UpstreamPool:
             transport = conn.transport
             assert transport is not None
             try:
+                if transport.is_closing():  # the loop closed it (a reset read) and connection_lost has not run yet
+                    raise _closed(before_answer=True)
                 if body is None:
                     transport.write(head)
                 elif isinstance(body, bytes):
@@ -614,7 +616,7 @@ async def _upload(conn: _Connection, response: UpstreamResponse, body: AsyncIter
     transport = conn.transport
     assert transport is not None
     async for chunk in body:
-        if conn.closed:
+        if conn.closed or transport.is_closing():
             return  # the upstream went away; the answer's side reports it
         if not chunk:
             continue
@@ -624,7 +626,7 @@ async def _upload(conn: _Connection, response: UpstreamResponse, body: AsyncIter
             transport.write(chunk)
         response.sent_progress()
         await conn.drain()
-    if chunked and not conn.closed:
+    if chunked and not conn.closed and not transport.is_closing():
         transport.write(b"0\r\n\r\n")
 
 

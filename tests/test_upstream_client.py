@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import uvloop
 from multidict import CIMultiDict
 
 from proxy.upstream import UpstreamError, UpstreamPool
@@ -190,6 +191,29 @@ async def test_a_waiter_cancelled_after_it_was_woken_passes_the_free_connection_
     assert conn is held and reused
     assert first.cancelled()
     await pool.close()
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_pooled_connection_the_loop_is_already_closing_is_never_written_to(loop_factory: Any) -> None:
+    """A reset read makes the loop close a transport at once and call connection_lost a turn later. A request in
+    between must not fail (uvloop raises RuntimeError on a write to a closed handle): it goes on a new connection,
+    on both loops (the product runs on uvloop, the in-process tests on asyncio's)."""
+
+    async def scenario() -> None:
+        up = await FaultyUpstream.start()
+        pool = make_pool(up.port)
+        assert await fetch(pool) == (200, b"ok")
+        (conn,) = pool._idle
+        assert conn.transport is not None
+        conn.transport.abort()  # what the loop does on ECONNRESET; connection_lost is still to come
+        assert not conn.closed
+        assert await fetch(pool) == (200, b"ok")
+        assert up.connections == 2
+        await pool.close()
+        await up.stop()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
 
 
 async def test_idle_connections_are_closed_after_keepalive_seconds(up: FaultyUpstream) -> None:
