@@ -444,9 +444,10 @@ class UpstreamPool:
         streamed = body is not None and not isinstance(body, bytes)
         chunked = streamed and "Transfer-Encoding" in headers
         resendable = resend_if_stale and not streamed and method in IDEMPOTENT
+        # timeouts.total counts from here: the wait for a connection and a resend are part of the exchange.
+        deadline = None if self._total_timeout is None else self.loop.time() + self._total_timeout
         for attempt in range(2):
             conn, reused = await self._acquire()
-            deadline = None if self._total_timeout is None else self.loop.time() + self._total_timeout
             response = UpstreamResponse(conn, method, self._read_timeout, deadline)
             conn.exchange = response
             transport = conn.transport

@@ -55,8 +55,8 @@ MUTANTS = [
     Mutant(
         name="timeouts.total ignored",
         path=UPSTREAM,
-        old="            deadline = None if self._total_timeout is None else self.loop.time() + self._total_timeout\n",
-        new="            deadline = None\n",
+        old="        deadline = None if self._total_timeout is None else self.loop.time() + self._total_timeout\n",
+        new="        deadline = None\n",
         tests=(T + "test_total_timeout_bounds_an_answer_that_keeps_trickling",),
     ),
     Mutant(
