@@ -1,8 +1,8 @@
 """Wiring: the only module that builds everything.
 
-`ProxyService` owns the proxy port (a low-level aiohttp server: one catch-all handler, no router), the admin
-port, each route's upstream session and credential task, and the shutdown order: readiness off, stop listening,
-let in-flight requests finish within the grace period, then release everything.
+`ProxyService` owns the proxy port (proxy/server.py: one catch-all handler, no router), the admin port (an
+aiohttp app), each route's upstream pool and credential task, and the shutdown order: readiness off, stop
+listening, let in-flight requests finish within the grace period, then release everything.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ from proxy.credentials.jwt_file import JwtFileSource
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
 from proxy.credentials.secret_keys import SecretKeyProvider
-from proxy.forwarding import ProxyHandler, ProxyServer, Router, RouteRuntime
+from proxy.forwarding import ProxyHandler, Router, RouteRuntime
 from proxy.health import Lifecycle, create_admin_app
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.refresher import Refresher, TokenSource
+from proxy.server import HttpServer
 
 if TYPE_CHECKING:
     from proxy.kube.client import KubeApi
@@ -195,7 +196,7 @@ class ProxyService:
         )
         self.admin_app = create_admin_app(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)
         self._tasks: list[asyncio.Task[None]] = []
-        self._proxy_runner: web.ServerRunner | None = None
+        self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -216,12 +217,10 @@ class ProxyService:
             task = asyncio.create_task(rt.provider.run(), name=f"credentials:{rt.name}")
             task.add_done_callback(functools.partial(_guard, route=rt.name))
             self._tasks.append(task)
-        server = ProxyServer(self.handler, limits=s.limits, handler_cancellation=False, access_log=None)
-        self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=s.shutdown_grace_seconds)
-        await self._proxy_runner.setup()
-        site = web.TCPSite(self._proxy_runner, s.listen.host, s.listen.port, backlog=1024, reuse_port=self._reuse_port)
-        await site.start()
-        self.proxy_port = _bound_port(self._proxy_runner)
+        self._proxy_server = HttpServer(self.handler, self.handler.refusal, s.limits)
+        self.proxy_port = await self._proxy_server.listen(
+            s.listen.host, s.listen.port, backlog=1024, reuse_port=self._reuse_port
+        )
         if not self._admin:
             return  # a worker process: proxy/workers.py logs its own start
         event(
@@ -246,10 +245,11 @@ class ProxyService:
         drains = []
         if self.lifecycle.workers is not None:  # forward SIGTERM; workers drain alongside this process
             drains.append(self.lifecycle.workers.stop(self.settings.shutdown_grace_seconds))
-        if self._proxy_runner is not None:
-            drains.append(self._proxy_runner.cleanup())  # closes the listener, then waits for handlers
+        if self._proxy_server is not None:
+            # closes the listener, then waits for the requests in progress
+            drains.append(self._proxy_server.shutdown(self.settings.shutdown_grace_seconds))
         await asyncio.gather(*drains)
-        self._proxy_runner = None
+        self._proxy_server = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

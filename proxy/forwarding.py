@@ -1,23 +1,19 @@
 """The catch-all proxy handler: match a route, stream the request upstream with the route's credential, stream
 the answer back. One retry with the other credential after a 401 when the body could be buffered.
 
-What this module does not do: load credentials (credentials/), decide readiness (health.py), wire apps (app.py).
+What this module does not do: parse HTTP or hold connections (server.py for callers, upstream.py for upstreams),
+load credentials (credentials/), decide readiness (health.py), wire apps (app.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import unquote
 
-import aiohttp
-from aiohttp import http_exceptions, web
 from multidict import CIMultiDict
 
 from proxy.config import Limits, Route
@@ -26,12 +22,14 @@ from proxy.headers import (
     CLIENT_REQUEST_ID,
     REQUEST_ID,
     downstream_response_headers,
+    http_date,
     new_request_id,
     request_id,
     upstream_request_headers,
 )
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
+from proxy.server import Refused, Request, RequestBody
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 
 log = logging.getLogger("aml_auth_proxy.forwarding")
@@ -84,12 +82,9 @@ class Router:
         return None
 
 
-# (response, status for metrics and logs, bytes sent, seconds waiting for the upstream's answer headers)
-_Outcome = tuple[web.StreamResponse, int, int, float]
-
-
-class _ClientGone(Exception):
-    """The caller went away; nothing more can be sent to it."""
+# (status for metrics and logs, bytes sent, seconds waiting for the upstream's answer headers)
+_Outcome = tuple[int, int, float]
+_Answer = tuple[list[tuple[str, str]], bytes]
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -101,13 +96,13 @@ def _has_dot_segment(path: str) -> bool:
     return False
 
 
-def json_error(status: int, error: str, *, route: str | None, rid: str | None) -> web.Response:
+def json_error(error: str, *, route: str | None, rid: str | None) -> _Answer:
+    """The headers and body of the proxy's own error answers."""
     body = json.dumps({"error": error, "route": route, "request_id": rid}).encode()
-    headers = {"Content-Type": "application/json"}
+    headers = [("Content-Type", "application/json"), ("Date", http_date())]
     if rid is not None:
-        headers[REQUEST_ID] = rid
-        headers[CLIENT_REQUEST_ID] = rid
-    return web.Response(status=status, body=body, headers=headers)
+        headers += ((REQUEST_ID, rid), (CLIENT_REQUEST_ID, rid))
+    return headers, body
 
 
 def _classify(exc: BaseException) -> tuple[int, str, str]:
@@ -123,22 +118,19 @@ class _BodyTooLarge(Exception):
     """A body without Content-Length grew past limits.max_body_bytes."""
 
 
-async def _read_body(request: web.BaseRequest, limit: int, max_body: int) -> bytes | _BodyStream | None:
+async def _read_body(request: Request, limit: int, max_body: int) -> bytes | _BodyStream | None:
     """The request body to send: bytes when it fits the retry buffer (so a retry can resend it), else a stream."""
-    if not request.body_exists:
-        return None
     content = request.content
+    if content is None:
+        return None
     length = request.content_length
     if length is not None and length <= limit:
-        try:
-            return await content.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise _ClientGone from exc
+        return await content.read_exactly(length)
     prefix = b""
     if length is None:  # chunked: buffer while it stays small enough
         buf = bytearray()
         while len(buf) <= limit:
-            chunk = await content.readany()
+            chunk = await content.read_any()
             if not chunk:
                 return bytes(buf)
             buf += chunk
@@ -151,7 +143,7 @@ async def _read_body(request: web.BaseRequest, limit: int, max_body: int) -> byt
 class _BodyStream:
     """A request body passed on as it arrives; one without Content-Length is cut off past `max_body`."""
 
-    def __init__(self, prefix: bytes, content: aiohttp.StreamReader, max_body: int) -> None:
+    def __init__(self, prefix: bytes, content: RequestBody, max_body: int) -> None:
         self._prefix = prefix
         self._content = content
         self._max_body = max_body
@@ -161,7 +153,7 @@ class _BodyStream:
         if self._prefix:
             yield self._prefix
         while True:
-            chunk = await self._content.readany()
+            chunk = await self._content.read_any()
             if not chunk:
                 return
             total += len(chunk)
@@ -171,7 +163,7 @@ class _BodyStream:
 
 
 class ProxyHandler:
-    """The single handler of the proxy port."""
+    """The single handler of the proxy port (proxy/server.py calls it once per request)."""
 
     def __init__(
         self,
@@ -187,30 +179,48 @@ class ProxyHandler:
         self.limits = limits or Limits()
         self.in_flight = 0
 
-    def _reject(self, status: int, error: str, reason: str, *, route: str | None, rid: str | None) -> web.Response:
+    def _reject(
+        self,
+        request: Request,
+        status: int,
+        error: str,
+        reason: str,
+        *,
+        route: str | None,
+        rid: str | None,
+        close: bool = False,
+    ) -> None:
         self.metrics.rejected.labels(reason).inc()
-        return json_error(status, error, route=route, rid=rid or new_request_id())
+        headers, body = json_error(error, route=route, rid=rid or new_request_id())
+        if status == 503:
+            headers.append(("Retry-After", "1"))
+        request.answer(status, headers, body, close=close)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    def refusal(self, status: int, reason: str) -> _Answer:
+        """The answer to a request the server's parser refused: counted, logged once with its fixed reason (never
+        the offending bytes, which may hold a credential), a JSON error with a fresh request id."""
+        rid = new_request_id()
+        self.metrics.rejected.labels("too_large" if status in (414, 431) else "bad_http").inc()
+        event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
+        return json_error(f"bad request: {reason}", route=None, rid=rid)
+
+    async def __call__(self, request: Request) -> None:
         limits = self.limits
-        if getattr(request.protocol, "over_limit", False):
-            refused = self._reject(503, "too many open connections to the proxy", "connections", route=None, rid=None)
-            refused.headers["Retry-After"] = "1"
-            refused.force_close()
-            return refused
-        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > limits.max_header_bytes:
-            return self._reject(431, "request header block too large", "too_large", route=None, rid=None)
+        if request.protocol.over_limit:
+            return self._reject(
+                request, 503, "too many open connections to the proxy", "connections", route=None, rid=None, close=True
+            )
         if limits.max_body_bytes and (request.content_length or 0) > limits.max_body_bytes:
-            refused = self._reject(413, "request body too large", "too_large", route=None, rid=None)
-            refused.force_close()  # do not read a body that will not be forwarded
-            return refused
+            # The body will not be forwarded, so it is not read: the connection closes after the answer.
+            return self._reject(request, 413, "request body too large", "too_large", route=None, rid=None, close=True)
         raw = request.raw_path
         if request.method == "CONNECT":
             return self._reject(
-                405, "CONNECT is not supported; this is not an open proxy", "connect", route=None, rid=None
+                request, 405, "CONNECT is not supported; this is not an open proxy", "connect", route=None, rid=None
             )
         if not raw.startswith("/"):
             return self._reject(
+                request,
                 400,
                 "only origin-form request targets are served; this is not an open proxy",
                 "absolute_form",
@@ -222,13 +232,20 @@ class ProxyHandler:
         rid = request_id(request.headers)
         if rid is None:
             return self._reject(
-                400, "invalid x-ms-client-request-id or x-request-id header", "request_id", route=None, rid=None
+                request,
+                400,
+                "invalid x-ms-client-request-id or x-request-id header",
+                "request_id",
+                route=None,
+                rid=None,
             )
         if ("." in path or "%" in path) and _has_dot_segment(path):
-            return self._reject(400, "dot segments are not allowed in the path", "dot_segment", route=None, rid=rid)
+            return self._reject(
+                request, 400, "dot segments are not allowed in the path", "dot_segment", route=None, rid=rid
+            )
         rt = self.router.match(path)
         if rt is None:
-            return self._reject(404, "no route matches this path", "no_route", route=None, rid=rid)
+            return self._reject(request, 404, "no route matches this path", "no_route", route=None, rid=rid)
         rm = rt.metrics
         start = time.perf_counter()
         rm.active += 1
@@ -237,7 +254,7 @@ class ProxyHandler:
         sent = 0
         upstream_s = 0.0
         try:
-            response, status, sent, upstream_s = await self._forward(request, rt, path, query, rid)
+            status, sent, upstream_s = await self._forward(request, rt, path, query, rid)
         finally:
             rm.active -= 1
             self.in_flight -= 1
@@ -255,23 +272,26 @@ class ProxyHandler:
                     bytes_out=sent,
                     upstream_seconds=upstream_s,
                 )
-        return response
+        return None
 
-    async def _forward(self, request: web.BaseRequest, rt: RouteRuntime, path: str, query: str, rid: str) -> _Outcome:
-        """Do the exchange; returns (response, status for metrics and logs, bytes sent)."""
+    async def _forward(self, request: Request, rt: RouteRuntime, path: str, query: str, rid: str) -> _Outcome:
+        """Do the exchange and answer; returns (status for metrics and logs, bytes sent, seconds waited)."""
         cfg = rt.config
         cred = rt.provider.current
         if cred is None:
             _ready, why = rt.provider.readiness()
-            response = json_error(503, f"route has no usable credential: {why}", route=rt.name, rid=rid)
-            response.headers["Retry-After"] = str(rt.provider.retry_after())
-            return response, 503, 0, 0.0
+            refused, text = json_error(f"route has no usable credential: {why}", route=rt.name, rid=rid)
+            refused.append(("Retry-After", str(rt.provider.retry_after())))
+            request.answer(503, refused, text)
+            return 503, 0, 0.0
         try:
             body = await _read_body(request, cfg.retry_buffer_bytes, self.limits.max_body_bytes)
-        except (_ClientGone, ConnectionError, aiohttp.ClientPayloadError):
+        except ConnectionError:
             return self._client_gone(rt, rid, "request body")
+        except Refused as refused:
+            return self._refused(request, refused)
         except _BodyTooLarge:
-            return self._too_large(rt, rid)
+            return self._too_large(request, rt, rid)
         url = rt.target(path, query)
         headers = upstream_request_headers(
             request.headers,
@@ -295,11 +315,13 @@ class ProxyHandler:
             if upstream.status == 401 and not caller_credential:
                 upstream = await self._after_401(request, rt, upstream, cred, headers, url, body)
         except _BodyTooLarge:
-            return self._too_large(rt, rid)
-        except (_ClientGone, UpstreamError, ConnectionError, aiohttp.ClientPayloadError) as exc:
+            return self._too_large(request, rt, rid)
+        except Refused as refused:
+            return self._refused(request, refused)
+        except (UpstreamError, ConnectionError) as exc:
             if self._caller_gone(request) and not isinstance(exc, UpstreamError):
                 return self._client_gone(rt, rid, "request body")
-            return self._upstream_failed(rt, rid, exc)
+            return self._upstream_failed(request, rt, rid, exc)
         try:
             return await self._relay(request, rt, upstream, rid, time.perf_counter() - started)
         finally:
@@ -307,7 +329,7 @@ class ProxyHandler:
 
     async def _after_401(
         self,
-        request: web.BaseRequest,
+        request: Request,
         rt: RouteRuntime,
         upstream: UpstreamResponse,
         sent: Credential,
@@ -333,51 +355,59 @@ class ProxyHandler:
         return retried
 
     async def _relay(
-        self, request: web.BaseRequest, rt: RouteRuntime, upstream: UpstreamResponse, rid: str, waited: float
+        self, request: Request, rt: RouteRuntime, upstream: UpstreamResponse, rid: str, waited: float
     ) -> _Outcome:
         headers = downstream_response_headers(upstream.raw_headers, rid=rid)
-        if upstream.complete and request.method != "HEAD" and upstream.status not in (204, 304):
-            # The whole answer came with its head (most scoring answers): one buffered write, no streaming.
-            body = upstream.body_now()
-            return (
-                web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body),
-                upstream.status,
-                len(body),
-                waited,
-            )
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        status = upstream.status
+        has_body = request.method != "HEAD" and status not in (204, 304)
+        try:
+            if upstream.complete and has_body:
+                # The whole answer came with its head (most scoring answers): one buffered write, no streaming.
+                body = upstream.body_now()
+                request.answer(status, headers, body, reason=upstream.reason, length=not upstream.has_length)
+                return status, len(body), waited
+            await request.start(status, headers, reason=upstream.reason, body=has_body, length=upstream.has_length)
+        except ConnectionError:
+            upstream.close()
+            return self._client_gone(rt, rid, "response body")
         sent = 0
         try:
-            await response.prepare(request)
             while True:
                 chunk = await upstream.read_chunk()
                 if not chunk:
                     break
-                await response.write(chunk)
+                await request.write(chunk)
                 sent += len(chunk)
-            await response.write_eof()
+            await request.end()
         except ConnectionError:
             self._client_gone(rt, rid, "response body")
             upstream.close()
-            return response, 499, sent, waited
+            return 499, sent, waited
         except UpstreamError as exc:
             # The answer has started: the only honest signal left is to cut the caller's connection.
             self._count_failure(rt, rid, exc, "upstream_failed_mid_response", bytes_sent=sent)
             upstream.close()
-            if request.transport is not None:
-                request.transport.close()
-            return response, 502, sent, waited
-        return response, upstream.status, sent, waited
+            request.abort()
+            return 502, sent, waited
+        return status, sent, waited
 
-    def _too_large(self, rt: RouteRuntime, rid: str) -> _Outcome:
+    def _refused(self, request: Request, refused: Refused) -> _Outcome:
+        """The caller's body broke its framing while it was read: the upstream exchange is abandoned."""
+        if not request.answered:
+            headers, body = self.refusal(refused.status, refused.reason)
+            request.answer(refused.status, headers, body, close=True)
+        return refused.status, 0, 0.0
+
+    def _too_large(self, request: Request, rt: RouteRuntime, rid: str) -> _Outcome:
         """The body grew past the limit while streaming: the upstream request is abandoned, never completed."""
-        response = self._reject(413, "request body too large", "too_large", route=rt.name, rid=rid)
-        response.force_close()
-        return response, 413, 0, 0.0
+        self._reject(request, 413, "request body too large", "too_large", route=rt.name, rid=rid, close=True)
+        return 413, 0, 0.0
 
-    def _upstream_failed(self, rt: RouteRuntime, rid: str, exc: BaseException) -> _Outcome:
+    def _upstream_failed(self, request: Request, rt: RouteRuntime, rid: str, exc: BaseException) -> _Outcome:
         status, reason = self._count_failure(rt, rid, exc, "upstream_failed")
-        return json_error(status, reason, route=rt.name, rid=rid), status, 0, 0.0
+        headers, body = json_error(reason, route=rt.name, rid=rid)
+        request.answer(status, headers, body)
+        return status, 0, 0.0
 
     @staticmethod
     def _count_failure(rt: RouteRuntime, rid: str, exc: BaseException, name: str, **extra: object) -> tuple[int, str]:
@@ -398,7 +428,7 @@ class ProxyHandler:
         return status, reason
 
     @staticmethod
-    def _caller_gone(request: web.BaseRequest) -> bool:
+    def _caller_gone(request: Request) -> bool:
         transport = request.transport
         return transport is None or transport.is_closing()
 
@@ -406,112 +436,4 @@ class ProxyHandler:
         rt.metrics.disconnects.inc()
         event(log, logging.DEBUG, "client_disconnected", route=rt.name, request_id=rid, during=during)
         # 499 (client closed request) is only recorded; nothing reaches the caller.
-        return web.Response(status=499), 499, 0, 0.0
-
-
-class _ProxyRequestHandler(web.RequestHandler):
-    over_limit = False  # accepted beyond limits.max_connections: its request gets 503 and the connection closes
-
-    def data_received(self, data: bytes) -> None:
-        """aiohttp drops every byte that arrives once shutdown began (close() or shutdown()), even the rest of the
-        body of the request being handled, so an upload in flight at SIGTERM would stall until the grace period
-        ends. While a request is in progress its bytes are still fed; no new request is started either way."""
-        if self._request_in_progress and (self._close or self._force_close):
-            closing = (self._close, self._force_close)
-            self._close = self._force_close = False
-            try:
-                super().data_received(data)
-            finally:
-                self._close, self._force_close = closing
-            return
-        super().data_received(data)
-
-    """aiohttp's connection handler with the proxy's answer to unparsable requests.
-
-    aiohttp's HTTP parser refuses request smuggling and malformed messages (Content-Length with
-    Transfer-Encoding, duplicate Content-Length, obsolete line folding, bare CR or LF, bad chunk sizes, NUL in a
-    header, oversized headers) before any handler runs. Its default answer is plain text and an error-level log
-    line with a traceback; the proxy answers with its JSON error and a request id, closes the connection, and
-    logs one line with the parser's reason (never the offending bytes, which may hold a credential).
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500:
-            return super().handle_error(request, status, exc, message)
-        if request.writer.output_size > 0:
-            raise ConnectionError("the answer has started; the connection is closed instead")
-        status, reason = parse_error(exc, status)
-        rid = new_request_id()
-        server = self._manager
-        if isinstance(server, ProxyServer):
-            server.metrics.rejected.labels("too_large" if status in (414, 431) else "bad_http").inc()
-        event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
-        response = json_error(status, f"bad request: {reason}", route=None, rid=rid)
-        response.force_close()
-        return response
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        server = self._manager
-        if isinstance(server, ProxyServer) and len(server.connections) > server.max_connections:
-            self.over_limit = True
-
-
-_REQUEST_LINE = re.compile(rb"^[A-Z]+ ")
-# Fixed reasons: the parser's own messages quote the offending bytes, which may hold a caller's credential.
-_PARSE_REASONS: tuple[tuple[type[BaseException], str, str], ...] = (
-    (http_exceptions.InvalidHeader, "", "invalid header"),
-    (http_exceptions.BadHttpMethod, "", "invalid method"),
-    (http_exceptions.BadStatusLine, "", "invalid request line"),
-    (http_exceptions.InvalidURLError, "", "invalid request target"),
-    (http_exceptions.TransferEncodingError, "", "invalid chunked body"),
-    (http_exceptions.ContentLengthError, "", "body shorter than its Content-Length"),
-    (http_exceptions.BadHttpMessage, "Duplicate", "duplicate header"),
-    (http_exceptions.BadHttpMessage, "Invalid header", "invalid header"),
-    (http_exceptions.BadHttpMessage, "Bad line ending", "bad line ending, expected CRLF"),
-    (http_exceptions.BadHttpMessage, "Missing 'Host'", "missing Host header"),
-    (http_exceptions.BadHttpMessage, "Request has invalid `Transfer-Encoding`", "invalid Transfer-Encoding"),
-    (http_exceptions.BadHttpMessage, "Data after `Connection: close`", "data after Connection: close"),
-)
-
-
-def parse_error(exc: BaseException | None, status: int) -> tuple[int, str]:
-    """(status, reason) for a request the parser refused; the reason never quotes the request's bytes."""
-    if isinstance(exc, http_exceptions.LineTooLong):
-        line = exc.args[0] if exc.args else b""
-        if isinstance(line, bytearray) or (isinstance(line, bytes) and _REQUEST_LINE.match(line)):
-            return 414, "request line too long"  # the C parser reports the target as a bytearray
-        return 431, "header field too large"
-    text = str(getattr(exc, "message", "") or "")
-    if text.startswith("Too many headers"):
-        return 431, "too many header fields"
-    for kind, prefix, reason in _PARSE_REASONS:
-        if isinstance(exc, kind) and text.startswith(prefix):
-            return status, reason
-    return status, "malformed request"
-
-
-class ProxyServer(web.Server):
-    """The proxy port's low-level server: one handler, JSON answers to requests that do not parse, and the
-    caller-facing limits (header size and count, idle and slow-head timeout, open connections)."""
-
-    def __init__(self, handler: ProxyHandler, *, limits: Limits, **kwargs: Any) -> None:
-        super().__init__(
-            handler,
-            max_line_size=limits.max_header_bytes,
-            max_field_size=limits.max_header_bytes,
-            max_headers=limits.max_headers,
-            keepalive_timeout=limits.client_timeout_seconds,
-            **kwargs,
-        )
-        self.metrics = handler.metrics
-        self.max_connections = limits.max_connections
-
-    def __call__(self) -> web.RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        return 499, 0, 0.0

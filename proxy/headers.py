@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -63,7 +65,7 @@ def new_request_id() -> str:
     return rid
 
 
-def request_id(headers: CIMultiDictProxy[str]) -> str | None:
+def request_id(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> str | None:
     """The caller's request id, a fresh one when absent, or None when the caller's is unusable."""
     rid = headers.get(CLIENT_REQUEST_ID) or headers.get(REQUEST_ID)
     if rid is None:
@@ -72,7 +74,7 @@ def request_id(headers: CIMultiDictProxy[str]) -> str | None:
 
 
 def upstream_request_headers(
-    incoming: CIMultiDictProxy[str],
+    incoming: CIMultiDict[str] | CIMultiDictProxy[str],
     *,
     credential: tuple[str, str] | None,
     keep_caller_credential: bool,
@@ -110,15 +112,28 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: Iterable[tuple[str, str]], *, rid: str) -> list[tuple[str, str]]:
-    """Headers to return to the caller, in the upstream's order: its end-to-end headers plus our request id.
+_date = ["", -1]  # (formatted, second): formatting the date once a second, not once an answer
 
-    A list of pairs, one pass over the upstream's headers: aiohttp copies what a response is given into its own
-    CIMultiDict, so building one here would be paid twice on every answer."""
+
+def http_date() -> str:
+    """The current time as an HTTP Date value."""
+    now = int(time.time())
+    if _date[1] != now:
+        _date[0] = formatdate(now, usegmt=True)
+        _date[1] = now
+    return str(_date[0])
+
+
+def downstream_response_headers(upstream: Iterable[tuple[str, str]], *, rid: str) -> list[tuple[str, str]]:
+    """Headers to return to the caller, in the upstream's order: its end-to-end headers plus our request id, and
+    a Date when the upstream sent none (RFC 9110 6.6.1). A list of pairs, built in one pass."""
     out: list[tuple[str, str]] = []
     named: set[str] = set()
+    dated = False
     for name, value in upstream:
         lname = name.lower()
+        if lname == "date":
+            dated = True
         if lname in RESPONSE_DROP:
             if lname == "connection":
                 named |= connection_tokens((value,))
@@ -129,6 +144,8 @@ def downstream_response_headers(upstream: Iterable[tuple[str, str]], *, rid: str
     named -= RESPONSE_DROP  # "Connection: keep-alive" names nothing new
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
+    if not dated:
+        out.append(("Date", http_date()))
     out.append((REQUEST_ID, rid))
     out.append((CLIENT_REQUEST_ID, rid))
     return out

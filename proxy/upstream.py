@@ -141,6 +141,7 @@ class UpstreamResponse:
         self.reason = ""
         self.raw_headers: list[tuple[str, str]] = []  # (name, value) as received, decoded like aiohttp's
         self.complete = False
+        self.has_length = False  # the answer's head has a Content-Length (passed on as it is)
         self._pairs: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._informational = False
@@ -187,7 +188,8 @@ class UpstreamResponse:
             if not framed:
                 lname = name.lower()
                 # Without Content-Length or a chunked Transfer-Encoding the body ends when the connection does.
-                framed = lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower())
+                self.has_length = lname == b"content-length"
+                framed = self.has_length or (lname == b"transfer-encoding" and b"chunked" in value.lower())
         self._pairs = []
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")
