@@ -250,6 +250,8 @@ class ProxyService:
             drains.append(self._proxy_server.shutdown(self.settings.shutdown_grace_seconds))
         await asyncio.gather(*drains)
         self._proxy_server = None
+        if self.handler.access_log is not None:
+            self.handler.access_log.flush()  # the lines of the last requests, batched by time
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

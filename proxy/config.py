@@ -288,7 +288,12 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         maximum=3600,
     ),
     Leaf("log_level", "enum", "info", "Lowest level logged.", choices=LOG_LEVELS),
-    Leaf("access_log", "bool", True, "Write one JSON access line per request."),
+    Leaf(
+        "access_log",
+        "bool",
+        True,
+        "Write one JSON access line per request (batched: written within 0.1 s, and at shutdown).",
+    ),
     Leaf(
         "workers",
         "int",

@@ -433,11 +433,12 @@ async def test_keep_alive_connections_are_reused(proxy: Any) -> None:
 
 async def test_access_log_line_per_request_without_credentials(proxy: Any) -> None:
     buffer = io.StringIO()
-    proxy.handler.access_log = AccessLog(buffer)
+    proxy.handler.access_log = AccessLog(buffer, interval=3600)
     _resp, _seen = await echo_call(
         proxy, "POST", "/q?secret-looking=1", data=b"12345", headers={"x-request-id": "rid-1"}
     )
-    await asyncio.sleep(0)  # the batch is written at the end of the loop turn
+    assert buffer.getvalue() == ""  # batched: nothing is written before the interval ends or a flush
+    proxy.handler.access_log.flush()
     lines = buffer.getvalue().splitlines()
     assert len(lines) == 1
     fields = json.loads(lines[0])
@@ -445,3 +446,45 @@ async def test_access_log_line_per_request_without_credentials(proxy: Any) -> No
     assert fields["route"] == "echo" and fields["status"] == 200 and fields["request_id"] == "rid-1"
     assert fields["method"] == "POST" and fields["bytes_in"] == 5 and fields["bytes_out"] > 0
     assert fields["path"] == "/q"  # no query string: it may carry secrets
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_access_lines_are_written_in_one_batch_per_interval(proxy: Any) -> None:
+    stream = CountingStream()
+    proxy.handler.access_log = AccessLog(stream, interval=0.05)
+    for i in range(3):
+        await echo_call(proxy, "GET", f"/batch-{i}")
+    async with asyncio.timeout(5):
+        while stream.writes == 0:
+            await asyncio.sleep(0.01)
+    assert stream.writes == 1  # three requests, one write
+    assert [json.loads(x)["path"] for x in stream.getvalue().splitlines()] == ["/batch-0", "/batch-1", "/batch-2"]
+
+
+async def test_a_full_access_batch_is_written_at_once(proxy: Any) -> None:
+    stream = CountingStream()
+    proxy.handler.access_log = AccessLog(stream, interval=3600, max_lines=2)
+    for i in range(5):
+        await echo_call(proxy, "GET", f"/full-{i}")
+    assert stream.writes == 2 and len(stream.getvalue().splitlines()) == 4  # the fifth waits for its batch
+
+
+async def test_stopping_writes_the_access_lines_still_batched(
+    make_proxy: ProxyFactory, echo: str, key_dir: KeyDir
+) -> None:
+    svc = await make_proxy({"name": "last", "upstream": echo + "/echo", "auth": key_dir(new_key("last"))})
+    stream = CountingStream()
+    svc.handler.access_log = AccessLog(stream, interval=3600)
+    await echo_call(svc, "GET", "/last-words")
+    assert stream.getvalue() == ""
+    await svc.stop()
+    assert json.loads(stream.getvalue())["path"] == "/last-words"

@@ -8,10 +8,10 @@ _PROXY_STAR = '        if lname in drop or lname.startswith("proxy-"):\n        
 
 MUTANTS = [
     Mutant(
-        name="aiohttp's stock connection handler (plain-text 400s with a traceback)",
-        path="proxy/forwarding.py",
-        old="        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)",
-        new="        return web.RequestHandler(self, loop=self._loop, **self._kwargs)",
+        name="a refused request answered in plain text (no JSON error, no request id, no log line)",
+        path="proxy/server.py",
+        old="                    headers, answer = self.server.refusal(item.status, item.reason)\n",
+        new='                    headers, answer = [("Content-Type", "text/plain")], b"Bad Request"\n',
         tests=(_S + "test_malformed_or_smuggling_requests_get_a_json_400_and_never_reach_the_upstream",),
     ),
     Mutant(

@@ -22,9 +22,9 @@ MUTANTS = [
     ),
     Mutant(
         name="the parser's message (with the caller's header) in the error body and log",
-        path="proxy/forwarding.py",
-        old="        status, reason = parse_error(exc, status)\n",
-        new='        status, reason = parse_error(exc, status)[0], str(getattr(exc, "message", ""))[:300]\n',
+        path="proxy/server.py",
+        old='            raise Refused(431, "header field too large")',
+        new='            raise Refused(431, "header field too large: " + value.decode("latin-1")[:300])',
         tests=_ALL_PATHS,
     ),
     Mutant(

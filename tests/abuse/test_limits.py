@@ -195,3 +195,35 @@ async def test_a_slow_request_head_is_cut_off_after_the_client_timeout(limited: 
     assert reader.at_eof(), "the proxy kept a never-ending request head open"
     assert closed_after < 2 * LIMITS["client_timeout_seconds"] + 0.5
     assert limited.seen == []
+
+
+async def test_an_endless_header_is_cut_off_at_the_limit_not_buffered(limited: Any) -> None:
+    """A header line that never ends: the proxy answers once the head passes what it may hold, without waiting
+    for the line to end (which would buffer all of it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.proxy_port)
+    writer.write(b"GET /score HTTP/1.1\r\nHost: a\r\nX-Endless: ")
+    sent = 0
+    answer = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+    async with asyncio.timeout(5):
+        while not answer.done() and sent < 8 << 20:  # bounded: 8 MiB at most
+            writer.write(b"a" * 16384)
+            sent += 16384
+            await writer.drain()
+            await asyncio.sleep(0)
+        head = await answer
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 431 ")
+    assert sent < 1 << 20, sent  # the limits are 4 KiB: the answer came long before a megabyte
+    assert limited.seen == []
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_client_timeout(limited: Any) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.proxy_port)
+    writer.write(b"GET /score HTTP/1.1\r\nHost: a\r\n\r\n")
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"reached")
+        started = asyncio.get_running_loop().time()
+        assert await reader.read() == b""  # the proxy closed the idle connection
+    waited = asyncio.get_running_loop().time() - started
+    writer.close()
+    assert waited < 2 * LIMITS["client_timeout_seconds"] + 0.5

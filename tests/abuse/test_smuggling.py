@@ -34,6 +34,13 @@ HOSTILE = {
     "chunked not last": (b"POST /score HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
     "space before the colon": b"GET /score HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
     "negative content-length": b"POST /score HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\nhello",
+    "missing Host in HTTP/1.1": b"GET /score HTTP/1.1\r\nX-A: b\r\n\r\n",
+    "duplicate Host": b"GET /score HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "chunked body with Upgrade": (
+        b"POST /score HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "HTTP/2.0 request line": b"GET /score HTTP/2.0\r\nHost: a\r\n\r\n",
 }
 
 

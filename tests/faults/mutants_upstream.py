@@ -9,6 +9,9 @@ UP = "tests/faults/test_upstream_faults.py::"
 PROC = "tests/faults/test_process_faults.py::"
 UPLOAD = PROC + "test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body"
 FWD = "proxy/forwarding.py"
+_SHUTDOWN = (
+    "        self.closing = True\n        if self._task is None and not self._queue and self.transport is not None:\n"
+)
 UPSTREAM = "proxy/upstream.py"
 RETRY = "retried = await pool.request(request.method, url, headers, body)\n"
 RESEND = "                if attempt == 0 and reused and resendable and err.before_answer:\n"
@@ -38,8 +41,8 @@ MUTANTS = [
     Mutant(
         name="a broken answer is ended cleanly instead of cutting the caller's connection",
         path=FWD,
-        old="            if request.transport is not None:\n                request.transport.close()\n",
-        new="            await response.write_eof()\n",
+        old="            request.abort()\n            return 502, sent, waited\n",
+        new="            await request.end()\n            return 502, sent, waited\n",
         tests=(
             UP + "test_reset_mid_response_cuts_the_callers_connection",
             UP + "test_stall_after_the_headers_cuts_the_callers_connection_as_a_timeout",
@@ -102,9 +105,9 @@ MUTANTS = [
     Mutant(
         name="a request body that breaks off is passed on as complete",
         path=FWD,
-        old="            chunk = await self._content.readany()\n            if not chunk:\n                return\n",
+        old="            chunk = await self._content.read_any()\n            if not chunk:\n                return\n",
         new=(
-            "            try:\n                chunk = await self._content.readany()\n"
+            "            try:\n                chunk = await self._content.read_any()\n"
             "            except BaseException:\n                return\n"
             "            if not chunk:\n                return\n"
         ),
@@ -114,8 +117,8 @@ MUTANTS = [
     Mutant(
         name="no grace period on SIGTERM",
         path="proxy/app.py",
-        old="shutdown_timeout=s.shutdown_grace_seconds",
-        new="shutdown_timeout=0.2",
+        old="drains.append(self._proxy_server.shutdown(self.settings.shutdown_grace_seconds))",
+        new="drains.append(self._proxy_server.shutdown(0.2))",
         tests=(
             PROC + "test_sigterm_with_500_requests_in_flight_lets_all_finish_and_exits_0",
             UPLOAD + "[grace-long-enough-chunked]",
@@ -124,9 +127,9 @@ MUTANTS = [
     ),
     Mutant(
         name="bytes of an upload in flight dropped once shutdown began",
-        path="proxy/forwarding.py",
-        old="        if self._request_in_progress and (self._close or self._force_close):",
-        new="        if False:",
+        path="proxy/server.py",
+        old=_SHUTDOWN,
+        new=_SHUTDOWN.replace("\n", "\n        self._stop_parsing = True\n", 1),
         tests=(
             "tests/faults/test_process_faults.py::test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body",
         ),
