@@ -29,7 +29,7 @@ from proxy.headers import (
 )
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
-from proxy.server import Refused, Request, RequestBody
+from proxy.server import CallerGone, Refused, Request, RequestBody
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 
 log = logging.getLogger("aml_auth_proxy.forwarding")
@@ -319,7 +319,7 @@ class ProxyHandler:
         except Refused as refused:
             return self._refused(request, refused)
         except (UpstreamError, ConnectionError) as exc:
-            if self._caller_gone(request) and not isinstance(exc, UpstreamError):
+            if isinstance(exc, CallerGone) or (self._caller_gone(request) and not isinstance(exc, UpstreamError)):
                 return self._client_gone(rt, rid, "request body")
             return self._upstream_failed(request, rt, rid, exc)
         try:

@@ -14,7 +14,7 @@ proxy together. What it does, and nothing more:
   closes a connection idle or still sending its head after `client_timeout_seconds`;
 - frames answers: Content-Length when known, else chunked (HTTP/1.1) or close-delimited (HTTP/1.0);
 - backpressure both ways: reading from the caller pauses while its body waits, writing waits while the caller
-  reads slowly; a caller that goes away fails the reads and writes of its request with ConnectionResetError;
+  reads slowly; a caller that goes away fails the reads and writes of its request with CallerGone;
 - graceful shutdown: stop accepting, close idle connections, let each request in progress finish (its body is
   still read) and close its connection after the answer, then cut what is left when the grace period ends.
 
@@ -80,6 +80,10 @@ def parse_reason(exc: BaseException) -> str:
     return "malformed request"
 
 
+class CallerGone(ConnectionResetError):
+    """The caller closed its connection (or its sending side) before its request or answer was done."""
+
+
 class Refused(Exception):
     """A request refused while its head or body was parsed: (status, fixed reason)."""
 
@@ -92,7 +96,7 @@ class Refused(Exception):
 class RequestBody:
     """A request body as it arrives: read_exactly() for a body of known length, read_any() for a stream.
 
-    Reading fails with Refused when the body broke its framing, and with ConnectionResetError when the caller
+    Reading fails with Refused when the body broke its framing, and with CallerGone when the caller
     went away before it ended."""
 
     __slots__ = ("_chunks", "_conn", "_continue", "_eof", "_exc", "_size", "_waiter", "received")
@@ -153,7 +157,7 @@ class RequestBody:
         while self._size < n and not self._eof and self._exc is None:
             await self._wait()
         if self._size < n:
-            raise self._exc if self._exc is not None else ConnectionResetError("the caller closed the connection")
+            raise self._exc if self._exc is not None else CallerGone("the caller closed the connection")
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -359,7 +363,7 @@ class HttpConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        gone = ConnectionResetError("the caller closed the connection")
+        gone = CallerGone("the caller closed the connection")
         for item in self._queue:
             if isinstance(item, Request) and item.content is not None:
                 item.content.fail(gone)
@@ -384,7 +388,7 @@ class HttpConnection(asyncio.Protocol):
         self.closing = True
         body = self._body
         if body is not None:
-            body.fail(ConnectionResetError("the caller closed the connection"))
+            body.fail(CallerGone("the caller closed the connection"))
         return True
 
     def data_received(self, data: bytes) -> None:
@@ -623,7 +627,7 @@ class HttpConnection(asyncio.Protocol):
     def write(self, data: bytes, *more: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
-            raise ConnectionResetError("the caller closed the connection")
+            raise CallerGone("the caller closed the connection")
         if more:
             transport.writelines([data, *more])
         else:
@@ -631,7 +635,7 @@ class HttpConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self.transport is None:
-            raise ConnectionResetError("the caller closed the connection")
+            raise CallerGone("the caller closed the connection")
         if self._writing_paused:
             self._drain = self.loop.create_future()
             try:
@@ -734,4 +738,4 @@ class HttpServer:
                 await asyncio.sleep(0)
 
 
-__all__ = ["HttpConnection", "HttpServer", "Refused", "Request", "RequestBody", "parse_reason"]
+__all__ = ["CallerGone", "HttpConnection", "HttpServer", "Refused", "Request", "RequestBody", "parse_reason"]

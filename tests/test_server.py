@@ -219,3 +219,19 @@ async def test_an_answer_given_before_the_body_is_read_reaches_the_caller_still_
     await conn.send(b"y" * (900000 - 65536))
     assert await conn.closed()
     assert proxy.seen == []
+
+
+async def test_a_caller_leaving_mid_upload_never_passes_on_a_complete_body(proxy: Any) -> None:
+    conn = await Conn.open(proxy.proxy_port)
+    good = b"x" * 4096  # past the retry buffer: the upload is already streaming to the upstream
+    await conn.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (4096, good))
+    await asyncio.sleep(0.1)
+    conn.close()  # gone before the last chunk
+    async with asyncio.timeout(5):
+        while not proxy.seen:
+            await asyncio.sleep(0.01)
+    assert "broken" in proxy.seen[0], proxy.seen[0]  # the chunked body upstream was cut, not ended
+    registry = proxy.metrics.registry
+    async with asyncio.timeout(5):
+        while registry.get_sample_value("aml_auth_proxy_client_disconnects_total", {"route": "srv"}) != 1:
+            await asyncio.sleep(0.01)

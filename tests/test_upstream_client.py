@@ -116,7 +116,7 @@ async def test_an_endless_response_head_is_cut_off_once_it_passes_the_bound(up: 
 
     async def endless_header(ex: Exchange) -> bool:
         ex.writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
-        for _ in range(64):  # 4 MiB of one header value, never ended
+        for _ in range(1024):  # 64 MiB of one header value, never ended: more than socket buffers can absorb
             ex.writer.write(b"v" * 65536)
             sent.append(65536)
             await ex.writer.drain()
@@ -126,7 +126,9 @@ async def test_an_endless_response_head_is_cut_off_once_it_passes_the_bound(up: 
     with pytest.raises(UpstreamError) as failed:
         await fetch(pool)
     assert (failed.value.kind, failed.value.reason) == ("protocol", "upstream sent an oversized response head")
-    assert sum(sent) < 4 << 20  # cut off while the upstream was still sending
+    # Cut off while the upstream was still sending. The kernel's socket buffers (tcp_rmem/tcp_wmem, autotuned,
+    # with cached per-destination metrics) may take tens of MiB first, so the bound is well past them.
+    assert sum(sent) < 64 << 20
     await pool.close()
 
 

@@ -111,8 +111,9 @@ MUTANTS = [
             "            except BaseException:\n                return\n"
             "            if not chunk:\n                return\n"
         ),
-        # Chunked only: with a Content-Length the upstream itself notices a short body.
-        tests=(UPLOAD + "[grace-too-short-chunked]",),
+        # Chunked only: with a Content-Length the upstream itself notices a short body. (At the end of the grace
+        # period the upstream connection is closed before the body's reader fails, so that test cannot see it.)
+        tests=("tests/test_server.py::test_a_caller_leaving_mid_upload_never_passes_on_a_complete_body",),
     ),
     Mutant(
         name="no grace period on SIGTERM",
