@@ -124,8 +124,10 @@ class RequestBody:
         self._chunks.append(data)
         self._size += len(data)
         self.received += len(data)
-        if self._size > _BODY_HIGH_WATER:
-            self._conn.update_reading()
+        conn = self._conn
+        conn.body_buffered += len(data)
+        if conn.body_buffered > _BODY_HIGH_WATER:
+            conn.update_reading()
         self._wake()
 
     def feed_eof(self) -> None:
@@ -160,9 +162,7 @@ class RequestBody:
             raise self._exc if self._exc is not None else CallerGone("the caller closed the connection")
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._size = 0
-        self._conn.update_reading()
+        self.discard()
         return data
 
     async def read_any(self) -> bytes:
@@ -175,9 +175,20 @@ class RequestBody:
             await self._wait()
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
-        if self._size < _BODY_LOW_WATER:
-            self._conn.update_reading()
+        conn = self._conn
+        conn.body_buffered -= len(chunk)
+        if conn.body_buffered < _BODY_LOW_WATER:
+            conn.update_reading()
         return chunk
+
+    def discard(self) -> None:
+        """Drop what is buffered (read, or never to be read)."""
+        conn = self._conn
+        conn.body_buffered -= self._size
+        self._chunks.clear()
+        self._size = 0
+        if conn.body_buffered < _BODY_LOW_WATER:
+            conn.update_reading()
 
 
 class Request:
@@ -244,10 +255,13 @@ class Request:
             conn.closing = True
         extra = _framing(self, close, f"Content-Length: {len(body)}\r\n" if length else "")
         head = _head(status, reason, headers, extra)
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return  # the caller is gone: there is no one to tell
         if len(body) < 16384:
-            conn.write(head + body)  # one small buffer: cheaper than a vectored write
+            transport.write(head + body)  # one small buffer: cheaper than a vectored write
         else:
-            conn.write(head, body)
+            transport.writelines((head, body))
 
     async def start(
         self,
@@ -322,6 +336,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.over_limit = False  # accepted beyond limits.max_connections: its request gets 503 and it closes
         self.closing = False  # no request after the one being answered
+        self.body_buffered = 0  # request body bytes received and not yet read, all requests together
         self._parser = httptools.HttpRequestParser(self)
         self._limits = server.limits
         self._queue: deque[Request | Refused] = deque()
@@ -340,7 +355,8 @@ class HttpConnection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._pairs: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
-        self._heads = 0  # heads parsed so far
+        self._progress = 0  # heads and body pieces parsed so far
+        self._chunked = False  # a chunked body is being parsed
         self._body: RequestBody | None = None
         self._body_length: int | None = None
         self._last_keep_alive = True
@@ -391,7 +407,7 @@ class HttpConnection(asyncio.Protocol):
             body.fail(CallerGone("the caller closed the connection"))
         return True
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._lingering >= 0:
             self._lingering += len(data)
             if self._lingering > _LINGER_BYTES and self.transport is not None:
@@ -400,25 +416,31 @@ class HttpConnection(asyncio.Protocol):
         try:
             while data and not self._stop_parsing:
                 if self._raw_left:
-                    data = self._feed_raw_body(data)
+                    data = self._feed_raw_body(bytes(data))
                     continue
-                cut = self._in_head and len(data) > self._room
+                # A head, and a chunked body's framing and trailers, are bounded by `room`: llhttp (httptools)
+                # keeps an unfinished header or trailer in memory, so an endless one is fed only so far.
+                bounded = self._in_head or self._chunked
+                cut = bounded and len(data) > self._room
+                piece: bytes | memoryview
                 if cut:
-                    # More than a head may hold: feed only what fits, so an endless head never grows past it.
-                    piece, data = data[: self._room], data[self._room :]
+                    view = memoryview(data)  # slices without copying: a large chunked upload is cut many times
+                    piece, data = view[: self._room], view[self._room :]
                     self._room = 0
                 else:
                     piece, data = data, b""
-                    if self._in_head:
+                    if bounded:
                         self._room -= len(piece)
-                heads = self._heads
+                progress = self._progress
                 try:
                     self._parser.feed_data(piece)
                 except httptools.HttpParserUpgrade as exc:
-                    data = self._after_upgrade(piece[exc.args[0] :] + data)
+                    data = self._after_upgrade(bytes(piece[exc.args[0] :]) + bytes(data))
                     continue
-                if cut and self._in_head and heads == self._heads:
-                    raise Refused(*self._too_large_head())
+                if cut and progress == self._progress:
+                    if self._in_head:
+                        raise Refused(*self._too_large_head())
+                    raise Refused(431, "chunked body framing or trailers too large")
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
             if not isinstance(refused, Refused):
@@ -481,7 +503,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._heads += 1
+        self._progress += 1
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -506,6 +528,8 @@ class HttpConnection(asyncio.Protocol):
             expect = version == "1.1" and headers.get("Expect", "").lower() == "100-continue"
             body = self._body = RequestBody(self, expect)
         self._body_length = content_length
+        self._chunked = chunked
+        self._room = self.server.head_room
         self._last_keep_alive = keep_alive = parser.should_keep_alive()
         url = self._url
         request = Request(
@@ -524,6 +548,8 @@ class HttpConnection(asyncio.Protocol):
         self._enqueue(request)
 
     def on_body(self, data: bytes) -> None:
+        self._progress += 1
+        self._room = self.server.head_room
         body = self._body
         if body is not None:
             body.feed(data)
@@ -545,6 +571,7 @@ class HttpConnection(asyncio.Protocol):
             body.feed_eof()
             self._body = None
         self._in_head = True
+        self._chunked = False
         self._room = self.server.head_room
         if not keep_alive:
             self._stop_parsing = True  # anything after this request is not read
@@ -595,7 +622,11 @@ class HttpConnection(asyncio.Protocol):
                 queue.popleft()
                 if self.transport is None:
                     return
+                if not item.answered:
+                    self.closing = True  # no answer was given (the caller is gone): nothing else may follow
                 body = item.content
+                if body is not None:
+                    body.discard()
                 if self.closing or (body is not None and not body.done):
                     # A body still arriving that the handler did not read is not skipped over: the connection closes.
                     self._close(linger=body is not None and not body.done)
@@ -607,20 +638,23 @@ class HttpConnection(asyncio.Protocol):
             self._task = None
 
     def update_reading(self) -> None:
-        """Pause reading from the caller while its body or pipelined requests wait; resume when they drain."""
+        """Pause reading from the caller while its bodies or pipelined requests wait; resume when they drain."""
         transport = self.transport
         if transport is None:
             return
-        body = self._body
-        full = len(self._queue) > _MAX_QUEUED or (body is not None and body.buffered > _BODY_HIGH_WATER)
+        full = len(self._queue) > _MAX_QUEUED or self.body_buffered > _BODY_HIGH_WATER
         if full and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
-        elif not full and self._reading_paused and (body is None or body.buffered < _BODY_LOW_WATER):
+        elif not full and self._reading_paused and self.body_buffered < _BODY_LOW_WATER:
             self._reading_paused = False
             transport.resume_reading()
 
     def send_continue(self) -> None:
+        """The interim answer, once the handler wants the body; never after its answer has started."""
+        queue = self._queue
+        if not queue or not isinstance(queue[0], Request) or queue[0].answered:
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_CONTINUE)
 

@@ -67,7 +67,7 @@ MUTANTS = [
     Mutant(
         name="a head fed whole, however long (llhttp buffers an unfinished header)",
         path=SRV,
-        old="                cut = self._in_head and len(data) > self._room\n",
+        old="                cut = bounded and len(data) > self._room\n",
         new="                cut = False\n",
         tests=(_L + "test_an_endless_header_is_cut_off_at_the_limit_not_buffered",),
     ),
@@ -80,5 +80,12 @@ MUTANTS = [
             _L + "test_an_idle_keep_alive_connection_is_closed_after_the_client_timeout",
             _L + "test_a_slow_request_head_is_cut_off_after_the_client_timeout",
         ),
+    ),
+    Mutant(
+        name="a chunked body's trailers fed whole, however long",
+        path=SRV,
+        old="                bounded = self._in_head or self._chunked\n",
+        new="                bounded = self._in_head\n",
+        tests=(_T + "test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered",),
     ),
 ]

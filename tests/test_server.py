@@ -4,6 +4,7 @@ HTTP/1.0, answer framing, Upgrade requests, a body that breaks mid-upload, and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -235,3 +236,20 @@ async def test_a_caller_leaving_mid_upload_never_passes_on_a_complete_body(proxy
     async with asyncio.timeout(5):
         while registry.get_sample_value("aml_auth_proxy_client_disconnects_total", {"route": "srv"}) != 1:
             await asyncio.sleep(0.01)
+
+
+async def test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered(proxy: Any) -> None:
+    conn = await Conn.open(proxy.proxy_port)
+    await conn.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: ")
+    answer = asyncio.ensure_future(conn.answer())
+    sent = 0
+    async with asyncio.timeout(5):
+        while not answer.done() and sent < 8 << 20:  # bounded: 8 MiB at most
+            with contextlib.suppress(ConnectionError):
+                await conn.send(b"t" * 16384)
+            sent += 16384
+            await asyncio.sleep(0)
+        status, _headers, body = await answer
+    assert status == 431 and json.loads(body)["error"] == "bad request: chunked body framing or trailers too large"
+    assert sent < 1 << 20, sent  # refused at about twice the header limit, not after buffering everything
+    conn.close()
