@@ -25,6 +25,7 @@ body; the reasons are fixed texts (llhttp's messages never quote the request's b
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy.config import Limits
+from proxy.headers import new_request_id
 
 log = logging.getLogger("aml_auth_proxy.server")
 
@@ -609,16 +611,20 @@ class HttpConnection(asyncio.Protocol):
                     headers, answer = self.server.refusal(item.status, item.reason)
                     self.closing = True
                     framing = f"Content-Length: {len(answer)}\r\nConnection: close\r\n"
-                    self.write(_head(item.status, None, headers, framing) + answer)
+                    transport = self.transport
+                    if not transport.is_closing():
+                        transport.write(_head(item.status, None, headers, framing) + answer)
                     self._close(linger=True)
                     return
                 try:
                     await self.server.handler(item)
                 except Exception:
                     log.exception("proxy handler failed")
-                    if not item.answered:
-                        item.answer(500, [("Content-Type", "application/json")], b'{"error": "internal error"}')
                     self.closing = True
+                    if not item.answered:
+                        rid = new_request_id()
+                        text = json.dumps({"error": "internal error", "route": None, "request_id": rid}).encode()
+                        item.answer(500, [("Content-Type", "application/json"), ("x-request-id", rid)], text)
                 queue.popleft()
                 if self.transport is None:
                     return
@@ -634,6 +640,9 @@ class HttpConnection(asyncio.Protocol):
                 if len(queue) <= _MAX_QUEUED:
                     self.update_reading()
             self._idle_since = self.loop.time()
+        except Exception:  # a fault of the server itself: never left for asyncio to report at exit
+            log.exception("proxy connection failed")
+            self.abort()
         finally:
             self._task = None
 

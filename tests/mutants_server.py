@@ -88,4 +88,11 @@ MUTANTS = [
         new="                bounded = self._in_head\n",
         tests=(_T + "test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered",),
     ),
+    Mutant(
+        name="a fault in the handler leaves the caller without an answer",
+        path=SRV,
+        old="                    if not item.answered:\n                        rid = new_request_id()\n",
+        new="                    if False:\n                        rid = new_request_id()\n",
+        tests=(_T + "test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_connection_closes",),
+    ),
 ]

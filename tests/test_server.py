@@ -253,3 +253,21 @@ async def test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered(pr
     assert status == 431 and json.loads(body)["error"] == "bad request: chunked body framing or trailers too large"
     assert sent < 1 << 20, sent  # refused at about twice the header limit, not after buffering everything
     conn.close()
+
+
+async def test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_connection_closes(
+    proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(request: Any) -> None:
+        raise RuntimeError("a bug")
+
+    proxy._proxy_server.handler = broken
+    conn = await Conn.open(proxy.proxy_port)
+    await conn.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, headers, body = await conn.answer()
+    assert status == 500 and headers["connection"] == "close"
+    assert json.loads(body) == {"error": "internal error", "route": None, "request_id": headers["x-request-id"]}
+    assert await conn.closed()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "handler" in r.getMessage()] == [
+        "proxy handler failed"
+    ]
