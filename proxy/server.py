@@ -260,7 +260,9 @@ class Request:
         transport = conn.transport
         if transport is None or transport.is_closing():
             return  # the caller is gone: there is no one to tell
-        if len(body) < 16384:
+        if self.method == "HEAD":
+            transport.write(head)  # the head says what a GET would get; no body follows it
+        elif len(body) < 16384:
             transport.write(head + body)  # one small buffer: cheaper than a vectored write
         else:
             transport.writelines((head, body))

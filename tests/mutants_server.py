@@ -95,4 +95,11 @@ MUTANTS = [
         new="                    if False:\n                        rid = new_request_id()\n",
         tests=(_T + "test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_connection_closes",),
     ),
+    Mutant(
+        name="the proxy's own answer to a HEAD request sent with its body",
+        path=SRV,
+        old='        if self.method == "HEAD":\n',
+        new="        if False:\n",
+        tests=(_T + "test_a_head_request_answered_by_the_proxy_itself_gets_no_body_and_the_connection_goes_on",),
+    ),
 ]

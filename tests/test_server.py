@@ -271,3 +271,14 @@ async def test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_c
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "handler" in r.getMessage()] == [
         "proxy handler failed"
     ]
+
+
+async def test_a_head_request_answered_by_the_proxy_itself_gets_no_body_and_the_connection_goes_on(proxy: Any) -> None:
+    conn = await Conn.open(proxy.proxy_port)
+    await conn.send(b"HEAD /nothing/../here HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, headers = await conn.head()  # refused by the proxy: a JSON error's head, without the JSON
+    assert status == 400 and int(headers["content-length"]) > 0
+    await conn.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, _headers, body = await conn.answer()  # had the body been sent, this would read it as a status line
+    assert (status, body) == (200, b"GET /next 0")
+    conn.close()
