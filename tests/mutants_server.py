@@ -102,4 +102,11 @@ MUTANTS = [
         new="        if False:\n",
         tests=(_T + "test_a_head_request_answered_by_the_proxy_itself_gets_no_body_and_the_connection_goes_on",),
     ),
+    Mutant(
+        name="what follows an Upgrade request's head in the same read is lost",
+        path=SRV,
+        old="                    data = self._after_upgrade(bytes(piece[exc.args[0] :]) + bytes(data))\n",
+        new="                    data = self._after_upgrade(bytes(data))\n",
+        tests=("tests/abuse/test_fragmentation.py",),
+    ),
 ]
