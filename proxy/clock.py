@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 
@@ -13,7 +14,7 @@ class Clock(Protocol):
     def time(self) -> float:
         """Epoch seconds."""
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Awaitable[None]:
         """Wait `seconds` of this clock's time."""
 
 
@@ -36,10 +37,12 @@ class ManualClock:
     def time(self) -> float:
         return self._now
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> asyncio.Future[None]:
+        """The deadline is fixed now, at the call, not when a task wrapping the wait first runs: a sleep started
+        while `advance` is moving time must not count its seconds from a later instant."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), next(self._order), future))
-        await future
+        return future
 
     @property
     def next_deadline(self) -> float | None:

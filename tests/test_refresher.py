@@ -40,6 +40,7 @@ class FakeSource:
         self.calls: list[float] = []
         self.script: list[Any] = []
         self.gate: asyncio.Event | None = None
+        self.spins = 0  # event loop turns a fetch takes, as real I/O would
         self.serial = itertools.count(1)
         self.revoked: list[Token] = []
 
@@ -47,6 +48,8 @@ class FakeSource:
         self.calls.append(self.clock.time())
         if self.gate is not None:
             await self.gate.wait()
+        for _ in range(self.spins):
+            await asyncio.sleep(0)
         if self.script:
             step = self.script.pop(0)
             if isinstance(step, BaseException):
@@ -161,6 +164,28 @@ async def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
         )
         == 9
     )
+
+
+async def test_the_refresher_wakes_when_its_schedule_says_however_many_loop_turns_a_fetch_takes() -> None:
+    # A fetch that ended late in one of `advance`'s settling rounds used to start its next wait only after the
+    # clock had moved on, so that wait ended late by however far the step overshot (CI saw a test wait forever).
+    for spins in range(48):
+        clock = ManualClock()
+        source = FakeSource(clock, lifetime=10_000, refresh_after=5)
+        source.spins = spins
+        refresher, _ = make(clock, source, rng=itertools.repeat(1.0))
+        await refresher.start()
+        source.script = [TransientError("HTTP 503")] * 3
+        task = asyncio.create_task(refresher.run())
+        try:
+            for fetches in (2, 3, 4):
+                await clock.advance(refresher.details()["refresh_in"] + 0.5)  # overshoot every due time
+                assert len(source.calls) == fetches, spins
+                await clock.advance(0)
+                due = clock.time() + refresher.details()["refresh_in"]
+                assert clock.next_deadline == pytest.approx(due, abs=2e-3), spins
+        finally:
+            task.cancel()
 
 
 async def test_full_jitter_draws_below_the_ceiling() -> None:
