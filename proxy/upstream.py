@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import httptools
@@ -70,6 +70,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.exchange: UpstreamResponse | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
 
@@ -93,6 +95,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         exchange = self.exchange
         if exchange is not None:
             exchange._ended(exc)
@@ -100,6 +105,24 @@ class _Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
         self.pool._forget(self)
+
+    def watch(self, due: float) -> None:
+        """Make sure the timer fires by `due`. One already set to fire earlier stays: when it fires, the exchange
+        then running checks its own due time and sets it again (so a steady stream of exchanges costs no timer
+        work per exchange)."""
+        timer = self._timer
+        if timer is not None and self._timer_due <= due:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer_due = due
+        self._timer = self.pool.loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        exchange = self.exchange
+        if exchange is not None:
+            exchange._check_timeout()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -130,7 +153,14 @@ class UpstreamResponse:
     read_chunk(). `complete` is true once the whole message arrived (often together with the head).
     Always end it with release()."""
 
-    def __init__(self, conn: _Connection, method: str, read_timeout: float, deadline: float | None) -> None:
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        read_timeout: float,
+        deadline: float | None,
+        notify: Callable[[UpstreamResponse], None] | None = None,
+    ) -> None:
         self._conn = conn
         self._loop = conn.pool.loop
         self._parser: Any = httptools.HttpResponseParser(self)  # None once released
@@ -145,7 +175,11 @@ class UpstreamResponse:
         self._pairs: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._informational = False
-        self._head: asyncio.Future[None] = self._loop.create_future()
+        self.head_done = False  # status and headers are known
+        self._head_waiter: asyncio.Future[None] | None = None  # wait_head() waiting
+        # Called once, from the connection's callbacks, when the head has arrived (with as much of the body as came
+        # with it: `complete` tells) or the exchange failed: a request path without a task or a future per request.
+        self._notify = notify
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -158,7 +192,7 @@ class UpstreamResponse:
         self._released = False
         self._sender: asyncio.Task[None] | None = None
         self._progress = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._due(), self._check_timeout)
+        conn.watch(self._due())
 
     # -- llhttp callbacks (must not raise: httptools would turn it into a generic callback error)
 
@@ -200,8 +234,10 @@ class UpstreamResponse:
             self._finish()
         else:
             self._needs_eof = not framed  # the body ends when the upstream closes the connection
-        if not self._head.done():
-            self._head.set_result(None)
+        self.head_done = True
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
@@ -237,48 +273,58 @@ class UpstreamResponse:
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "upstream switched protocols, which the proxy does not support"))
         except httptools.HttpParserError:
-            self._fail(_invalid(self._head.done()))
+            self._fail(_invalid(self.head_done))
         else:
-            if not self._head.done():
+            if not self.head_done:
                 # The parser keeps a header it has not finished in memory: bound what an upstream can make it hold.
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self._fail(UpstreamError("protocol", "upstream sent an oversized response head"))
+        if self._notify is not None:
+            self._tell()
 
     def _ended(self, exc: Exception | None) -> None:
         """The upstream closed the connection (EOF) or it broke."""
         self._reusable = False
         if self.complete or self._error is not None:
             return
-        if not self._head.done():
+        if not self.head_done:
             self._fail(_closed(before_answer=not self._got_bytes))
         elif self._needs_eof and exc is None:
             self._finish()
         else:
             self._fail(UpstreamError("reset", "upstream broke off the body"))
+        if self._notify is not None:
+            self._tell()
 
     def _finish(self) -> None:
         self.complete = True
-        self._stop_timer()
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
             self._error = error
         self._reusable = False
-        self._stop_timer()
-        if not self._head.done():
-            self._head.set_exception(error)
-            self._head.exception()  # retrieved here: a caller that went away must not leave a loop warning
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+            waiter.exception()  # retrieved here: a caller that went away must not leave a loop warning
         self._wake()
         self._conn.close()
+
+    def _tell(self) -> None:
+        """Call `notify` once the head is known or the exchange failed."""
+        notify = self._notify
+        if notify is not None and (self.head_done or self._error is not None):
+            self._notify = None
+            notify(self)
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    # -- timeouts: one timer per exchange, re-armed only when it fires early
+    # -- timeouts: the connection's one timer, re-armed only when it fires early (never created per exchange)
 
     def _due(self) -> float:
         due = self._progress + self._read_timeout
@@ -287,25 +333,22 @@ class UpstreamResponse:
         return due
 
     def _check_timeout(self) -> None:
-        self._timer = None
-        if self.complete or self._error is not None:
+        """The connection's timer fired during this exchange."""
+        if self.complete or self._error is not None or self._released:
             return
         now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             self._fail(_timed_out())
+            self._tell()
             return
-        waiting = not self._head.done() or self._waiter is not None
+        waiting = not self.head_done or self._waiter is not None
         if waiting and now >= self._progress + self._read_timeout:
             self._fail(_timed_out())
+            self._tell()
             return
         if not waiting:
             self._progress = now  # a caller reading slowly is not the upstream stalling
-        self._timer = self._loop.call_at(self._due(), self._check_timeout)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._conn.watch(self._due())
 
     def sent_progress(self) -> None:
         """A body chunk went out: the upstream is not stalled while it is still taking the upload."""
@@ -322,8 +365,23 @@ class UpstreamResponse:
         """Bytes of the body received and not yet read (bounded: reading pauses beyond about 128 KiB)."""
         return self._buffered
 
+    @property
+    def error(self) -> UpstreamError | None:
+        return self._error
+
     async def wait_head(self) -> None:
-        await self._head
+        if self.head_done:
+            return
+        if self._error is not None:
+            raise self._error
+        await self._head_future()
+
+    def _head_future(self) -> asyncio.Future[None]:
+        """Done when the head arrives or the exchange fails (created only when something waits for it)."""
+        waiter = self._head_waiter
+        if waiter is None or waiter.cancelled():
+            waiter = self._head_waiter = self._loop.create_future()
+        return waiter
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end. Raises UpstreamError when the body cannot be completed."""
@@ -367,7 +425,6 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        self._stop_timer()
         self._parser = None  # it holds this object's callbacks: dropping it leaves no cycle for the GC to find
         conn = self._conn
         conn.exchange = None
@@ -447,7 +504,7 @@ class UpstreamPool:
         chunked = streamed and "Transfer-Encoding" in headers
         resendable = resend_if_stale and not streamed and method in IDEMPOTENT
         # timeouts.total counts from here: the wait for a connection and a resend are part of the exchange.
-        deadline = None if self._total_timeout is None else self.loop.time() + self._total_timeout
+        deadline = self._deadline()
         for attempt in range(2):
             conn, reused = await self._acquire()
             response = UpstreamResponse(conn, method, self._read_timeout, deadline)
@@ -476,6 +533,48 @@ class UpstreamPool:
             return response
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    def send_now(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        notify: Callable[[UpstreamResponse], None],
+    ) -> UpstreamResponse | None:
+        """Send on an idle keep-alive connection without waiting, or return None when none is idle (then use
+        request()). `notify(response)` is called once, from the connection's callbacks, when the head arrived or
+        the exchange failed; a failure before any answer byte on this reused connection may be resent with
+        request(). `headers` must hold the framing, as for request()."""
+        head = self._head(method, target, headers)
+        conn = self._take_idle(self.loop.time())
+        if conn is None:
+            return None
+        response = UpstreamResponse(conn, method, self._read_timeout, self._deadline(), notify)
+        conn.exchange = response
+        transport = conn.transport
+        assert transport is not None
+        if body is None:
+            transport.write(head)
+        else:
+            transport.writelines((head, body))
+        return response
+
+    def _deadline(self) -> float | None:
+        """When timeouts.total ends for an exchange starting now."""
+        return None if self._total_timeout is None else self.loop.time() + self._total_timeout
+
+    def _take_idle(self, now: float) -> _Connection | None:
+        """The most recently used idle connection still open and within keepalive_seconds."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if not conn.closed and transport is not None and not transport.is_closing():
+                if now - conn.idle_since < self._keepalive:
+                    return conn
+            conn.close()
+        return None
+
     def _head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
         lines = [method, " ", target, " HTTP/1.1\r\n", self._host_line]
         for name, value in headers.items():
@@ -494,8 +593,8 @@ class UpstreamPool:
         propagate from here."""
         sender = self.loop.create_task(_upload(conn, response, body, chunked))
         response._sender = sender
-        head = response._head
-        await asyncio.wait((sender, head), return_when=asyncio.FIRST_COMPLETED)
+        if not response.head_done and response.error is None:
+            await asyncio.wait((sender, response._head_future()), return_when=asyncio.FIRST_COMPLETED)
         if sender.done() and not sender.cancelled():
             failed = sender.exception()
             if failed is not None:
@@ -509,12 +608,9 @@ class UpstreamPool:
         deadline: float | None = None
         while True:
             now = self.loop.time()
-            idle = self._idle
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self._keepalive:
-                    return conn, True
-                conn.close()
+            conn = self._take_idle(now)
+            if conn is not None:
+                return conn, True
             if self._closing:
                 raise UpstreamError("connect", "the proxy is shutting down")
             if not self._limit or len(self._all) < self._limit:

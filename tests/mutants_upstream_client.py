@@ -55,8 +55,8 @@ MUTANTS = [
     Mutant(
         name="timeouts.total ignored",
         path=UPSTREAM,
-        old="        deadline = None if self._total_timeout is None else self.loop.time() + self._total_timeout\n",
-        new="        deadline = None\n",
+        old="        return None if self._total_timeout is None else self.loop.time() + self._total_timeout\n",
+        new="        return None\n",
         tests=(T + "test_total_timeout_bounds_an_answer_that_keeps_trickling",),
     ),
     Mutant(
@@ -76,7 +76,7 @@ MUTANTS = [
     Mutant(
         name="an upstream body that does not parse waited on until the read timeout",
         path=UPSTREAM,
-        old="            self._fail(_invalid(self._head.done()))\n",
+        old="            self._fail(_invalid(self.head_done))\n",
         new="            pass\n",
         tests=(T + "test_an_invalid_body_fails_at_once_as_a_protocol_error_while_the_upstream_stays_connected",),
     ),
