@@ -7,10 +7,11 @@ load credentials (credentials/), decide readiness (health.py), wire apps (app.py
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -29,8 +30,8 @@ from proxy.headers import (
 )
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
-from proxy.server import CallerGone, Refused, Request, RequestBody
-from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse, pool_for
+from proxy.server import DEFERRED, CallerGone, Refused, Request, RequestBody, _Deferred
+from proxy.upstream import IDEMPOTENT, UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 
 log = logging.getLogger("aml_auth_proxy.forwarding")
 
@@ -114,6 +115,51 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
     return 502, "protocol", "upstream exchange failed"
 
 
+class _Unread:
+    """The request body has not been read yet (the slow path reads it)."""
+
+
+_UNREAD = _Unread()
+
+
+class _InFlight:
+    """A request sent from the handler without a task, waiting for the upstream connection's callback."""
+
+    __slots__ = ("body", "cred", "handler", "headers", "path", "request", "rid", "rt", "start", "url")
+
+    def __init__(
+        self,
+        handler: ProxyHandler,
+        request: Request,
+        rt: RouteRuntime,
+        path: str,
+        rid: str,
+        start: float,
+        cred: Credential,
+        headers: CIMultiDict[str],
+        url: str,
+        body: bytes | None,
+    ) -> None:
+        self.handler = handler
+        self.request = request
+        self.rt = rt
+        self.path = path
+        self.rid = rid
+        self.start = start
+        self.cred = cred
+        self.headers = headers
+        self.url = url
+        self.body = body
+
+    @property
+    def keeps_caller_credential(self) -> bool:
+        """A 401 is passed on as it is: the caller's own credential was sent (keep_caller_credential)."""
+        return self.rt.config.keep_caller_credential and self.cred.header in self.request.headers
+
+    def answered(self, upstream: UpstreamResponse) -> None:
+        self.handler._answered(self, upstream)
+
+
 class _BodyTooLarge(Exception):
     """A body without Content-Length grew past limits.max_body_bytes."""
 
@@ -178,6 +224,7 @@ class ProxyHandler:
         self.access_log = access_log
         self.limits = limits or Limits()
         self.in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # requests that went on in a task after a callback
 
     def _reject(
         self,
@@ -204,22 +251,27 @@ class ProxyHandler:
         event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
         return json_error(f"bad request: {reason}", route=None, rid=rid)
 
-    async def __call__(self, request: Request) -> None:
+    def __call__(self, request: Request) -> Awaitable[None] | _Deferred | None:
+        """Answer at once (a refusal, a 503 without credential), send at once and answer from a callback
+        (DEFERRED), or return the coroutine that reads the body and forwards it."""
         limits = self.limits
         if request.protocol.over_limit:
-            return self._reject(
+            self._reject(
                 request, 503, "too many open connections to the proxy", "connections", route=None, rid=None, close=True
             )
+            return None
         if limits.max_body_bytes and (request.content_length or 0) > limits.max_body_bytes:
             # The body will not be forwarded, so it is not read: the connection closes after the answer.
-            return self._reject(request, 413, "request body too large", "too_large", route=None, rid=None, close=True)
+            self._reject(request, 413, "request body too large", "too_large", route=None, rid=None, close=True)
+            return None
         raw = request.raw_path
         if request.method == "CONNECT":
-            return self._reject(
+            self._reject(
                 request, 405, "CONNECT is not supported; this is not an open proxy", "connect", route=None, rid=None
             )
+            return None
         if not raw.startswith("/"):
-            return self._reject(
+            self._reject(
                 request,
                 400,
                 "only origin-form request targets are served; this is not an open proxy",
@@ -227,11 +279,12 @@ class ProxyHandler:
                 route=None,
                 rid=None,
             )
+            return None
         path, mark, query = raw.partition("?")
         query = mark + query
         rid = request_id(request.headers)
         if rid is None:
-            return self._reject(
+            self._reject(
                 request,
                 400,
                 "invalid x-ms-client-request-id or x-request-id header",
@@ -239,60 +292,91 @@ class ProxyHandler:
                 route=None,
                 rid=None,
             )
+            return None
         if ("." in path or "%" in path) and _has_dot_segment(path):
-            return self._reject(
-                request, 400, "dot segments are not allowed in the path", "dot_segment", route=None, rid=rid
-            )
+            self._reject(request, 400, "dot segments are not allowed in the path", "dot_segment", route=None, rid=rid)
+            return None
         rt = self.router.match(path)
         if rt is None:
-            return self._reject(request, 404, "no route matches this path", "no_route", route=None, rid=rid)
-        rm = rt.metrics
+            self._reject(request, 404, "no route matches this path", "no_route", route=None, rid=rid)
+            return None
         start = time.perf_counter()
-        rm.active += 1
+        rt.metrics.active += 1
         self.in_flight += 1
-        status = 0
-        sent = 0
-        upstream_s = 0.0
         try:
-            status, sent, upstream_s = await self._forward(request, rt, path, query, rid)
-        finally:
-            rm.active -= 1
-            self.in_flight -= 1
-            elapsed = time.perf_counter() - start
-            rm.request_done(request.method, status, elapsed)
-            if self.access_log is not None:
-                self.access_log.request(
-                    route=rt.name,
-                    method=request.method,
-                    path=path,
-                    status=status,
-                    seconds=elapsed,
-                    request_id=rid,
-                    bytes_in=request.content_length,
-                    bytes_out=sent,
-                    upstream_seconds=upstream_s,
-                )
-        return None
+            fast = self._start(request, rt, path, query, rid, start)
+        except BaseException:
+            self._done(request, rt, path, rid, start, (0, 0, 0.0))
+            raise
+        if isinstance(fast, tuple):  # answered at once
+            self._done(request, rt, path, rid, start, fast)
+            return None
+        return fast
 
-    async def _forward(self, request: Request, rt: RouteRuntime, path: str, query: str, rid: str) -> _Outcome:
-        """Do the exchange and answer; returns (status for metrics and logs, bytes sent, seconds waited)."""
+    def _done(self, request: Request, rt: RouteRuntime, path: str, rid: str, start: float, outcome: _Outcome) -> None:
+        """A proxied request has ended: metrics and the access log line."""
+        rt.metrics.active -= 1
+        self.in_flight -= 1
+        status, sent, upstream_s = outcome
+        elapsed = time.perf_counter() - start
+        rt.metrics.request_done(request.method, status, elapsed)
+        if self.access_log is not None:
+            self.access_log.request(
+                route=rt.name,
+                method=request.method,
+                path=path,
+                status=status,
+                seconds=elapsed,
+                request_id=rid,
+                bytes_in=request.content_length,
+                bytes_out=sent,
+                upstream_seconds=upstream_s,
+            )
+
+    def _start(
+        self, request: Request, rt: RouteRuntime, path: str, query: str, rid: str, start: float
+    ) -> _Outcome | Awaitable[None] | _Deferred:
+        """The request path without a task: a request whose body (if any) has all arrived and fits the retry
+        buffer is sent at once on an idle keep-alive connection, and answered from the upstream connection's
+        callback when the whole answer has come (`_answered`). Everything else, and every answer that is not
+        simple (a 401, a streamed body, a stale connection to resend on), goes on in a task."""
         cfg = rt.config
         cred = rt.provider.current
         if cred is None:
-            _ready, why = rt.provider.readiness()
-            refused, text = json_error(f"route has no usable credential: {why}", route=rt.name, rid=rid)
-            refused.append(("Retry-After", str(rt.provider.retry_after())))
-            request.answer(503, refused, text)
-            return 503, 0, 0.0
-        try:
-            body = await _read_body(request, cfg.retry_buffer_bytes, self.limits.max_body_bytes)
-        except ConnectionError:
-            return self._client_gone(rt, rid, "request body")
-        except Refused as refused:
-            return self._refused(request, refused)
-        except _BodyTooLarge:
-            return self._too_large(request, rt, rid)
+            return self._no_credential(request, rt, rid)
+        content = request.content
+        body: bytes | None = None
+        if content is not None:
+            length = request.content_length
+            if length is None or length > cfg.retry_buffer_bytes:
+                return self._proxied(request, rt, path, query, rid, start, _UNREAD)
+            body = content.take_whole(length)
+            if body is None:  # still arriving
+                return self._proxied(request, rt, path, query, rid, start, _UNREAD)
         url = rt.target(path, query)
+        headers = self._upstream_headers(request, cfg, cred, rid, body)
+        x = _InFlight(self, request, rt, path, rid, start, cred, headers, url, body)
+        pool = rt.pool
+        assert pool is not None
+        try:
+            upstream = pool.send_now(request.method, url, headers, body, x.answered)
+        except UpstreamError as exc:
+            return self._upstream_failed(request, rt, rid, exc)
+        if upstream is None:  # no idle connection: connect (or wait for one) in a task
+            return self._proxied(request, rt, path, query, rid, start, body)
+        return DEFERRED
+
+    def _no_credential(self, request: Request, rt: RouteRuntime, rid: str) -> _Outcome:
+        _ready, why = rt.provider.readiness()
+        refused, text = json_error(f"route has no usable credential: {why}", route=rt.name, rid=rid)
+        refused.append(("Retry-After", str(rt.provider.retry_after())))
+        request.answer(503, refused, text)
+        return 503, 0, 0.0
+
+    @staticmethod
+    def _upstream_headers(
+        request: Request, cfg: Route, cred: Credential, rid: str, body: bytes | _BodyStream | None
+    ) -> CIMultiDict[str]:
         headers = upstream_request_headers(
             request.headers,
             credential=(cred.header, cred.value),
@@ -304,14 +388,136 @@ class ProxyHandler:
             headers["Content-Length"] = str(len(body))
         elif body is not None and "Content-Length" not in headers:
             headers["Transfer-Encoding"] = "chunked"
-        caller_credential = cfg.keep_caller_credential and cred.header in request.headers
+        return headers
+
+    def _answered(self, x: _InFlight, upstream: UpstreamResponse) -> None:
+        """The upstream's head arrived (maybe with the whole answer) or the exchange failed: answer now when the
+        answer is whole and simple, else go on in a task."""
+        request = x.request
+        outcome: _Outcome | None = (0, 0, 0.0)
+        try:
+            outcome = self._answer_now(x, upstream)
+        except Exception:
+            upstream.close()
+            request.internal_error()
+        if outcome is not None:
+            self._done(request, x.rt, x.path, x.rid, x.start, outcome)
+            request.done()
+
+    def _answer_now(self, x: _InFlight, upstream: UpstreamResponse) -> _Outcome | None:
+        request, rt = x.request, x.rt
+        if not upstream.head_done:
+            error = upstream.error
+            assert error is not None
+            upstream.close()
+            if error.before_answer and request.method in IDEMPOTENT:
+                # The idle connection was stale: resend once, as UpstreamPool.request does.
+                self._go_on(x, self._exchange(request, rt, x.rid, x.cred, x.headers, x.url, x.body, resend=False))
+                return None
+            return self._upstream_failed(request, rt, x.rid, error)
+        status = upstream.status
+        if status in (401, 403):
+            rt.metrics.auth_failures[str(status)].inc()
+        waited = time.perf_counter() - x.start
+        if (
+            upstream.complete
+            and request.method != "HEAD"
+            and status not in (204, 304)
+            and (status != 401 or x.keeps_caller_credential)
+        ):
+            headers = downstream_response_headers(upstream.raw_headers, rid=x.rid)
+            body = upstream.body_now()
+            request.answer(status, headers, body, reason=upstream.reason, length=not upstream.has_length)
+            upstream.release()
+            return status, len(body), waited
+        exchange = self._exchange(request, rt, x.rid, x.cred, x.headers, x.url, x.body, first=upstream, started=x.start)
+        self._go_on(x, exchange)
+        return None
+
+    def _go_on(self, x: _InFlight, exchange: Coroutine[None, None, _Outcome]) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish(x, exchange))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, x: _InFlight, exchange: Coroutine[None, None, _Outcome]) -> None:
+        request = x.request
+        outcome: _Outcome = (0, 0, 0.0)
+        try:
+            outcome = await exchange
+        except Exception:
+            request.internal_error()
+        finally:
+            self._done(request, x.rt, x.path, x.rid, x.start, outcome)
+            request.done()
+
+    async def _proxied(
+        self,
+        request: Request,
+        rt: RouteRuntime,
+        path: str,
+        query: str,
+        rid: str,
+        start: float,
+        body: bytes | _Unread | None,
+    ) -> None:
+        outcome: _Outcome = (0, 0, 0.0)
+        try:
+            outcome = await self._forward(request, rt, path, query, rid, body)
+        finally:
+            self._done(request, rt, path, rid, start, outcome)
+
+    async def _forward(
+        self, request: Request, rt: RouteRuntime, path: str, query: str, rid: str, read: bytes | _Unread | None
+    ) -> _Outcome:
+        """Read the body (unless `read` holds it), do the exchange and answer; returns (status for metrics and
+        logs, bytes sent, seconds waited)."""
+        cfg = rt.config
+        cred = rt.provider.current
+        if cred is None:
+            return self._no_credential(request, rt, rid)
+        body: bytes | _BodyStream | None
+        if isinstance(read, _Unread):
+            try:
+                body = await _read_body(request, cfg.retry_buffer_bytes, self.limits.max_body_bytes)
+            except ConnectionError:
+                return self._client_gone(rt, rid, "request body")
+            except Refused as refused:
+                return self._refused(request, refused)
+            except _BodyTooLarge:
+                return self._too_large(request, rt, rid)
+        else:
+            body = read
+        url = rt.target(path, query)
+        headers = self._upstream_headers(request, cfg, cred, rid, body)
+        return await self._exchange(request, rt, rid, cred, headers, url, body)
+
+    async def _exchange(
+        self,
+        request: Request,
+        rt: RouteRuntime,
+        rid: str,
+        cred: Credential,
+        headers: CIMultiDict[str],
+        url: str,
+        body: bytes | _BodyStream | None,
+        *,
+        resend: bool = True,
+        first: UpstreamResponse | None = None,
+        started: float = 0.0,
+    ) -> _Outcome:
+        """Send (unless `first` is the answer already received), retry once with the other credential after a
+        401, and relay the answer. `resend`: a stale keep-alive connection may be resent on once."""
+        caller_credential = rt.config.keep_caller_credential and cred.header in request.headers
         pool = rt.pool
         assert pool is not None
         try:
-            started = time.perf_counter()
-            upstream = await pool.request(request.method, url, headers, body)
-            if upstream.status in (401, 403):
-                rt.metrics.auth_failures[str(upstream.status)].inc()
+            if first is None:
+                started = time.perf_counter()
+                upstream = await pool.request(request.method, url, headers, body, resend_if_stale=resend)
+                if upstream.status in (401, 403):
+                    rt.metrics.auth_failures[str(upstream.status)].inc()
+            else:
+                upstream = first  # its 401 or 403 is counted
             if upstream.status == 401 and not caller_credential:
                 upstream = await self._after_401(request, rt, upstream, cred, headers, url, body)
         except _BodyTooLarge:

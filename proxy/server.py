@@ -167,6 +167,15 @@ class RequestBody:
         self.discard()
         return data
 
+    def take_whole(self, n: int) -> bytes | None:
+        """The whole body of Content-Length `n` when all of it has arrived and none was read, else None."""
+        if not self._eof or self._size != n or self.received != n:
+            return None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.discard()
+        return data
+
     async def read_any(self) -> bytes:
         """The next piece of the body; b"" at its end."""
         while not self._chunks:
@@ -310,6 +319,20 @@ class Request:
         """Cut the caller's connection: the only honest signal once an answer has started and cannot finish."""
         self.protocol.abort()
 
+    def done(self) -> None:
+        """The handler is finished with this request (for a handler that returned DEFERRED)."""
+        self.protocol.finished(self)
+
+    def internal_error(self) -> None:
+        """The handler failed: logged with its traceback, a JSON 500 if nothing was answered, and the connection
+        closes after it. Call from an `except` block."""
+        log.exception("proxy handler failed")
+        self.protocol.closing = True
+        if not self.answered:
+            rid = new_request_id()
+            text = json.dumps({"error": "internal error", "route": None, "request_id": rid}).encode()
+            self.answer(500, [("Content-Type", "application/json"), ("x-request-id", rid)], text)
+
 
 def _framing(request: Request, close: bool, extra: str) -> str:
     if close:
@@ -327,7 +350,20 @@ def _head(status: int, reason: str | None, headers: list[tuple[str, str]], extra
     ).encode("utf-8", "surrogateescape")
 
 
-Handler = Callable[[Request], Awaitable[None]]
+class _Deferred:
+    """What a handler returns when it answers later from callbacks; it then calls `Request.done()`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+DEFERRED = _Deferred()
+
+# A handler answers at once (returns None), in a task the server runs (returns an awaitable), or later from
+# callbacks (returns DEFERRED and calls `Request.done()` when it has answered or given up).
+Handler = Callable[[Request], Awaitable[None] | _Deferred | None]
 Refusal = Callable[[int, str], tuple[list[tuple[str, str]], bytes]]
 
 
@@ -344,7 +380,9 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._limits = server.limits
         self._queue: deque[Request | Refused] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # a handler's awaitable, running
+        self._current: Request | None = None  # the request being served (queue[0])
+        self._dispatching = False
         self._stop_parsing = False  # after a refusal, an upgrade or the last request of the connection
         self._lingering = -1  # bytes dropped while lingering; -1: not lingering
         self._idle_since = self.loop.time()
@@ -400,7 +438,7 @@ class HttpConnection(asyncio.Protocol):
             self._drain.set_result(None)
 
     def eof_received(self) -> bool:
-        if (self._task is None and not self._queue) or self._lingering >= 0:
+        if not self._queue or self._lingering >= 0:
             return False  # nothing to answer: close
         # The caller half-closed: what was parsed is still answered; a body cut short fails its reader.
         self._caller_done = True
@@ -455,6 +493,8 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(Refused(400, parse_reason(exc)))
         except Refused as refused:
             self._refuse(refused)
+        if self._current is None and self._queue:
+            self._dispatch()
 
     def _after_upgrade(self, rest: bytes) -> bytes:
         """llhttp stops at a request asking for CONNECT or an Upgrade. The proxy upgrades nothing: CONNECT is
@@ -588,10 +628,9 @@ class HttpConnection(asyncio.Protocol):
         return 431, "request header block too large"
 
     def _enqueue(self, item: Request | Refused) -> None:
+        """Queue a parsed request (served by _dispatch once data_received has fed everything it got)."""
         self._queue.append(item)
-        if self._task is None:
-            self._task = self.loop.create_task(self._serve())
-        elif len(self._queue) > _MAX_QUEUED:
+        if len(self._queue) > _MAX_QUEUED:
             self.update_reading()
 
     def _refuse(self, refused: Refused) -> None:
@@ -604,10 +643,16 @@ class HttpConnection(asyncio.Protocol):
             return
         self._enqueue(refused)
 
-    async def _serve(self) -> None:
+    def _dispatch(self) -> None:
+        """Serve the queued requests in order, one at a time: each runs the handler, which answers at once, in a
+        task, or from callbacks (then it calls `Request.done()`). Called after the parser has been fed, and when a
+        request is finished."""
+        if self._dispatching:
+            return  # a request finished inside the loop below: the loop goes on with the next one
+        self._dispatching = True
         queue = self._queue
         try:
-            while queue and self.transport is not None:
+            while queue and self._current is None and self.transport is not None:
                 item = queue[0]
                 if isinstance(item, Refused):
                     headers, answer = self.server.refusal(item.status, item.reason)
@@ -618,35 +663,55 @@ class HttpConnection(asyncio.Protocol):
                         transport.write(_head(item.status, None, headers, framing) + answer)
                     self._close(linger=True)
                     return
+                self._current = item
                 try:
-                    await self.server.handler(item)
+                    pending = self.server.handler(item)
                 except Exception:
-                    log.exception("proxy handler failed")
-                    self.closing = True
-                    if not item.answered:
-                        rid = new_request_id()
-                        text = json.dumps({"error": "internal error", "route": None, "request_id": rid}).encode()
-                        item.answer(500, [("Content-Type", "application/json"), ("x-request-id", rid)], text)
-                queue.popleft()
-                if self.transport is None:
-                    return
-                if not item.answered:
-                    self.closing = True  # no answer was given (the caller is gone): nothing else may follow
-                body = item.content
-                if body is not None:
-                    body.discard()
-                if self.closing or (body is not None and not body.done):
-                    # A body still arriving that the handler did not read is not skipped over: the connection closes.
-                    self._close(linger=body is not None and not body.done)
-                    return
-                if len(queue) <= _MAX_QUEUED:
-                    self.update_reading()
-            self._idle_since = self.loop.time()
-        except Exception:  # a fault of the server itself: never left for asyncio to report at exit
+                    item.internal_error()
+                    pending = None
+                if pending is None:
+                    self.finished(item)
+                elif pending is not DEFERRED:
+                    self._task = self.loop.create_task(self._run(item, pending))  # type: ignore[arg-type]
+        except Exception:  # a fault of the server itself: never left for asyncio to report
             log.exception("proxy connection failed")
             self.abort()
         finally:
+            self._dispatching = False
+
+    async def _run(self, item: Request, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except Exception:
+            item.internal_error()
+        finally:
             self._task = None
+        self.finished(item)
+
+    def finished(self, item: Request) -> None:
+        """The handler is done with `item`: close the connection, or go on with the next request."""
+        if self._current is not item:
+            return
+        self._current = None
+        queue = self._queue
+        queue.popleft()
+        if self.transport is None:
+            return
+        if not item.answered:
+            self.closing = True  # no answer was given (the caller is gone): nothing else may follow
+        body = item.content
+        if body is not None:
+            body.discard()
+        if self.closing or (body is not None and not body.done):
+            # A body still arriving that the handler did not read is not skipped over: the connection closes.
+            self._close(linger=body is not None and not body.done)
+            return
+        if len(queue) <= _MAX_QUEUED:
+            self.update_reading()
+        if queue:
+            self._dispatch()
+        else:
+            self._idle_since = self.loop.time()
 
     def update_reading(self) -> None:
         """Pause reading from the caller while its bodies or pipelined requests wait; resume when they drain."""
@@ -713,7 +778,7 @@ class HttpConnection(asyncio.Protocol):
         """Close a connection that is idle, or still sending a request head, past client_timeout_seconds."""
         timeout = self._limits.client_timeout_seconds
         now = self.loop.time()
-        if self._task is not None or self._queue or self._lingering >= 0:
+        if self._queue or self._lingering >= 0:
             self._timer = self.loop.call_at(now + timeout, self._check_idle)
             return
         waited = now - self._idle_since
@@ -727,7 +792,7 @@ class HttpConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after the answer in progress."""
         self.closing = True
-        if self._task is None and not self._queue and self.transport is not None:
+        if not self._queue and self.transport is not None:
             self.transport.close()
 
     def cancel(self) -> None:

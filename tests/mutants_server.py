@@ -16,10 +16,10 @@ MUTANTS = [
         tests=(_T + "test_expect_100_continue_is_answered_when_the_body_is_read",),
     ),
     Mutant(
-        name="pipelined requests handled at once, answered as they finish",
+        name="a pipelined request waits for ever behind the one before it",
         path=SRV,
-        old="        if self._task is None:\n            self._task = self.loop.create_task(self._serve())\n",
-        new="        if True:\n            self._task = self.loop.create_task(self._serve())\n",
+        old="        if queue:\n            self._dispatch()\n",
+        new="        if False:\n            self._dispatch()\n",
         tests=(_T + "test_pipelined_requests_are_answered_in_order",),
     ),
     Mutant(
@@ -91,8 +91,8 @@ MUTANTS = [
     Mutant(
         name="a fault in the handler leaves the caller without an answer",
         path=SRV,
-        old="                    if not item.answered:\n                        rid = new_request_id()\n",
-        new="                    if False:\n                        rid = new_request_id()\n",
+        old="        if not self.answered:\n            rid = new_request_id()\n",
+        new="        if False:\n            rid = new_request_id()\n",
         tests=(_T + "test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_connection_closes",),
     ),
     Mutant(

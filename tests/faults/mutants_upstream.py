@@ -9,9 +9,7 @@ UP = "tests/faults/test_upstream_faults.py::"
 PROC = "tests/faults/test_process_faults.py::"
 UPLOAD = PROC + "test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body"
 FWD = "proxy/forwarding.py"
-_SHUTDOWN = (
-    "        self.closing = True\n        if self._task is None and not self._queue and self.transport is not None:\n"
-)
+_SHUTDOWN = "        self.closing = True\n        if not self._queue and self.transport is not None:\n"
 UPSTREAM = "proxy/upstream.py"
 RETRY = "retried = await pool.request(request.method, url, headers, body)\n"
 RESEND = "                if attempt == 0 and reused and resendable and err.before_answer:\n"
@@ -134,5 +132,26 @@ MUTANTS = [
         tests=(
             "tests/faults/test_process_faults.py::test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body",
         ),
+    ),
+    Mutant(
+        name="a stale pooled connection not resent on in the request path without a task",
+        path=FWD,
+        old="            if error.before_answer and request.method in IDEMPOTENT:\n",
+        new="            if False:\n",
+        tests=(UP + "test_get_on_a_reused_connection_the_upstream_just_closed_succeeds",),
+    ),
+    Mutant(
+        name="a 401 on a pooled connection passed to the caller without the retry",
+        path=FWD,
+        old="            and (status != 401 or x.keeps_caller_credential)\n",
+        new="            and True\n",
+        tests=(UP + "test_post_is_resent_once_after_a_401_and_never_again[pooled connection]",),
+    ),
+    Mutant(
+        name="a connection timer armed by an earlier exchange is not set again",
+        path=UPSTREAM,
+        old="        self._conn.watch(self._due())\n",
+        new="        pass\n",
+        tests=(UP + "test_stall_before_the_headers_gives_json_504[pooled connection]",),
     ),
 ]

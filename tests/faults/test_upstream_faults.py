@@ -105,6 +105,18 @@ def assert_json_error(answer: Answer, status: int, reason: str) -> None:
     assert answer.headers["x-request-id"] == answer.rid
 
 
+POOLED = pytest.mark.parametrize("pooled", [False, True], ids=["new connection", "pooled connection"])
+
+
+async def warm_pool(svc: ProxyService, up: FaultyUpstream) -> None:
+    """One answered request first: the next request finds an idle pooled connection, so the proxy sends it at once
+    and answers from the upstream connection's callback (the request path without a task). The warm-up's
+    arrival is forgotten."""
+    assert (await call(svc)).status == 200
+    assert svc.routes[0].pool is not None and svc.routes[0].pool.idle == 1
+    up.arrivals.clear()
+
+
 async def assert_recovers(svc: ProxyService, up: FaultyUpstream) -> None:
     """Normal requests through the same route and pool succeed again, GETs and a POST, more than the pool holds."""
     before = len(up.arrivals)
@@ -128,7 +140,10 @@ async def test_connection_refused_gives_json_502_and_the_route_recovers(
     await assert_recovers(proxy, up)
 
 
-async def test_stall_before_the_headers_gives_json_504(up: FaultyUpstream, proxy: ProxyService) -> None:
+@POOLED
+async def test_stall_before_the_headers_gives_json_504(up: FaultyUpstream, proxy: ProxyService, pooled: bool) -> None:
+    if pooled:
+        await warm_pool(proxy, up)
     up.script(u.stall_before_headers(2.0))
     assert_json_error(await call(proxy), 504, "upstream timed out")
     assert all_errors(proxy) == {"timeout": 1}
@@ -145,9 +160,12 @@ async def test_stall_before_the_headers_gives_json_504(up: FaultyUpstream, proxy
         ("nul in a header", b"HTTP/1.1 200 OK\r\nX-A: b\x00c\r\nContent-Length: 2\r\n\r\nok"),
     ],
 )
+@POOLED
 async def test_malformed_response_head_gives_json_502(
-    up: FaultyUpstream, proxy: ProxyService, name: str, answer: bytes
+    up: FaultyUpstream, proxy: ProxyService, name: str, answer: bytes, pooled: bool
 ) -> None:
+    if pooled:
+        await warm_pool(proxy, up)
     up.script(u.raw(answer))
     assert_json_error(await call(proxy), 502, "upstream sent an invalid response")
     assert all_errors(proxy) == {"protocol": 1}, name
@@ -157,10 +175,13 @@ async def test_malformed_response_head_gives_json_502(
 # ---- after the answer started: the caller's connection is cut ---------------------------------------------------
 
 
+@POOLED
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
 async def test_reset_mid_response_cuts_the_callers_connection(
-    up: FaultyUpstream, proxy: ProxyService, chunked: bool
+    up: FaultyUpstream, proxy: ProxyService, chunked: bool, pooled: bool
 ) -> None:
+    if pooled:
+        await warm_pool(proxy, up)
     up.script(u.reset_mid_body(chunked=chunked, sent=4096))
     status, got = await call_cut(proxy)
     assert status == 200 and len(got) <= 4096 + 100
@@ -168,9 +189,12 @@ async def test_reset_mid_response_cuts_the_callers_connection(
     await assert_recovers(proxy, up)
 
 
+@POOLED
 async def test_stall_after_the_headers_cuts_the_callers_connection_as_a_timeout(
-    up: FaultyUpstream, proxy: ProxyService
+    up: FaultyUpstream, proxy: ProxyService, pooled: bool
 ) -> None:
+    if pooled:
+        await warm_pool(proxy, up)
     up.script(u.stall_after_headers(2.0, first=b"first part"))
     status, got = await call_cut(proxy)
     assert (status, got) == (200, b"first part")
@@ -222,9 +246,12 @@ async def test_5xx_burst_is_passed_through_with_its_body_and_never_retried(
     await assert_recovers(proxy, up)
 
 
+@POOLED
 async def test_post_is_not_resent_after_the_upstream_read_its_body_and_reset(
-    up: FaultyUpstream, proxy: ProxyService
+    up: FaultyUpstream, proxy: ProxyService, pooled: bool
 ) -> None:
+    if pooled:
+        await warm_pool(proxy, up)
     body = b"charge the card once" * 100
     up.script(u.reset_now())
     assert_json_error(await call(proxy, "POST", body), 502, "upstream closed the connection")
@@ -234,7 +261,12 @@ async def test_post_is_not_resent_after_the_upstream_read_its_body_and_reset(
     await assert_recovers(proxy, up)
 
 
-async def test_post_is_resent_once_after_a_401_and_never_again(up: FaultyUpstream, proxy: ProxyService) -> None:
+@POOLED
+async def test_post_is_resent_once_after_a_401_and_never_again(
+    up: FaultyUpstream, proxy: ProxyService, pooled: bool
+) -> None:
+    if pooled:
+        await warm_pool(proxy, up)
     up.script(u.status(401, b'{"message": "key expired"}'), u.reset_now())
     assert_json_error(await call(proxy, "POST", b"score me"), 502, "upstream closed the connection")
     assert [(a.method, a.body_bytes) for a in up.arrivals] == [("POST", 8), ("POST", 8)]
