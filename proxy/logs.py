@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from json.encoder import encode_basestring_ascii as _json_str  # the C escaper json.dumps uses
 from typing import Any, TextIO
 
@@ -20,16 +21,36 @@ REDACTED = "[REDACTED]"
 _MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
 
 
+GENERATIONS = 8  # renewed secrets of one owner kept for redaction: the current one and the 7 before it
+
+
 class Redactor:
-    """Holds the secret values currently known to the process."""
+    """Holds the secret values currently known to the process.
+
+    Fixed secrets (keys, client secrets, passwords) stay for the process's life. Renewed ones (tokens) are added
+    with an `owner` (a route's refresher, an identity) and only that owner's last GENERATIONS additions are kept:
+    a token renewed every few seconds would otherwise make the set, and the cost of scrubbing every log line,
+    grow for as long as the process runs.
+    """
 
     def __init__(self) -> None:
+        self._fixed: set[str] = set()
+        self._renewed: dict[str, deque[tuple[str, ...]]] = {}
         self._secrets: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
-    def add(self, *values: str) -> None:
+    def add(self, *values: str, owner: str | None = None) -> None:
+        kept = tuple(v for v in values if len(v) >= _MIN_SECRET_LEN)
         with self._lock:
-            self._secrets = self._secrets | {v for v in values if len(v) >= _MIN_SECRET_LEN}
+            if owner is None:
+                self._fixed.update(kept)
+            else:
+                self._renewed.setdefault(owner, deque(maxlen=GENERATIONS)).append(kept)
+            renewed = {v for generations in self._renewed.values() for added in generations for v in added}
+            self._secrets = frozenset(self._fixed | renewed)
+
+    def __len__(self) -> int:
+        return len(self._secrets)
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:

@@ -363,7 +363,7 @@ class Refresher:
 
     def _install(self, token: Token) -> None:
         secrets = [token.value] + ([token.secondary] if token.secondary else [])
-        REDACTOR.add(*secrets)
+        REDACTOR.add(*secrets, owner=f"refresher:{self._route}")
         self._creds = [
             Credential(header=self._header, value=self._template.replace(self._placeholder, s, 1), label=label)
             for s, label in zip(secrets, ("primary", "secondary"), strict=False)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.clock import ManualClock
 from proxy.config import RefreshPolicy
+from proxy.logs import GENERATIONS, REDACTED, REDACTOR
 from proxy.metrics import Metrics
 from proxy.refresher import PermanentError, Refresher, RefreshError, Token, TransientError, skew_corrected
 
@@ -403,3 +404,26 @@ async def test_a_credential_that_would_inject_a_header_is_refused_and_never_inst
     await refresher.refresh_now("operator")
     assert refresher.current is good  # the last good token stays
     assert refresher.details()["last_error"] == "the fetched credential contains control characters or spaces"
+
+
+async def test_renewed_tokens_leave_the_redactor_bounded_while_fixed_secrets_stay() -> None:
+    # A token renewed every few seconds for weeks must not make every log line scrub against each token ever seen.
+    fixed = "a-fixed-key-" + "k" * 20
+    REDACTOR.add(fixed)
+    clock = ManualClock()
+    source = FakeSource(clock, lifetime=3.0, refresh_after=2.0)
+    refresher, _ = make(clock, source, rng=itertools.repeat(0.0))
+    await refresher.start()
+    held = len(REDACTOR)
+    task = asyncio.create_task(refresher.run())
+    try:
+        for _ in range(200):
+            await clock.advance(refresher.details()["refresh_in"] + 0.01)
+    finally:
+        task.cancel()
+    assert len(source.calls) == 201
+    assert len(REDACTOR) <= held + GENERATIONS  # not one per renewal: 200 were made
+    current = refresher.current
+    assert current is not None and current.value == "Bearer token-201"
+    line = "token-201 token-195 token-150 " + fixed
+    assert REDACTOR.scrub(line) == f"{REDACTED} {REDACTED} token-150 {REDACTED}"

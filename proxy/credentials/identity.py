@@ -130,7 +130,7 @@ class AzureIdentity:
         except (ServiceRequestError, ServiceResponseError, OSError, aiohttp.ClientError) as exc:
             self._count_error()
             raise TransientError(_transport_reason(exc)) from exc
-        REDACTOR.add(info.token)
+        REDACTOR.add(info.token, owner=f"identity:{id(self)}")
         if self._last.get(scope) == info.token:
             self._metrics.entra_requests.labels(self.kind, "cached").inc()
         else:

@@ -58,7 +58,7 @@ class MlServerSource:
         require(body, what, "access_token", "refresh_token")
         access = str(body["access_token"])
         refresh = str(body["refresh_token"])
-        REDACTOR.add(access, refresh)
+        REDACTOR.add(access, refresh, owner=f"mlserver:{id(self)}")
         local_now = time.time()
         if body.get("expires_on") is not None:  # the swagger types it as a string; examples send numbers
             expires_at = skew_corrected(

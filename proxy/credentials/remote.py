@@ -57,7 +57,7 @@ class RemoteCredentialProvider:
             return None
         if self._cred is not None and gen == self._gen:
             return self._cred
-        REDACTOR.add(raw["value"])
+        REDACTOR.add(raw["value"], owner=f"remote:{id(self)}")
         cred = Credential(header=raw["header"], value=raw["value"], label=raw["label"])
         self._cred = cred
         self._gen = gen

@@ -120,4 +120,11 @@ MUTANTS = [
         new="async with asyncio.timeout(None):",
         tests=(ENTRA + "[slow]",),
     ),
+    Mutant(
+        name="every renewed token kept for redaction for the life of the process",
+        path="proxy/logs.py",
+        old="                self._renewed.setdefault(owner, deque(maxlen=GENERATIONS)).append(kept)\n",
+        new="                self._fixed.update(kept)\n",
+        tests=("tests/test_refresher.py::test_renewed_tokens_leave_the_redactor_bounded_while_fixed_secrets_stay",),
+    ),
 ]
