@@ -30,7 +30,7 @@ from proxy.headers import (
 )
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
-from proxy.server import DEFERRED, CallerGone, Refused, Request, RequestBody, _Deferred
+from proxy.server import DEFERRED, CallerGone, Deferred, Refused, Request, RequestBody
 from proxy.upstream import IDEMPOTENT, UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 
 log = logging.getLogger("aml_auth_proxy.forwarding")
@@ -122,6 +122,11 @@ class _Unread:
 _UNREAD = _Unread()
 
 
+def _sends_callers_credential(rt: RouteRuntime, cred: Credential, request: Request) -> bool:
+    """The caller's own credential went upstream (keep_caller_credential): its 401 is passed on, not retried."""
+    return rt.config.keep_caller_credential and cred.header in request.headers
+
+
 class _InFlight:
     """A request sent from the handler without a task, waiting for the upstream connection's callback."""
 
@@ -150,11 +155,6 @@ class _InFlight:
         self.headers = headers
         self.url = url
         self.body = body
-
-    @property
-    def keeps_caller_credential(self) -> bool:
-        """A 401 is passed on as it is: the caller's own credential was sent (keep_caller_credential)."""
-        return self.rt.config.keep_caller_credential and self.cred.header in self.request.headers
 
     def answered(self, upstream: UpstreamResponse) -> None:
         self.handler._answered(self, upstream)
@@ -251,7 +251,7 @@ class ProxyHandler:
         event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
         return json_error(f"bad request: {reason}", route=None, rid=rid)
 
-    def __call__(self, request: Request) -> Awaitable[None] | _Deferred | None:
+    def __call__(self, request: Request) -> Awaitable[None] | Deferred | None:
         """Answer at once (a refusal, a 503 without credential), send at once and answer from a callback
         (DEFERRED), or return the coroutine that reads the body and forwards it."""
         limits = self.limits
@@ -335,7 +335,7 @@ class ProxyHandler:
 
     def _start(
         self, request: Request, rt: RouteRuntime, path: str, query: str, rid: str, start: float
-    ) -> _Outcome | Awaitable[None] | _Deferred:
+    ) -> _Outcome | Awaitable[None] | Deferred:
         """The request path without a task: a request whose body (if any) has all arrived and fits the retry
         buffer is sent at once on an idle keep-alive connection, and answered from the upstream connection's
         callback when the whole answer has come (`_answered`). Everything else, and every answer that is not
@@ -423,7 +423,7 @@ class ProxyHandler:
             upstream.complete
             and request.method != "HEAD"
             and status not in (204, 304)
-            and (status != 401 or x.keeps_caller_credential)
+            and (status != 401 or _sends_callers_credential(rt, x.cred, request))
         ):
             headers = downstream_response_headers(upstream.raw_headers, rid=x.rid)
             body = upstream.body_now()
@@ -507,7 +507,7 @@ class ProxyHandler:
     ) -> _Outcome:
         """Send (unless `first` is the answer already received), retry once with the other credential after a
         401, and relay the answer. `resend`: a stale keep-alive connection may be resent on once."""
-        caller_credential = rt.config.keep_caller_credential and cred.header in request.headers
+        caller_credential = _sends_callers_credential(rt, cred, request)
         pool = rt.pool
         assert pool is not None
         try:

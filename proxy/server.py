@@ -350,7 +350,7 @@ def _head(status: int, reason: str | None, headers: list[tuple[str, str]], extra
     ).encode("utf-8", "surrogateescape")
 
 
-class _Deferred:
+class Deferred:
     """What a handler returns when it answers later from callbacks; it then calls `Request.done()`."""
 
     __slots__ = ()
@@ -359,11 +359,11 @@ class _Deferred:
         return "DEFERRED"
 
 
-DEFERRED = _Deferred()
+DEFERRED = Deferred()
 
 # A handler answers at once (returns None), in a task the server runs (returns an awaitable), or later from
 # callbacks (returns DEFERRED and calls `Request.done()` when it has answered or given up).
-Handler = Callable[[Request], Awaitable[None] | _Deferred | None]
+Handler = Callable[[Request], Awaitable[None] | Deferred | None]
 Refusal = Callable[[int, str], tuple[list[tuple[str, str]], bytes]]
 
 
@@ -848,4 +848,14 @@ class HttpServer:
                 await asyncio.sleep(0)
 
 
-__all__ = ["CallerGone", "HttpConnection", "HttpServer", "Refused", "Request", "RequestBody", "parse_reason"]
+__all__ = [
+    "DEFERRED",
+    "CallerGone",
+    "Deferred",
+    "HttpConnection",
+    "HttpServer",
+    "Refused",
+    "Request",
+    "RequestBody",
+    "parse_reason",
+]

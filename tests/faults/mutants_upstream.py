@@ -143,7 +143,7 @@ MUTANTS = [
     Mutant(
         name="a 401 on a pooled connection passed to the caller without the retry",
         path=FWD,
-        old="            and (status != 401 or x.keeps_caller_credential)\n",
+        old="            and (status != 401 or _sends_callers_credential(rt, x.cred, request))\n",
         new="            and True\n",
         tests=(UP + "test_post_is_resent_once_after_a_401_and_never_again[pooled connection]",),
     ),
