@@ -7,6 +7,10 @@ from tests.mutation import Mutant
 
 UP = "tests/faults/test_upstream_faults.py::"
 PROC = "tests/faults/test_process_faults.py::"
+RESEND_TEST = (
+    "tests/test_upstream_client.py::"
+    "test_a_pooled_connection_the_upstream_closed_as_the_request_arrived_is_resent_on_only_for_idempotent_methods"
+)
 UPLOAD = PROC + "test_sigterm_during_a_1_gib_upload_never_passes_on_a_truncated_body"
 FWD = "proxy/forwarding.py"
 _SHUTDOWN = "        self.closing = True\n        if not self._queue and self.transport is not None:\n"
@@ -77,7 +81,10 @@ MUTANTS = [
         path=UPSTREAM,
         old="        resendable = resend_if_stale and not streamed and method in IDEMPOTENT\n",
         new="        resendable = resend_if_stale and not streamed\n",
-        tests=(UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",),
+        tests=(
+            UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",
+            RESEND_TEST + "[POST]",
+        ),
     ),
     Mutant(
         name="the resend after a 401 is resent again after a disconnect",
@@ -91,7 +98,7 @@ MUTANTS = [
         path=UPSTREAM,
         old="        resend_if_stale: bool = True,\n",
         new="        resend_if_stale: bool = False,\n",
-        tests=(UP + "test_get_on_a_reused_connection_the_upstream_just_closed_succeeds",),
+        tests=(UP + "test_get_on_a_reused_connection_the_upstream_just_closed_succeeds", RESEND_TEST + "[GET]"),
     ),
     Mutant(
         name="pooled connections the upstream closed are reused as if alive",
@@ -153,5 +160,12 @@ MUTANTS = [
         old="        self._conn.watch(self._due())\n",
         new="        pass\n",
         tests=(UP + "test_stall_before_the_headers_gives_json_504[pooled connection]",),
+    ),
+    Mutant(
+        name="a POST on a stale pooled connection resent in the request path without a task",
+        path=FWD,
+        old="            if error.before_answer and request.method in IDEMPOTENT:\n",
+        new="            if error.before_answer:\n",
+        tests=(UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",),
     ),
 ]
