@@ -115,6 +115,12 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
     return 502, "protocol", "upstream exchange failed"
 
 
+# Bodies up to this size are sent from the caller connection's callback. Larger ones go on in a task: written from
+# the callback, a 64 KiB body cost about 5% more CPU per request at saturation (interleaved runs), the upstream
+# on the same core waking for each request instead of for a batch of them.
+_SEND_NOW_MAX_BODY = 16 * 1024
+
+
 class _Unread:
     """The request body has not been read yet (the slow path reads it)."""
 
@@ -336,10 +342,10 @@ class ProxyHandler:
     def _start(
         self, request: Request, rt: RouteRuntime, path: str, query: str, rid: str, start: float
     ) -> _Outcome | Awaitable[None] | Deferred:
-        """The request path without a task: a request whose body (if any) has all arrived and fits the retry
-        buffer is sent at once on an idle keep-alive connection, and answered from the upstream connection's
-        callback when the whole answer has come (`_answered`). Everything else, and every answer that is not
-        simple (a 401, a streamed body, a stale connection to resend on), goes on in a task."""
+        """The request path without a task: a request whose body (if any) has all arrived and is at most 16 KiB
+        (and within the retry buffer) is sent at once on an idle keep-alive connection, and answered from the
+        upstream connection's callback when the whole answer has come (`_answered`). Everything else, and every
+        answer that is not simple (a 401, a streamed body, a stale connection to resend on), goes on in a task."""
         cfg = rt.config
         cred = rt.provider.current
         if cred is None:
@@ -348,7 +354,7 @@ class ProxyHandler:
         body: bytes | None = None
         if content is not None:
             length = request.content_length
-            if length is None or length > cfg.retry_buffer_bytes:
+            if length is None or length > min(cfg.retry_buffer_bytes, _SEND_NOW_MAX_BODY):
                 return self._proxied(request, rt, path, query, rid, start, _UNREAD)
             body = content.take_whole(length)
             if body is None:  # still arriving
