@@ -241,10 +241,6 @@ class Request:
         self._chunked = False
 
     @property
-    def body_exists(self) -> bool:
-        return self.content is not None
-
-    @property
     def transport(self) -> asyncio.Transport | None:
         return self.protocol.transport
 

@@ -357,10 +357,6 @@ class UpstreamResponse:
     # -- the consumer's side
 
     @property
-    def headers(self) -> CIMultiDict[str]:
-        return CIMultiDict(self.raw_headers)
-
-    @property
     def buffered(self) -> int:
         """Bytes of the body received and not yet read (bounded: reading pauses beyond about 128 KiB)."""
         return self._buffered
