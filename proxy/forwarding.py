@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -200,18 +200,26 @@ class _BodyStream:
         self._content = content
         self._max_body = max_body
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        total = len(self._prefix)
-        if self._prefix:
-            yield self._prefix
-        while True:
-            chunk = await self._content.read_any()
-            if not chunk:
-                return
-            total += len(chunk)
-            if self._max_body and total > self._max_body:
-                raise _BodyTooLarge
-            yield chunk
+        self._total = 0
+        self._started = False
+
+    # An iterator class, not an async generator: mypyc does not compile async generators.
+    def __aiter__(self) -> _BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._started:
+            self._started = True
+            self._total = len(self._prefix)
+            if self._prefix:
+                return self._prefix
+        chunk = await self._content.read_any()
+        if not chunk:
+            raise StopAsyncIteration
+        self._total += len(chunk)
+        if self._max_body and self._total > self._max_body:
+            raise _BodyTooLarge
+        return chunk
 
 
 class ProxyHandler:

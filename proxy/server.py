@@ -36,6 +36,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy.config import Limits
+from proxy.errors import CallerGone
 from proxy.headers import new_request_id
 
 log = logging.getLogger("aml_auth_proxy.server")
@@ -80,10 +81,6 @@ def parse_reason(exc: BaseException) -> str:
         if needle in text:
             return reason
     return "malformed request"
-
-
-class CallerGone(ConnectionResetError):
-    """The caller closed its connection (or its sending side) before its request or answer was done."""
 
 
 class Refused(Exception):
@@ -824,7 +821,8 @@ class HttpServer:
         self._listener = await self.loop.create_server(
             self, host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port or None
         )
-        sockets: Any = self._listener.sockets
+        # uvloop gives a list where typeshed says tuple; read untyped so compiled code does not check it.
+        sockets: Any = getattr(self._listener, "sockets")  # noqa: B009
         return int(sockets[0].getsockname()[1])
 
     async def shutdown(self, grace: float) -> None:

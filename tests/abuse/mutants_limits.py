@@ -43,8 +43,8 @@ MUTANTS = [
     Mutant(
         name="a streamed body never cut off",
         path="proxy/forwarding.py",
-        old="            if self._max_body and total > self._max_body:",
-        new="            if False:",
+        old="        if self._max_body and self._total > self._max_body:",
+        new="        if False:",
         tests=(_T + "test_a_chunked_body_growing_over_the_limit_gets_413_and_the_upstream_never_gets_it_complete",),
     ),
     Mutant(

@@ -110,11 +110,14 @@ MUTANTS = [
     Mutant(
         name="a request body that breaks off is passed on as complete",
         path=FWD,
-        old="            chunk = await self._content.read_any()\n            if not chunk:\n                return\n",
+        old=(
+            "        chunk = await self._content.read_any()\n"
+            "        if not chunk:\n            raise StopAsyncIteration\n"
+        ),
         new=(
-            "            try:\n                chunk = await self._content.read_any()\n"
-            "            except BaseException:\n                return\n"
-            "            if not chunk:\n                return\n"
+            "        try:\n            chunk = await self._content.read_any()\n"
+            "        except BaseException:\n            raise StopAsyncIteration from None\n"
+            "        if not chunk:\n            raise StopAsyncIteration\n"
         ),
         # Chunked only: with a Content-Length the upstream itself notices a short body. (At the end of the grace
         # period the upstream connection is closed before the body's reader fails, so that test cannot see it.)
