@@ -42,7 +42,8 @@ def make_copy(dest: Path) -> None:
     for name in _COPY:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # No compiled modules: they would shadow the mutated sources (the copy runs pure Python).
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         elif src.exists():
             shutil.copy2(src, dest / name)
 

@@ -22,6 +22,7 @@ from proxy.config import parse
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.logs import JsonFormatter
+from tests.compiled import describe
 from tests.logscan import scan_logs
 
 LOG_DIR = Path(tempfile.mkdtemp(prefix="aml-auth-proxy-test-logs-"))
@@ -38,6 +39,10 @@ def new_key(label: str = "key") -> str:
     value = f"{label}-{secrets.token_urlsafe(24)}"
     remember(value)
     return value
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return describe()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -3,12 +3,14 @@ way into a clean venv, and its exact ENTRYPOINT + CMD command line serving a req
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import aiohttp
@@ -38,6 +40,45 @@ def instructions() -> list[tuple[str, str]]:
         word, _, rest = line.partition(" ")
         out.append((word.upper(), rest.strip()))
     return out
+
+
+def build_stage_env(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """The ENV settings of the build stage (KEY=VALUE pairs), which its RUN sees."""
+    froms = [i for i, (word, _) in enumerate(steps) if word == "FROM"]
+    env: dict[str, str] = {}
+    for word, args in steps[froms[0] : froms[1]]:
+        if word == "ENV":
+            env.update(part.split("=", 1) for part in shlex.split(args))  # type: ignore[arg-type]
+    return env
+
+
+def compiled_list() -> list[str]:
+    """setup.py's COMPILED list, read without running setup.py."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            assert isinstance(value, list) and value
+            return value
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+def test_the_build_compiles_when_it_can_and_says_why_not_when_it_cannot() -> None:
+    def setup(mode: str, cc: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, AML_AUTH_PROXY_COMPILE=mode, CC=cc)
+        return subprocess.run(
+            [sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    required = setup("1", "/nonexistent/cc")
+    assert (
+        required.returncode != 0 and "AML_AUTH_PROXY_COMPILE=1 but no C compiler (/nonexistent/cc)" in required.stderr
+    )
+    fallback = setup("auto", "/nonexistent/cc")
+    assert fallback.returncode == 0, fallback.stderr
+    assert "building pure Python: no C compiler" in fallback.stderr and fallback.stdout.strip() == "0.1.0"
+    bad = setup("yes", "cc")
+    assert bad.returncode != 0 and "AML_AUTH_PROXY_COMPILE must be auto, 0 or 1, not 'yes'" in bad.stderr
 
 
 def test_hadolint_passes() -> None:
@@ -70,13 +111,32 @@ async def test_the_entrypoint_from_a_clean_venv_with_only_the_wheel_serves_a_req
     # The Dockerfile's commands, with its paths moved into tmp_path.
     wheel_args = [a if a != "/wheels" else str(wheels) for a in wheel_cmd[4:]]
     wheel_args = [str(ROOT) if a == "." else a for a in wheel_args]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", *wheel_args], check=True, timeout=300)
+    build_env = dict(os.environ, **build_stage_env(steps))
+    assert build_env["AML_AUTH_PROXY_COMPILE"] == "1"  # the image never ships the pure-Python request path
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", *wheel_args], check=True, timeout=600, env=build_env)
     built = sorted(wheels.glob("aml_auth_proxy-*.whl"))
     assert len(built) == 1
+    with zipfile.ZipFile(built[0]) as wheel:
+        names = wheel.namelist()
+    for module in compiled_list():
+        assert any(n.startswith(module.removesuffix(".py") + ".cpython-") and n.endswith(".so") for n in names), module
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     assert install_cmd[:2] == ["/opt/aml-auth-proxy/bin/pip", "install"]
     pip_flags = [a for a in install_cmd[2:] if a.startswith("--")]
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pip_flags, str(built[0])], check=True, timeout=600)
+    loaded = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import proxy.forwarding as m, proxy.server as s; print(m.__file__, s.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+        timeout=60,
+    ).stdout.split()
+    assert all(path.endswith(".so") and path.startswith(str(venv)) for path in loaded), loaded
 
     runner, upstream = await start_app(create_echo_app())
     keys = tmp_path / "secret"
