@@ -29,6 +29,7 @@ COMPILED = [
     "proxy/server.py",
     "proxy/upstream.py",
     "proxy/forwarding.py",
+    "proxy/metrics.py",
 ]
 
 

@@ -127,12 +127,13 @@ class AccessLog:
         upstream_seconds: float,
     ) -> None:
         """One request's line; strings are JSON-escaped (a caller chooses the path and the request id)."""
+        # Times with a fixed 3 decimals: one float formatting each, where round() then repr() took three.
         line = (
-            f'{{"ts":{round(time.time(), 3)!r},"level":"info","logger":"aml_auth_proxy.access","event":"access",'
+            f'{{"ts":{time.time():.3f},"level":"info","logger":"aml_auth_proxy.access","event":"access",'
             f'"route":{_json_str(route)},"method":{_json_str(method)},"path":{_json_str(path)},"status":{status},'
-            f'"duration_ms":{round(seconds * 1000, 3)!r},"request_id":{_json_str(request_id)},'
+            f'"duration_ms":{seconds * 1000:.3f},"request_id":{_json_str(request_id)},'
             f'"bytes_in":{"null" if bytes_in is None else bytes_in},"bytes_out":{bytes_out},'
-            f'"upstream_ms":{round(upstream_seconds * 1000, 3)!r}}}'
+            f'"upstream_ms":{upstream_seconds * 1000:.3f}}}'
         )
         lines = self._lines
         lines.append(REDACTOR.scrub(line))

@@ -4,9 +4,14 @@ up front so the request path only touches prepared children."""
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
 
@@ -33,19 +38,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            f"{NS}_requests",
-            "Requests answered, by route, method and status code.",
-            ("route", "method", "code"),
-            registry=r,
-        )
-        self.duration = Histogram(
-            f"{NS}_request_duration_seconds",
-            "Time from request start to the last response byte.",
-            ("route",),
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
+        # requests_total and request_duration_seconds: counted per route in plain numbers (RequestCounts).
+        self._request_counts: dict[str, RequestCounts] = {}
+        r.register(_RequestFamilies(self._request_counts))
         self.in_flight = Gauge(f"{NS}_requests_in_flight", "Requests being handled now.", ("route",), registry=r)
         self.upstream_errors = Counter(
             f"{NS}_upstream_errors",
@@ -160,6 +155,13 @@ class Metrics:
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
+    def request_counts(self, route: str) -> RequestCounts:
+        """The route's request counters (one set per route name, shared by every RouteMetrics of that name)."""
+        counts = self._request_counts.get(route)
+        if counts is None:
+            counts = self._request_counts[route] = RequestCounts()
+        return counts
+
     def for_route(self, route: str, *, region: str = "unknown", kind: str = "key") -> RouteMetrics:
         rm = RouteMetrics(route=route, region=region, kind=kind, metrics=self)
         for kind in UPSTREAM_ERROR_KINDS:
@@ -174,6 +176,71 @@ class Metrics:
         return rm
 
 
+class RequestCounts:
+    """One route's answered requests: a count per (method, status code) and the duration histogram's buckets.
+
+    The request path adds to plain ints and a float here; `_RequestFamilies` turns them into the
+    `requests_total` and `request_duration_seconds` families when the registry is collected. prometheus-client's
+    Counter and Histogram took a lock and made several Python calls per request for the same numbers. Everything
+    that touches these runs on the event loop's thread (the request path, /metrics, a worker's snapshot).
+    """
+
+    __slots__ = ("buckets", "counts", "total_seconds")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.total_seconds = 0.0
+
+    def add(self, method: str, status: int, seconds: float) -> None:
+        key = (method if method in METHODS else "other", status)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        # bisect_left: a duration equal to a bound counts in that bucket (le), as prometheus-client's Histogram.
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+
+
+class _RequestFamilies(Collector):
+    """The two request families of every route, built from RequestCounts at collection time."""
+
+    _BOUNDS = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
+
+    def __init__(self, routes: dict[str, RequestCounts]) -> None:
+        self._routes = routes
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                f"{NS}_requests",
+                "Requests answered, by route, method and status code.",
+                labels=("route", "method", "code"),
+            ),
+            HistogramMetricFamily(
+                f"{NS}_request_duration_seconds",
+                "Time from request start to the last response byte.",
+                labels=("route",),
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        requests, duration = self._families()
+        for route, c in self._routes.items():
+            for (method, status), n in sorted(c.counts.items()):
+                requests.add_metric((route, method, str(status)), float(n))
+            cumulative: list[tuple[str, float]] = []
+            running = 0
+            for bound, n in zip(self._BOUNDS, c.buckets, strict=True):
+                running += n
+                cumulative.append((bound, float(running)))
+            duration.add_metric((route,), cumulative, c.total_seconds)
+        yield requests
+        yield duration
+
+
 @dataclass(eq=False, kw_only=True)
 class RouteMetrics:
     """Children of every family for one route, resolved once."""
@@ -185,11 +252,10 @@ class RouteMetrics:
     upstream_errors: dict[str, Counter] = field(default_factory=dict)
     reloads: dict[str, Counter] = field(default_factory=dict)
     auth_failures: dict[str, Counter] = field(default_factory=dict)
-    _requests: dict[tuple[str, int], Counter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         m = self.metrics
-        self.duration = m.duration.labels(self.route)
+        self.requests = m.request_counts(self.route)
         # In flight: a plain counter the handler bumps, read at scrape time (no lock taken per request).
         self.active = 0
         m.in_flight.labels(self.route).set_function(lambda: self.active)
@@ -218,14 +284,7 @@ class RouteMetrics:
         self.token_failures.set(failures)
 
     def request_done(self, method: str, status: int, seconds: float) -> None:
-        label = method if method in METHODS else "other"
-        key = (label, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self.metrics.requests.labels(self.route, label, str(status))
-            self._requests[key] = child
-        child.inc()
-        self.duration.observe(seconds)
+        self.requests.add(method, status, seconds)
 
 
 def histogram_quantile(text: str, metric: str, labels: dict[str, str], q: float) -> float | None:

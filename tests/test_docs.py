@@ -16,7 +16,7 @@ def test_every_metric_and_label_is_documented_and_nothing_else() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     metrics = Metrics(CollectorRegistry())
     metrics.for_route("r", kind="aml-keys")
-    metrics.requests.labels("r", "GET", "200").inc()
+    metrics.for_route("r").request_done("GET", 200, 0.01)
     metrics.rejected.labels("no_route").inc()
     metrics.entra_requests.labels("workload", "acquired").inc()
     metrics.entra_duration.labels("workload").observe(0.1)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -446,6 +448,8 @@ async def test_access_log_line_per_request_without_credentials(proxy: Any) -> No
     assert fields["route"] == "echo" and fields["status"] == 200 and fields["request_id"] == "rid-1"
     assert fields["method"] == "POST" and fields["bytes_in"] == 5 and fields["bytes_out"] > 0
     assert fields["path"] == "/q"  # no query string: it may carry secrets
+    assert abs(fields["ts"] - time.time()) < 60 and re.fullmatch(r'.*"ts":\d+\.\d{3},.*', lines[0])
+    assert 0 <= fields["upstream_ms"] <= fields["duration_ms"] < 60_000
 
 
 class CountingStream(io.StringIO):
