@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
+from typing import Final
 from urllib.parse import unquote
 
 from multidict import CIMultiDict
@@ -33,7 +34,7 @@ from proxy.metrics import Metrics, RouteMetrics
 from proxy.server import DEFERRED, CallerGone, Deferred, Refused, Request, RequestBody
 from proxy.upstream import IDEMPOTENT, UpstreamError, UpstreamPool, UpstreamResponse, pool_for
 
-log = logging.getLogger("aml_auth_proxy.forwarding")
+log: Final = logging.getLogger("aml_auth_proxy.forwarding")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -118,14 +119,14 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
 # Bodies up to this size are sent from the caller connection's callback. Larger ones go on in a task: written from
 # the callback, a 64 KiB body cost about 5% more CPU per request at saturation (interleaved runs), the upstream
 # on the same core waking for each request instead of for a batch of them.
-_SEND_NOW_MAX_BODY = 16 * 1024
+_SEND_NOW_MAX_BODY: Final = 16 * 1024
 
 
 class _Unread:
     """The request body has not been read yet (the slow path reads it)."""
 
 
-_UNREAD = _Unread()
+_UNREAD: Final = _Unread()
 
 
 def _sends_callers_credential(rt: RouteRuntime, cred: Credential, request: Request) -> bool:

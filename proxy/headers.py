@@ -7,11 +7,12 @@ import re
 import time
 from collections.abc import Iterable
 from email.utils import formatdate
+from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 7.6.1 plus the de-facto ones. Proxy-* headers are dropped by prefix below.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         "connection",
         "keep-alive",
@@ -25,12 +26,14 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
-RESPONSE_DROP = frozenset({"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+RESPONSE_DROP: Final = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
+)
 
-REQUEST_ID = "x-request-id"
-CLIENT_REQUEST_ID = "x-ms-client-request-id"
-DEPLOYMENT = "azureml-model-deployment"
-_REQUEST_ID_RE = re.compile(r"^[!-~]{1,200}$")  # printable ASCII, no spaces, bounded
+REQUEST_ID: Final = "x-request-id"
+CLIENT_REQUEST_ID: Final = "x-ms-client-request-id"
+DEPLOYMENT: Final = "azureml-model-deployment"
+_REQUEST_ID_RE: Final = re.compile(r"^[!-~]{1,200}$")  # printable ASCII, no spaces, bounded
 
 
 def connection_tokens(values: Iterable[str]) -> set[str]:
@@ -44,9 +47,9 @@ def connection_tokens(values: Iterable[str]) -> set[str]:
     return names
 
 
-_ID_BYTES = 16
-_ID_BATCH = 256  # ids per getrandom() call: one system call per request was a measurable cost
-_random = bytearray()
+_ID_BYTES: Final = 16
+_ID_BATCH: Final = 256  # ids per getrandom() call: one system call per request was a measurable cost
+_random: Final = bytearray()
 
 
 def _forget_random() -> None:
@@ -112,7 +115,7 @@ def upstream_request_headers(
     return out
 
 
-_date = ["", -1]  # (formatted, second): formatting the date once a second, not once an answer
+_date: Final = ["", -1]  # (formatted, second): formatting the date once a second, not once an answer
 
 
 def http_date() -> str:

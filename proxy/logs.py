@@ -13,15 +13,15 @@ import sys
 import threading
 import time
 from collections import deque
-from json.encoder import encode_basestring_ascii as _json_str  # the C escaper json.dumps uses
-from typing import Any, TextIO
+from json.encoder import encode_basestring_ascii
+from typing import Any, Final, TextIO
 
-LOGGER_NAME = "aml_auth_proxy"
-REDACTED = "[REDACTED]"
-_MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
+LOGGER_NAME: Final = "aml_auth_proxy"
+REDACTED: Final = "[REDACTED]"
+_MIN_SECRET_LEN: Final = 8  # shorter values would redact ordinary words
 
 
-GENERATIONS = 8  # renewed secrets of one owner kept for redaction: the current one and the 7 before it
+GENERATIONS: Final = 8  # renewed secrets of one owner kept for redaction: the current one and the 7 before it
 
 
 class Redactor:
@@ -59,7 +59,8 @@ class Redactor:
         return text
 
 
-REDACTOR = Redactor()
+REDACTOR: Final = Redactor()
+_json_str: Final = encode_basestring_ascii  # the C escaper json.dumps uses (Final: compiled, no lookup per call)
 
 
 class JsonFormatter(logging.Formatter):
@@ -127,13 +128,18 @@ class AccessLog:
         upstream_seconds: float,
     ) -> None:
         """One request's line; strings are JSON-escaped (a caller chooses the path and the request id)."""
-        # Times with a fixed 3 decimals: one float formatting each, where round() then repr() took three.
+        # Times with a fixed 3 decimals: one float formatting each, where round() then repr() took three. They are
+        # formatted apart from the line: compiled, an f-string with a format spec becomes a str.format() call that
+        # parses the whole template on every line; without one it is a single concatenation.
+        ts = format(time.time(), ".3f")
+        duration_ms = format(seconds * 1000, ".3f")
+        upstream_ms = format(upstream_seconds * 1000, ".3f")
         line = (
-            f'{{"ts":{time.time():.3f},"level":"info","logger":"aml_auth_proxy.access","event":"access",'
+            f'{{"ts":{ts},"level":"info","logger":"aml_auth_proxy.access","event":"access",'
             f'"route":{_json_str(route)},"method":{_json_str(method)},"path":{_json_str(path)},"status":{status},'
-            f'"duration_ms":{seconds * 1000:.3f},"request_id":{_json_str(request_id)},'
+            f'"duration_ms":{duration_ms},"request_id":{_json_str(request_id)},'
             f'"bytes_in":{"null" if bytes_in is None else bytes_in},"bytes_out":{bytes_out},'
-            f'"upstream_ms":{upstream_seconds * 1000:.3f}}}'
+            f'"upstream_ms":{upstream_ms}}}'
         )
         lines = self._lines
         lines.append(REDACTOR.scrub(line))

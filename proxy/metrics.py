@@ -7,6 +7,7 @@ import platform
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -18,18 +19,26 @@ from proxy import __version__
 # `_created` series double the exposition and no dashboard or alert here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-NS = "aml_auth_proxy"
-METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-UPSTREAM_ERROR_KINDS = ("timeout", "connect", "tls", "reset", "protocol")
-RELOAD_OUTCOMES = ("success", "unchanged", "error")
-REFRESH_OUTCOMES = ("success", "transient_error", "permanent_error")
-WATCH_RESTART_REASONS = ("closed", "expired", "unreachable", "forbidden", "error")
-EVENT_REASONS = ("TokenRefreshFailing", "TokenRefreshRecovered", "TokenExpired", "KeyFailover", "SecretUnavailable")
-EVENT_OUTCOMES = ("created", "aggregated", "rate_limited", "dropped", "failed")
+NS: Final = "aml_auth_proxy"
+METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+UPSTREAM_ERROR_KINDS: Final = ("timeout", "connect", "tls", "reset", "protocol")
+RELOAD_OUTCOMES: Final = ("success", "unchanged", "error")
+REFRESH_OUTCOMES: Final = ("success", "transient_error", "permanent_error")
+WATCH_RESTART_REASONS: Final = ("closed", "expired", "unreachable", "forbidden", "error")
+EVENT_REASONS: Final = (
+    "TokenRefreshFailing",
+    "TokenRefreshRecovered",
+    "TokenExpired",
+    "KeyFailover",
+    "SecretUnavailable",
+)
+EVENT_OUTCOMES: Final = ("created", "aggregated", "rate_limited", "dropped", "failed")
 # Token calls go to the workspace's region: 5 ms (same region) to 10 s (a struggling one) must resolve.
+# Not Final: mypyc 2.4 leaves a Final tuple of floats unset at import (NameError where it is first read).
 REFRESH_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 REMAINING_BUCKETS = (0.5, 1, 2, 5, 15, 60, 300, 900, 1800, 3600, 7200, 21600, 43200, 86400)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_DURATION_LE: Final = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -204,8 +213,6 @@ class RequestCounts:
 class _RequestFamilies(Collector):
     """The two request families of every route, built from RequestCounts at collection time."""
 
-    _BOUNDS = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
-
     def __init__(self, routes: dict[str, RequestCounts]) -> None:
         self._routes = routes
 
@@ -233,7 +240,7 @@ class _RequestFamilies(Collector):
                 requests.add_metric((route, method, str(status)), float(n))
             cumulative: list[tuple[str, float]] = []
             running = 0
-            for bound, n in zip(self._BOUNDS, c.buckets, strict=True):
+            for bound, n in zip(_DURATION_LE, c.buckets, strict=True):
                 running += n
                 cumulative.append((bound, float(running)))
             duration.add_metric((route,), cumulative, c.total_seconds)

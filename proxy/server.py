@@ -30,7 +30,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 import httptools
 from multidict import CIMultiDict
@@ -39,22 +39,22 @@ from proxy.config import Limits
 from proxy.errors import CallerGone
 from proxy.headers import new_request_id
 
-log = logging.getLogger("aml_auth_proxy.server")
+log: Final = logging.getLogger("aml_auth_proxy.server")
 
-_BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered ahead of the handler before reading pauses
-_BODY_LOW_WATER = 64 * 1024
-_MAX_QUEUED = 8  # pipelined requests parsed ahead of the one being answered before reading pauses
-_LINGER_SECONDS = 2.0  # after refusing a request whose body is still coming, read and drop it this long...
-_LINGER_BYTES = 1 << 20  # ...or this much, so the caller sees the answer rather than a reset
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODY_HIGH_WATER: Final = 256 * 1024  # request body bytes buffered ahead of the handler before reading pauses
+_BODY_LOW_WATER: Final = 64 * 1024
+_MAX_QUEUED: Final = 8  # pipelined requests parsed ahead of the one being answered before reading pauses
+_LINGER_SECONDS: Final = 2.0  # after refusing a request whose body is still coming, read and drop it this long...
+_LINGER_BYTES: Final = 1 << 20  # ...or this much, so the caller sees the answer rather than a reset
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Headers a request may carry once (as aiohttp's parser had it); a second copy is a smuggling or confusion attempt.
-_SINGLETONS = frozenset(
+_SINGLETONS: Final = frozenset(
     {b"host", b"content-length", b"content-type", b"content-location", b"content-range", b"transfer-encoding"}
     | {b"max-forwards", b"user-agent"}
 )
-_REASONS = {s.value: s.phrase for s in HTTPStatus} | {499: "Client Closed Request"}
+_REASONS: Final = {s.value: s.phrase for s in HTTPStatus} | {499: "Client Closed Request"}
 # llhttp's error messages (fixed texts) to the reasons the proxy gives; the first match wins.
-_PARSE_REASONS: tuple[tuple[str, str], ...] = (
+_PARSE_REASONS: Final[tuple[tuple[str, str], ...]] = (
     ("transfer-encoding can't be present with content-length", "Content-Length with Transfer-Encoding"),
     ("duplicate content-length", "duplicate header"),
     ("whitespace after header value", "obsolete line folding"),
@@ -352,7 +352,7 @@ class Deferred:
         return "DEFERRED"
 
 
-DEFERRED = Deferred()
+DEFERRED: Final = Deferred()
 
 # A handler answers at once (returns None), in a task the server runs (returns an awaitable), or later from
 # callbacks (returns DEFERRED and calls `Request.done()` when it has answered or given up).

@@ -25,15 +25,15 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Callable
-from typing import Any
+from typing import Any, Final
 
 import httptools
 from multidict import CIMultiDict
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_HIGH_WATER = 1 << 17  # buffered answer bytes beyond which reading from the upstream pauses
-_NO_BODY_STATUS = frozenset({204, 304})
-MAX_HEAD_BYTES = 1 << 16  # an answer's status line and headers (interim answers included) may not exceed this
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_HIGH_WATER: Final = 1 << 17  # buffered answer bytes beyond which reading from the upstream pauses
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+MAX_HEAD_BYTES: Final = 1 << 16  # an answer's status line and headers (interim answers included) may not exceed this
 
 
 class UpstreamError(Exception):
