@@ -19,6 +19,9 @@ import yaml
 from yarl import URL
 
 ENV_PREFIX = "AML_AUTH_PROXY_"
+# Variables with the prefix that are not configuration keys: the build's choice to compile (setup.py) and the
+# switch that runs the compiled modules' sources instead (proxy/_pure.py). Neither is an unknown variable.
+NOT_CONFIG_ENV = frozenset({"AML_AUTH_PROXY_COMPILE", "AML_AUTH_PROXY_PURE_PYTHON"})
 ROUTE_ENV_PREFIX = ENV_PREFIX + "ROUTE_"
 
 KEY_FILE = "key"
@@ -886,6 +889,7 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], problems: _Probl
     known = {env_name(leaf.key, route=False) for leaf in TOP_LEAVES} | {
         env_name(leaf.key, route=True) for leaf in ROUTE_LEAVES
     }
+    known |= NOT_CONFIG_ENV
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX) and name not in known:
             problems.add(name, "unknown environment variable; see docs/configuration.md for the names")

@@ -242,6 +242,15 @@ def test_environment_overrides_the_file_and_errors_name_the_variable(tmp_path: P
     assert "AML_AUTH_PROXY_ROUTE_TIMEOUT: unknown environment variable" in result.stderr
 
 
+def test_the_build_and_runtime_switches_are_not_unknown_configuration_variables(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    env = {"AML_AUTH_PROXY_COMPILE": "0", "AML_AUTH_PROXY_PURE_PYTHON": "1"}
+    assert load(str(path), env).routes[0].name == load(str(path), {}).routes[0].name
+    result = cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+
+
 def test_route_variables_need_exactly_one_route() -> None:
     doc = {"routes": [{**GOOD["routes"][0], "match": "/a"}, {**GOOD["routes"][0], "name": "b", "match": "/b"}]}  # type: ignore[dict-item]
     with pytest.raises(ConfigError, match="need exactly one route"):

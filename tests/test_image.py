@@ -137,6 +137,20 @@ async def test_the_entrypoint_from_a_clean_venv_with_only_the_wheel_serves_a_req
         timeout=60,
     ).stdout.split()
     assert all(path.endswith(".so") and path.startswith(str(venv)) for path in loaded), loaded
+    pure = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import proxy.forwarding as m, proxy.server as s; print(m.__file__, s.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+        timeout=60,
+        env={"AML_AUTH_PROXY_PURE_PYTHON": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout.split()
+    assert [Path(p).name for p in pure] == ["forwarding.py", "server.py"], pure  # the switch back to the sources
 
     runner, upstream = await start_app(create_echo_app())
     keys = tmp_path / "secret"
