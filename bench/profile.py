@@ -17,6 +17,18 @@ def py_spy_argv(py_spy: str, pid: int, out: Path, seconds: float, *, native: boo
     return [*argv, "--native"] if native else argv
 
 
+_COMPILED = re.compile(r"^CPy(?:Def|Py)_(?P<module>[a-z_]+?)___(?P<rest>\w+)$")
+
+
+def _frame(func: str, file: str) -> tuple[str, str]:
+    """(function, file) of a frame; a function compiled by mypyc (a C symbol such as
+    CPyDef_upstream___UpstreamPool____head) is named as in its source: UpstreamPool._head in proxy/upstream.py."""
+    match = _COMPILED.match(func)
+    if match is None or not file.endswith((".c", ".so", ".h")):
+        return func, file
+    return match.group("rest").replace("___", "."), f"proxy/{match.group('module')}.py, compiled"
+
+
 def _short(file: str) -> str:
     for marker in ("site-packages/", "/lib/python3.", "/work/main/"):
         if marker in file:
@@ -54,7 +66,7 @@ def summarise(collapsed: Path, top: int = 15) -> tuple[list[tuple[str, float]], 
     for stack, count in _stacks(collapsed):
         leaf = stack.rsplit(";", 1)[-1]
         match = _FRAME.match(leaf)
-        func, file = (match.group("func"), match.group("file")) if match else (leaf, "?")
+        func, file = _frame(match.group("func"), match.group("file")) if match else (leaf, "?")
         own[f"{func} ({_short(file)})"] += count
         per_package[_package(file)] += count
         total += count
@@ -73,8 +85,11 @@ def summarise_inclusive(collapsed: Path, marker: str, top: int = 12) -> list[tup
         total += count
         for frame in set(stack.split(";")):
             match = _FRAME.match(frame)
-            if match and marker in match.group("file"):
-                inclusive[f"{match.group('func')} ({_short(match.group('file'))})"] += count
+            if match is None:
+                continue
+            func, file = _frame(match.group("func"), match.group("file"))
+            if marker in file:
+                inclusive[f"{func} ({_short(file)})"] += count
     return [(name, 100.0 * n / total) for name, n in inclusive.most_common(top)] if total else []
 
 
