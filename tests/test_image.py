@@ -81,6 +81,21 @@ def test_the_build_compiles_when_it_can_and_says_why_not_when_it_cannot() -> Non
     assert bad.returncode != 0 and "AML_AUTH_PROXY_COMPILE must be auto, 0 or 1, not 'yes'" in bad.stderr
 
 
+def imported_files(venv: Path, env: dict[str, str]) -> list[str]:
+    """The files proxy.forwarding and proxy.server are imported from by the venv's Python under `env`."""
+    code = "import proxy.forwarding as m, proxy.server as s; print(m.__file__, s.__file__)"
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+        env=env,
+        timeout=60,
+    )
+    return result.stdout.split()
+
+
 def test_hadolint_passes() -> None:
     hadolint = Path(sys.executable).with_name("hadolint")
     result = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, check=False)
@@ -124,32 +139,9 @@ async def test_the_entrypoint_from_a_clean_venv_with_only_the_wheel_serves_a_req
     assert install_cmd[:2] == ["/opt/aml-auth-proxy/bin/pip", "install"]
     pip_flags = [a for a in install_cmd[2:] if a.startswith("--")]
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pip_flags, str(built[0])], check=True, timeout=600)
-    loaded = subprocess.run(
-        [
-            str(venv / "bin" / "python"),
-            "-c",
-            "import proxy.forwarding as m, proxy.server as s; print(m.__file__, s.__file__)",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd="/",
-        timeout=60,
-    ).stdout.split()
+    loaded = imported_files(venv, {"PATH": "/usr/bin:/bin"})
     assert all(path.endswith(".so") and path.startswith(str(venv)) for path in loaded), loaded
-    pure = subprocess.run(
-        [
-            str(venv / "bin" / "python"),
-            "-c",
-            "import proxy.forwarding as m, proxy.server as s; print(m.__file__, s.__file__)",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd="/",
-        timeout=60,
-        env={"AML_AUTH_PROXY_PURE_PYTHON": "1", "PATH": "/usr/bin:/bin"},
-    ).stdout.split()
+    pure = imported_files(venv, {"AML_AUTH_PROXY_PURE_PYTHON": "1", "PATH": "/usr/bin:/bin"})
     assert [Path(p).name for p in pure] == ["forwarding.py", "server.py"], pure  # the switch back to the sources
 
     runner, upstream = await start_app(create_echo_app())
