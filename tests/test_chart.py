@@ -550,7 +550,7 @@ def test_proxy_container_and_pod_are_hardened(ci_file: str) -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert proxy["resources"] == {
-        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "requests": {"cpu": "50m", "memory": "96Mi"},
         "limits": {"cpu": "500m", "memory": "256Mi"},
     }
     assert spec["automountServiceAccountToken"] is (ci_file in KUBE_API_FILES)
