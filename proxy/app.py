@@ -1,8 +1,8 @@
 """Wiring: the only module that builds everything.
 
-`ProxyService` owns the proxy port (proxy/server.py: one catch-all handler, no router), the admin port (an
-aiohttp app), each route's upstream pool and credential task, and the shutdown order: readiness off, stop
-listening, let in-flight requests finish within the grace period, then release everything.
+`ProxyService` owns the proxy port (proxy/server.py: one catch-all handler, no router), the admin port (the same
+server with proxy/health.py's handler), each route's upstream pool and credential task, and the shutdown order:
+readiness off, stop listening, let in-flight requests finish within the grace period, then release everything.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import Clock, SystemClock
@@ -32,12 +30,11 @@ from proxy.config import (
     placeholder_for,
 )
 from proxy.credentials.base import NO_EVENTS, CredentialProvider, EventSink
-from proxy.credentials.jwt_file import JwtFileSource
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
 from proxy.credentials.secret_keys import SecretKeyProvider
 from proxy.forwarding import ProxyHandler, Router, RouteRuntime
-from proxy.health import Lifecycle, create_admin_app
+from proxy.health import AdminHandler, Lifecycle
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.refresher import Refresher, TokenSource
@@ -80,6 +77,8 @@ def build_provider(
     if auth.type == MLSERVER:
         source = MlServerSource(auth=auth, base_url=auth.url or str(route.upstream.origin()))
     elif auth.type == JWT_FILE:
+        from proxy.credentials.jwt_file import JwtFileSource  # pyjwt loads cryptography: about 8 MiB, paid here only
+
         source = JwtFileSource(auth=auth)
     else:
         # Imported here: azure-identity costs several MiB of memory, paid only by routes with an Azure identity.
@@ -128,15 +127,6 @@ def build_provider(
         metrics=metrics,
         clock=clock,
     )
-
-
-def _bound_port(runner: web.BaseRunner) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        for sock in getattr(server, "sockets", None) or ():
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                return int(sock.getsockname()[1])
-    raise RuntimeError("site is not listening")
 
 
 class ProxyService:
@@ -194,10 +184,10 @@ class ProxyService:
             access_log=AccessLog() if settings.access_log else None,
             limits=settings.limits,
         )
-        self.admin_app = create_admin_app(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)
+        self.admin_handler = AdminHandler(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)
         self._tasks: list[asyncio.Task[None]] = []
         self._proxy_server: HttpServer | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._admin_server: HttpServer | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -205,10 +195,8 @@ class ProxyService:
         """Load credentials, then listen. The first credential is loaded before any port reports ready."""
         s = self.settings
         if self._admin:
-            self._admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None)
-            await self._admin_runner.setup()
-            await web.TCPSite(self._admin_runner, s.admin.host, s.admin.port).start()
-            self.admin_port = _bound_port(self._admin_runner)
+            self._admin_server = HttpServer(self.admin_handler, self.admin_handler.refusal, s.limits)
+            self.admin_port = await self._admin_server.listen(s.admin.host, s.admin.port, backlog=128)
         if self.kube_runtime is not None:
             await self.kube_runtime.start()  # Secret watches first: key routes wait for their first read
         for rt in self.routes:
@@ -267,8 +255,8 @@ class ProxyService:
             self.kube.close()
         if self.kube_runtime is not None:
             await self.kube_runtime.stop()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
+        if self._admin_server is not None:
+            await self._admin_server.shutdown(0.5)  # probes and scrapes answer quickly; one in progress may finish
+            self._admin_server = None
         if self._admin:
             event(log, logging.INFO, "stopped")

@@ -1,23 +1,30 @@
-"""The admin app: /healthz (the event loop answers), /readyz (every route has a usable credential), /metrics.
+"""The admin port: /healthz (the event loop answers), /readyz (every route has a usable credential), /metrics,
+and POST /refresh?route=NAME.
 
-Nothing here is per-request data or secret: readiness reasons name routes, slots and file problems only.
+It runs on the proxy's own HTTP/1.1 server (proxy/server.py), like the proxy port, so the proxy process does not
+load aiohttp's web framework for four fixed paths. Nothing here is per-request data or secret: readiness reasons
+name routes, slots and file problems only; errors are JSON with a request id.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.forwarding import RouteRuntime
+from proxy.headers import REQUEST_ID, http_date, new_request_id
 from proxy.metrics import Metrics
+from proxy.server import Request
 
 if TYPE_CHECKING:
     from proxy.workers import WorkerPool
+
+_JSON = "application/json; charset=utf-8"
 
 
 @dataclass(eq=False)
@@ -48,40 +55,87 @@ def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[boo
     return ready, body
 
 
-def create_admin_app(*, routes: Sequence[RouteRuntime], metrics: Metrics, lifecycle: Lifecycle) -> web.Application:
-    by_name = {rt.name: rt for rt in routes}
+Answer = tuple[int, list[tuple[str, str]], bytes]
 
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
-    async def readyz(_request: web.Request) -> web.Response:
-        ready, body = readiness(routes, lifecycle)
-        return web.Response(status=200 if ready else 503, text=json.dumps(body), content_type="application/json")
+def _json(status: int, body: object, *, rid: str | None = None) -> Answer:
+    headers = [("Content-Type", _JSON), ("Date", http_date())]
+    if rid is not None:
+        headers.append((REQUEST_ID, rid))
+    return status, headers, json.dumps(body).encode()
 
-    async def metrics_handler(_request: web.Request) -> web.Response:
-        pool = lifecycle.workers
-        source = metrics.registry if pool is None else pool.collector(metrics.registry)  # totals of all processes
-        return web.Response(body=generate_latest(source), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def refresh(request: web.Request) -> web.Response:
+def _error(status: int, error: str, **extra: object) -> Answer:
+    rid = new_request_id()
+    return _json(status, {"error": error, **extra, "request_id": rid}, rid=rid)
+
+
+class AdminHandler:
+    """The admin port's handler for proxy/server.py's HttpServer: four fixed paths, nothing else."""
+
+    def __init__(self, *, routes: Sequence[RouteRuntime], metrics: Metrics, lifecycle: Lifecycle) -> None:
+        self.routes = routes
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.by_name = {rt.name: rt for rt in routes}
+        get = ("GET", "HEAD")
+        self.paths: dict[str, tuple[tuple[str, ...], Callable[[str], Answer | Awaitable[Answer]]]] = {
+            "/healthz": (get, self.healthz),
+            "/readyz": (get, self.readyz),
+            "/metrics": (get, self.metrics_text),
+            "/refresh": (("POST",), self.refresh),
+        }
+
+    def refusal(self, status: int, reason: str) -> tuple[list[tuple[str, str]], bytes]:
+        """The answer to a request the server's parser refused (fixed reasons, never the request's bytes)."""
+        _, headers, body = _error(status, f"bad request: {reason}")
+        return headers, body
+
+    def __call__(self, request: Request) -> Awaitable[None] | None:
+        path, _, query = request.raw_path.partition("?")
+        known = self.paths.get(path)
+        if known is None:
+            self._send(request, _error(404, "not found", paths=sorted(self.paths)))
+            return None
+        methods, handler = known
+        if request.method not in methods:
+            status, headers, body = _error(405, f"{path} takes {' or '.join(methods)}")
+            self._send(request, (status, [*headers, ("Allow", ", ".join(methods))], body))
+            return None
+        result = handler(query)
+        if isinstance(result, tuple):
+            self._send(request, result)
+            return None
+        return self._later(request, result)
+
+    async def _later(self, request: Request, result: Awaitable[Answer]) -> None:
+        self._send(request, await result)
+
+    @staticmethod
+    def _send(request: Request, answer: Answer) -> None:
+        status, headers, body = answer
+        request.answer(status, headers, body)
+
+    def healthz(self, _query: str) -> Answer:
+        return _json(200, {"status": "ok"})
+
+    def readyz(self, _query: str) -> Answer:
+        ready, body = readiness(self.routes, self.lifecycle)
+        return _json(200 if ready else 503, body)
+
+    def metrics_text(self, _query: str) -> Answer:
+        pool = self.lifecycle.workers
+        source = self.metrics.registry if pool is None else pool.collector(self.metrics.registry)  # all processes
+        return 200, [("Content-Type", CONTENT_TYPE_LATEST), ("Date", http_date())], generate_latest(source)
+
+    async def refresh(self, query: str) -> Answer:
         """Force one refresh of a route's credential (joins one already in flight)."""
-        name = request.query.get("route")
-        rt = by_name.get(name or "")
+        names = parse_qs(query).get("route") or [""]
+        rt = self.by_name.get(names[0])
         if rt is None:
-            return web.json_response(
-                {"error": "unknown route; pass ?route=NAME", "routes": sorted(by_name)}, status=404
-            )
+            return _error(404, "unknown route; pass ?route=NAME", routes=sorted(self.by_name))
         await rt.provider.refresh_now("operator")
-        if lifecycle.workers is not None:
-            lifecycle.workers.push_changes()  # workers get the new credential now, not at the next check
+        if self.lifecycle.workers is not None:
+            self.lifecycle.workers.push_changes()  # workers get the new credential now, not at the next check
         ok, why = rt.provider.readiness()
-        return web.json_response(
-            {"route": rt.name, "ready": ok, "reason": why, **rt.provider.details()}, status=200 if ok else 503
-        )
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_post("/refresh", refresh)
-    return app
+        return _json(200 if ok else 503, {"route": rt.name, "ready": ok, "reason": why, **rt.provider.details()})

@@ -17,8 +17,8 @@ MUTANTS = [
     Mutant(
         name="metrics_not_merged",
         path="proxy/health.py",
-        old="source = metrics.registry if pool is None else pool.collector(metrics.registry)",
-        new="source = metrics.registry",
+        old="source = self.metrics.registry if pool is None else pool.collector(self.metrics.registry)",
+        new="source = self.metrics.registry",
         tests=(f"{T}::test_three_processes_share_the_port_and_one_token_fetch_per_refresh",),
     ),
     Mutant(

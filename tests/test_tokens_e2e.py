@@ -19,6 +19,7 @@ from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
 from tests.conftest import SESSION_DIGESTS, ProxyFactory, remember
+from tests.procs import ProxyProcess
 
 SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "11111111-1111-1111-1111-111111111111"
@@ -97,15 +98,21 @@ async def ep2_proxy(
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path, name: str, *, refresh: dict[str, Any], **extra: Any
 ) -> Any:
     """A proxy with one aml-endpoint-token route to the v2 endpoint ep2, with a client-secret identity."""
-    auth = control_plane(
+    return await make_proxy(
+        route(emu, name, emu.service_urls["ep2"], ep2_auth(emu, tmp_path, refresh=refresh), **extra)
+    )
+
+
+def ep2_auth(emu: RunningEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """aml-endpoint-token auth for the v2 endpoint ep2, with a client-secret identity."""
+    return control_plane(
         emu,
         type="aml-endpoint-token",
         endpoint="ep2",
         arm_url=emu.control_url,
         identity=client_secret_identity(emu, tmp_path),
-        refresh=refresh,
+        **extra,
     )
-    return await make_proxy(route(emu, name, emu.service_urls["ep2"], auth, **extra))
 
 
 def control_plane(emu: RunningEmulator, **auth: Any) -> dict[str, Any]:
@@ -205,6 +212,19 @@ async def test_aad_token_with_managed_identity(
     svc = await make_proxy(route(emu, "aad", emu.service_urls["aad3"], auth))
     assert await score(svc) == (200, {"result": [2, 4, 6]})
     assert emu.state.entra_token_calls[MANAGED] == 1
+
+
+async def test_without_auth_ca_file_entra_and_the_control_plane_trust_the_system_store(
+    emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SSL_CERT_FILE moves OpenSSL's system store to the emulator's CA: both the proxy's own client and the Entra
+    ID calls (requests, whose own default would be certifi's bundle) must trust it."""
+    monkeypatch.setenv("SSL_CERT_FILE", emu.ca_file)
+    auth = ep2_auth(emu, tmp_path)
+    del auth["ca_file"]
+    svc = await make_proxy(route(emu, "sys", emu.service_urls["ep2"], auth))
+    assert await score(svc) == (200, {"result": [2, 4, 6]})
+    assert emu.state.entra_token_calls[CLIENT] == 1 and emu.state.token_calls["ep2"] == 1
 
 
 async def test_aml_keys_fail_over_then_refetch_after_regeneration(
@@ -410,3 +430,47 @@ async def test_a_control_plane_401_gets_a_fresh_identity_token_instead_of_a_perm
     assert status == 200 and body["last_refresh"] == "success", body
     assert emu.state.entra_token_calls[CLIENT] == entra_before + 1
     assert (await score(svc))[0] == 200
+
+
+def _mapped_packages(pid: int) -> set[str]:
+    """site-packages whose compiled extensions the process has mapped: a package imported in any way is here."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if "/site-packages/" in path and path.endswith(".so"):
+            found.add(path.split("/site-packages/", 1)[1].split("/", 1)[0])
+    return found
+
+
+async def test_a_running_proxy_loads_neither_aiohttp_nor_for_key_routes_cryptography(
+    emu: RunningEmulator, tmp_path: Path, key_dir: Any
+) -> None:
+    """The memory budget (docs/performance.md): the proxy's own server and client serve both ports and the
+    control-plane calls, azure-identity runs on requests, and pyjwt (which loads cryptography) only where a route
+    reads token times. A dependency that sneaks aiohttp back in costs every pod about 10 MiB."""
+    keys = key_dir(emu.state.services["keys4"].primary_key)
+    key_only = await ProxyProcess.start({"routes": [route(emu, "k", emu.service_urls["keys4"], keys)]}, tmp_path)
+    auth = ep2_auth(emu, tmp_path, refresh=FAST)
+    token = await ProxyProcess.start(
+        {"routes": [route(emu, "t", emu.service_urls["ep2"], auth)]}, tmp_path, name="token-proxy"
+    )
+    try:
+        async with aiohttp.ClientSession() as client:
+            for proc in (key_only, token):
+                async with asyncio.timeout(30):
+                    while True:
+                        async with client.get(proc.admin_url + "/readyz") as r:
+                            if r.status == 200:
+                                break
+                        await asyncio.sleep(0.05)
+                async with client.post(proc.proxy_url + "/score", json={"data": [1]}) as r:
+                    assert r.status == 200
+        key_packages = _mapped_packages(key_only.process.pid)
+        token_packages = _mapped_packages(token.process.pid)
+        assert "uvloop" in key_packages and "httptools" in key_packages  # the check sees what is loaded
+        assert "aiohttp" not in key_packages and "cryptography" not in key_packages, key_packages
+        assert "aiohttp" not in token_packages, token_packages
+        assert "cryptography" in token_packages  # azure-identity's own import; the check is not vacuous
+    finally:
+        assert await key_only.stop() == 0
+        assert await token.stop() == 0

@@ -7,6 +7,7 @@ Reasons never quote a response body: bodies of credential endpoints may echo cre
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import ssl
@@ -14,12 +15,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import jwt
+from multidict import CIMultiDict
+from yarl import URL
 
+from proxy import __version__
 from proxy.refresher import PermanentError, TransientError
+from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
+USER_AGENT = f"aml-auth-proxy/{__version__}"
+MAX_ANSWER_BYTES = 1 << 20  # a token or key answer is a few KiB; an endless body is cut here
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +59,8 @@ def server_date(value: str | None) -> float | None:
 
 def jwt_times(token: str) -> tuple[float | None, float | None]:
     """(iat, exp) of a JWT, read without verifying it (only the server can verify its tokens); else Nones."""
+    import jwt  # here: pyjwt loads cryptography (about 8 MiB), paid only by routes that read a token's times
+
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
@@ -63,22 +70,39 @@ def jwt_times(token: str) -> tuple[float | None, float | None]:
 
 
 class CredentialHttp:
-    """A small aiohttp client for one route's credential calls."""
+    """One route's client for its credential calls, on the proxy's own HTTP/1.1 client (proxy/upstream.py): a
+    small keep-alive pool per origin, TLS verified against the system store or `ca_file`, no redirects, no
+    cookies, no proxy from the environment. `timeout` bounds each call, connecting included."""
 
     def __init__(self, *, what: str, ca_file: str | None, timeout: float) -> None:
         self._what = what
-        self._ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._ca_file = ca_file
+        self._timeout = timeout
+        self._ssl: ssl.SSLContext | None = None
+        self._pools: dict[tuple[str, str, int], UpstreamPool] = {}
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=4),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=self._timeout,
+    def _pool(self, url: URL) -> UpstreamPool:
+        scheme, host = url.scheme, url.raw_host or ""
+        port = url.port or (443 if scheme == "https" else 80)
+        pool = self._pools.get((scheme, host, port))
+        if pool is None:
+            if scheme == "https" and self._ssl is None:
+                self._ssl = ssl.create_default_context(cafile=self._ca_file)  # the system store without one
+            shown = f"[{host}]" if ":" in host else host
+            pool = UpstreamPool(
+                scheme=scheme,
+                host=host,
+                port=port,
+                host_header=shown if url.is_default_port() else f"{shown}:{port}",
+                ssl_context=self._ssl,
+                max_connections=4,
+                keepalive_seconds=15.0,
+                connect_timeout=self._timeout,
+                read_timeout=self._timeout,
+                total_timeout=self._timeout,
             )
-        return self._session
+            self._pools[(scheme, host, port)] = pool
+        return pool
 
     async def request(
         self,
@@ -89,27 +113,32 @@ class CredentialHttp:
         json_body: Any = None,
         expect_json: bool = True,
     ) -> JsonAnswer:
-        data = None
-        send_headers = {"Accept": "application/json", **(headers or {})}
+        target = URL(url)
+        if target.scheme not in ("http", "https") or not target.raw_host:
+            raise PermanentError(f"{self._what}: not an http(s) URL")
+        data = b""  # a POST without a body says Content-Length: 0, as the SDKs send
+        send = CIMultiDict({"Accept": "application/json", "User-Agent": USER_AGENT})
         if json_body is not None:
             data = json.dumps(json_body).encode()
-            send_headers["Content-Type"] = "application/json; charset=utf-8"
-        elif method == "POST":
-            data = b""  # Content-Length: 0, as the SDKs send
+            send["Content-Type"] = "application/json; charset=utf-8"
+        send.update(headers or {})
+        if data or method == "POST":
+            send["Content-Length"] = str(len(data))
         try:
-            async with self._client().request(
-                method, url, data=data, headers=send_headers, allow_redirects=False
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"), now=time.time())
-                now = server_date(resp.headers.get("Date"))
+            async with asyncio.timeout(self._timeout):
+                answer = await self._pool(target).request(method, target.raw_path_qs, send, data or None)
+                try:
+                    raw = await _read_bounded(answer)
+                finally:
+                    answer.release()
         except TimeoutError as exc:
             raise TransientError(f"{self._what}: timed out") from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TransientError(f"{self._what}: TLS certificate not trusted") from exc
-        except aiohttp.ClientError as exc:
-            raise TransientError(f"{self._what}: {type(exc).__name__}") from exc
+        except UpstreamError as exc:
+            raise TransientError(f"{self._what}: {_transport_reason(exc)}") from exc
+        status = answer.status
+        found = CIMultiDict(answer.raw_headers)
+        retry_after = parse_retry_after(found.get("Retry-After"), now=time.time())
+        now = server_date(found.get("Date"))
         if status >= 500 or status in _TRANSIENT_STATUS:
             raise TransientError(f"{self._what}: HTTP {status}", retry_after=retry_after, status=status)
         if not 200 <= status < 300:
@@ -125,9 +154,34 @@ class CredentialHttp:
         return JsonAnswer(status=status, body=body, server_now=now)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.close()
+
+
+async def _read_bounded(answer: UpstreamResponse) -> bytes:
+    """The whole body of a credential endpoint's answer, which is small: more than MAX_ANSWER_BYTES is a fault."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await answer.read_chunk():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            answer.close()
+            raise UpstreamError("protocol", "the answer is larger than a credential answer can be")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _transport_reason(exc: UpstreamError) -> str:
+    """A fixed text for a failed exchange: an untrusted certificate is told apart from other TLS failures."""
+    cause: BaseException | None = exc.__cause__ or exc.__context__  # compiled code may set only the context
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "TLS certificate not trusted"
+        cause = cause.__cause__ or cause.__context__
+    if exc.kind == "timeout":
+        return "timed out"
+    return exc.reason.replace("upstream ", "server ", 1) if exc.reason.startswith("upstream ") else exc.reason
 
 
 def _error_code(raw: bytes) -> str:

@@ -3,22 +3,28 @@
 azure-identity does the Entra ID protocols (client assertion from the federated token file, IMDS, client
 secret) and caches tokens; this module picks the credential, reads the client secret from its file, points it
 at the configured authority and CA, and classifies failures as transient or permanent.
+
+Its HTTP calls go through azure-core's AsyncioRequestsTransport (requests, run in the loop's thread pool) rather
+than its default aiohttp transport: msal, which azure-identity always loads, already loads requests, while
+aiohttp would add about 10 MiB to every process with an Azure identity for a few calls an hour.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import ssl
 import time
 from typing import Any
 
-import aiohttp
 from azure.core.credentials import AccessTokenInfo
 from azure.core.exceptions import ClientAuthenticationError, DecodeError, ServiceRequestError, ServiceResponseError
+from azure.core.pipeline.transport import AsyncioRequestsTransport
 from azure.identity import CredentialUnavailableError
 from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential, WorkloadIdentityCredential
+from requests.exceptions import RequestException, SSLError
 
 from proxy.config import Identity
 from proxy.credentials.keys import KeyFileError, read_key_file
@@ -54,9 +60,14 @@ class AzureIdentity:
         c = self._config
         # No retries inside azure-core: the refresher owns backoff and honours Retry-After, and a fetch must not
         # sleep through the refresher's timeout.
-        kwargs: dict[str, Any] = {"retry_total": 0}
-        if self._ca_file:
-            kwargs["connection_verify"] = self._ca_file
+        kwargs: dict[str, Any] = {
+            "retry_total": 0,
+            "transport": AsyncioRequestsTransport(
+                connection_verify=self._ca_file or system_ca_store(),
+                connection_timeout=self._timeout,  # the thread gives up when the refresher's timeout does
+                read_timeout=self._timeout,
+            ),
+        }
         if c.authority_host:
             kwargs["authority"] = c.authority_host
         if c.type == "client_secret":
@@ -127,7 +138,7 @@ class AzureIdentity:
         except (DecodeError, KeyError, ValueError, TypeError) as exc:  # an answer that is not a token response
             self._count_error()
             raise TransientError("Entra ID sent a malformed answer") from exc
-        except (ServiceRequestError, ServiceResponseError, OSError, aiohttp.ClientError) as exc:
+        except (ServiceRequestError, ServiceResponseError, OSError, RequestException) as exc:
             self._count_error()
             raise TransientError(_transport_reason(exc)) from exc
         REDACTOR.add(info.token, owner=f"identity:{id(self)}")
@@ -151,6 +162,16 @@ class AzureIdentity:
         if self._credential is not None:
             await self._credential.close()
             self._credential = None
+
+
+def system_ca_store() -> str | bool:
+    """The system's CA store (OpenSSL's default file or directory, which SSL_CERT_FILE and SSL_CERT_DIR move), as
+    the proxy's other TLS clients use it; requests would otherwise trust only certifi's bundle (True)."""
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.capath):
+        if path and os.path.exists(path):
+            return path
+    return True
 
 
 def _first_line(exc: BaseException) -> str:
@@ -194,15 +215,22 @@ def _retry_after(response: Any) -> float | None:
 def _transport_reason(exc: BaseException) -> str:
     """Why Entra ID could not be reached, from the whole chain of causes: TLS is told apart from the rest."""
     seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
+    todo: list[BaseException] = [exc]
+    tls = False
+    while todo:
+        cause = todo.pop()
+        if id(cause) in seen:
+            continue
         seen.add(id(cause))
-        if isinstance(cause, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError):
+        if isinstance(cause, ssl.SSLCertVerificationError):
             return "Entra ID TLS certificate not trusted"
-        if isinstance(cause, ssl.SSLError | aiohttp.ClientSSLError):
-            return "Entra ID TLS handshake failed"
-        inner = getattr(cause, "inner_exception", None)
-        cause = inner if isinstance(inner, BaseException) else (cause.__cause__ or cause.__context__)
+        tls = tls or isinstance(cause, ssl.SSLError | SSLError)
+        # azure-core keeps the transport's error as inner_exception; requests and urllib3 wrap theirs in args and
+        # in MaxRetryError.reason, besides the usual __cause__ and __context__.
+        linked = (getattr(cause, "inner_exception", None), getattr(cause, "reason", None), cause.__cause__)
+        todo += [c for c in (*linked, cause.__context__, *cause.args) if isinstance(c, BaseException)]
+    if tls:
+        return "Entra ID TLS handshake failed"
     return f"Entra ID unreachable: {type(exc).__name__}"
 
 

@@ -625,7 +625,14 @@ class RunningEmulator:
         runners, self._runners = self._runners, []
         try:
             for runner in reversed(runners):
+                server = runner.server
+                transports = [h.transport for h in server.connections] if server is not None else []
                 await runner.cleanup()
+                # A TLS connection whose client left without close_notify (urllib3 does) would wait out asyncio's
+                # 30 s TLS shutdown, outliving the loop: cut what is left now that the emulator is closed.
+                for transport in transports:
+                    if transport is not None:
+                        transport.abort()
         finally:
             tls_dir, self._tls_dir = self._tls_dir, None
             if tls_dir is not None:

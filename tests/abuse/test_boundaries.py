@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from tests.conftest import ProxyFactory, new_key
 
@@ -164,3 +165,33 @@ async def test_the_admin_port_shows_no_secret_and_no_per_request_data(two_routes
     text = "\n".join(bodies)
     assert two_routes.key not in text and rid not in text and "/a/q" not in text and "token=abc" not in text
     assert json.loads(bodies[1])["ready"] is True
+
+
+async def test_the_admin_port_answers_its_four_paths_and_json_errors_for_anything_else(two_routes: Any) -> None:
+    admin = two_routes.admin_port
+    async with aiohttp.ClientSession() as client:
+        async with client.head(f"http://127.0.0.1:{admin}/healthz") as r:
+            assert r.status == 200 and await r.read() == b""
+        async with client.get(f"http://127.0.0.1:{admin}/metrics") as r:
+            assert r.status == 200 and r.headers["Content-Type"] == CONTENT_TYPE_LATEST
+            assert "aml_auth_proxy_route_ready" in await r.text()
+        async with client.get(f"http://127.0.0.1:{admin}/nope?x=1") as r:
+            body = await r.json()
+            assert r.status == 404 and body["error"] == "not found"
+            assert body["paths"] == ["/healthz", "/metrics", "/readyz", "/refresh"]
+            assert body["request_id"] == r.headers["x-request-id"]
+        async with client.get(f"http://127.0.0.1:{admin}/refresh?route=a") as r:
+            body = await r.json()
+            assert r.status == 405 and r.headers["Allow"] == "POST" and body["request_id"]
+        async with client.post(f"http://127.0.0.1:{admin}/healthz") as r:
+            assert r.status == 405 and r.headers["Allow"] == "GET, HEAD"
+        async with client.post(f"http://127.0.0.1:{admin}/refresh?route=zzz") as r:
+            body = await r.json()
+            assert r.status == 404 and body["routes"] == ["a", "b"] and body["request_id"]
+    # A request that does not parse gets the JSON refusal, not a traceback, and nothing reaches a handler.
+    answer = await raw(
+        admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert status(answer) == 400
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "bad request: Content-Length with Transfer-Encoding" and body["request_id"]

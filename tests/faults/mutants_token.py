@@ -72,8 +72,8 @@ MUTANTS = [
     Mutant(
         name="tls_error_not_classified",
         path="proxy/credentials/http.py",
-        old='raise TransientError(f"{self._what}: TLS certificate not trusted") from exc',
-        new="raise",
+        old='            return "TLS certificate not trusted"\n',
+        new='            return "TLS handshake failed"\n',
         tests=(TLS + "[untrusted_ca-control_plane]", TLS + "[wrong_hostname-control_plane]"),
     ),
     Mutant(
@@ -102,8 +102,8 @@ MUTANTS = [
     Mutant(
         name="entra_retries_inside_azure_core",
         path="proxy/credentials/identity.py",
-        old='kwargs: dict[str, Any] = {"retry_total": 0}',
-        new="kwargs: dict[str, Any] = {}",
+        old='            "retry_total": 0,\n',
+        new="",
         tests=(ENTRA + "[http_500]",),
     ),
     Mutant(
@@ -126,5 +126,47 @@ MUTANTS = [
         old="                self._renewed.setdefault(owner, deque(maxlen=GENERATIONS)).append(kept)\n",
         new="                self._fixed.update(kept)\n",
         tests=("tests/test_refresher.py::test_renewed_tokens_leave_the_redactor_bounded_while_fixed_secrets_stay",),
+    ),
+    Mutant(
+        name="entra_trusts_certifi_not_the_system_store",
+        path="proxy/credentials/identity.py",
+        old="                connection_verify=self._ca_file or system_ca_store(),\n",
+        new="                connection_verify=self._ca_file or True,\n",
+        tests=(
+            "tests/test_tokens_e2e.py::test_without_auth_ca_file_entra_and_the_control_plane_trust_the_system_store",
+        ),
+    ),
+    Mutant(
+        name="credential_answer_unbounded",
+        path="proxy/credentials/http.py",
+        old="        if size > MAX_ANSWER_BYTES:\n",
+        new="        if False:\n",
+        tests=(
+            "tests/test_credential_http.py::test_an_endless_answer_is_cut_and_transient_and_a_non_http_url_is_permanent",
+        ),
+    ),
+    Mutant(
+        name="admin_port_takes_any_method",
+        path="proxy/health.py",
+        old="        if request.method not in methods:\n",
+        new="        if False:\n",
+        tests=(
+            "tests/abuse/test_boundaries.py::"
+            "test_the_admin_port_answers_its_four_paths_and_json_errors_for_anything_else",
+        ),
+    ),
+    Mutant(
+        name="aiohttp_back_in_the_proxy_process",
+        path="proxy/app.py",
+        old="from prometheus_client import CollectorRegistry\n",
+        new="import aiohttp.web  # noqa: F401\nfrom prometheus_client import CollectorRegistry\n",
+        tests=("tests/test_tokens_e2e.py::test_a_running_proxy_loads_neither_aiohttp_nor_for_key_routes_cryptography",),
+    ),
+    Mutant(
+        name="pyjwt_loaded_by_every_route",
+        path="proxy/credentials/http.py",
+        old="from proxy import __version__\n",
+        new="import jwt  # noqa: F401\nfrom proxy import __version__\n",
+        tests=("tests/test_tokens_e2e.py::test_a_running_proxy_loads_neither_aiohttp_nor_for_key_routes_cryptography",),
     ),
 ]

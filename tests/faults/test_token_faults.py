@@ -278,7 +278,7 @@ TOKEN_ENDPOINT_FAULTS = {
     "http_503": Case({"action": "status", "status": 503}, "transient_error", "HTTP 503"),
     "http_429": Case({"action": "status", "status": 429, "retry_after": 45}, "transient_error", "HTTP 429"),
     "timeout": Case({"action": "delay", "seconds": 1.0}, "transient_error", "timed out"),
-    "reset": Case({"action": "reset"}, "transient_error", "ServerDisconnectedError"),
+    "reset": Case({"action": "reset"}, "transient_error", "server closed the connection"),
     "invalid_json": Case({"action": "invalid_json"}, "transient_error", "the answer is not JSON"),
     "missing_fields": Case({"action": "missing_fields"}, "transient_error", "the answer lacks accessToken"),
     "http_403": Case({"action": "status", "status": 403}, "permanent_error", "HTTP 403 (EmulatedFault)"),
