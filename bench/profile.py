@@ -17,6 +17,7 @@ def py_spy_argv(py_spy: str, pid: int, out: Path, seconds: float, *, native: boo
     return [*argv, "--native"] if native else argv
 
 
+_CHECKOUT = str(Path(__file__).resolve().parent.parent) + "/"
 _COMPILED = re.compile(r"^CPy(?:Def|Py)_(?P<module>[a-z_]+?)___(?P<rest>\w+)$")
 
 
@@ -30,7 +31,7 @@ def _frame(func: str, file: str) -> tuple[str, str]:
 
 
 def _short(file: str) -> str:
-    for marker in ("site-packages/", "/lib/python3.", "/work/main/"):
+    for marker in ("site-packages/", "/lib/python3.", _CHECKOUT):
         if marker in file:
             file = file.split(marker, 1)[1]
             if marker == "/lib/python3.":

@@ -29,7 +29,6 @@ from proxy.emulator.runner import ConfigError, RunningEmulator, main, parse_conf
 from proxy.emulator.secretdir import write_secret_dir
 
 REPO = Path(__file__).resolve().parent.parent
-AZMLINFSRV = "/tmp/amlvenv/bin/azmlinfsrv"
 SUB = "00000000-0000-0000-0000-000000000000"
 PROVIDER = "providers/Microsoft.MachineLearningServices"
 V1_WS = f"/modelmanagement/v1.0/subscriptions/{SUB}/resourceGroups/rg/{PROVIDER}/workspaces/ws"
@@ -753,7 +752,7 @@ async def test_cli_prints_one_ready_line_without_keys_and_exits_0_on_sigterm(tmp
 
 
 async def test_real_azmlinfsrv_behind_the_front_end(http: aiohttp.ClientSession) -> None:
-    server = await start_azmlinfsrv(executable=AZMLINFSRV)
+    server = await start_azmlinfsrv()  # AZMLINFSRV, as `make test` sets it
     try:
         cfg = config()
         cfg["services"][0]["deployments"] = {"blue": server.url}

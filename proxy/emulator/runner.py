@@ -34,7 +34,7 @@ Config (YAML file or dict); only `services[].name` and `services[].deployments` 
         default_deployment: blue             # optional when there is exactly one deployment
         scoring_port: 0                      # v2 only: the endpoint's own listener (one host per endpoint)
     listen: {host: 127.0.0.1, scoring_port: 0, control_port: 0, entra_port: 0, imds_port: 0, mlserver_port: 0}
-    keys_dir: /tmp/aml-keys                  # optional: mirror keys to <keys_dir>/<service>/{primary,secondary}
+    keys_dir: ./aml-keys                    # optional: mirror keys to <keys_dir>/<service>/{primary,secondary}
 
 v1 services are scored at `<scoring_url>/api/v1/service/<name>/...`; each v2 service gets its own listener
 (`RunningEmulator.service_urls`). This module is the only one that binds sockets or reads the config file.
