@@ -1,4 +1,7 @@
-"""Command line: `run`, `check-config`, `emulator`, `demo`. Only wiring; the pieces live elsewhere."""
+"""aml-auth-proxy: a sidecar that adds Azure Machine Learning credentials to scoring calls.
+
+The command line: `run`, `check-config`, `emulator` and `demo` (and the hidden `worker`, started by `run`).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from proxy import __version__
-from proxy.config import ConfigError, Settings, load
+from proxy.config import ENV_PREFIX, MAX_WORKERS, NOT_CONFIG_ENV, ConfigError, Settings, load, top_default
 from proxy.logs import event
 from proxy.logs import setup as setup_logging
 
@@ -20,25 +24,107 @@ log = logging.getLogger("aml_auth_proxy.cli")
 
 EXIT_CONFIG = 2
 
+DESCRIPTION = (
+    "A sidecar that adds Azure Machine Learning credentials to scoring calls: your service sends plain HTTP to "
+    "localhost, the proxy forwards it with a key or a token that it keeps fresh."
+)
+EXAMPLES = """\
+examples:
+  aml-auth-proxy run --config config.yaml           serve the routes in config.yaml
+  aml-auth-proxy check-config --config config.yaml  validate it without starting
+  aml-auth-proxy emulator --proxy-config dev/proxy.yaml
+                                                    local AML stand-ins, and a proxy config that reaches them
+  aml-auth-proxy demo                               the whole loop in one process, then stop
+
+Configuration reference: docs/configuration.md. Every key can also be set by an AML_AUTH_PROXY_* variable."""
+_PROXY_AT = f"{top_default('listen.host')}:{top_default('listen.port')}"
+_ADMIN_AT = f"{top_default('admin.host')}:{top_default('admin.port')}"
+RUN_EXAMPLES = f"""\
+examples:
+  aml-auth-proxy run --config config.yaml
+  aml-auth-proxy run --config config.yaml --workers 1
+  AML_AUTH_PROXY_ROUTE_UPSTREAM=https://my-endpoint.eastus.inference.ml.azure.com \\
+  AML_AUTH_PROXY_ROUTE_AUTH_PRIMARY_FILE=/var/run/secrets/aml/primaryKey aml-auth-proxy run
+
+It listens on {_PROXY_AT} (the proxy) and {_ADMIN_AT} (/healthz, /readyz, /metrics) unless the config
+says otherwise, and stops gracefully on SIGTERM or SIGINT."""
+CHECK_EXAMPLES = """\
+example:
+  aml-auth-proxy check-config --config config.yaml
+
+Exit code 0 and one line naming the routes when the config is valid; 2 and one line per problem otherwise.
+Key files are not read: a missing key makes the route unready at run time instead."""
+DEMO_EXAMPLES = """\
+example:
+  make demo      (the same, with the real AML scoring server as the model: --azmlinfsrv .tools/...)"""
+NO_CONFIG = (
+    "no config given: pass --config FILE (reference: docs/configuration.md), or set the single route by "
+    "environment (AML_AUTH_PROXY_ROUTE_UPSTREAM and AML_AUTH_PROXY_ROUTE_AUTH_PRIMARY_FILE, ...). To try the "
+    "proxy locally: `aml-auth-proxy emulator --proxy-config dev/proxy.yaml`, then `--config dev/proxy.yaml`."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aml-auth-proxy", description=__doc__)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="aml-auth-proxy", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=formatter
+    )
     parser.add_argument("--version", action="version", version=f"aml-auth-proxy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("--config", help="YAML config file (optional when AML_AUTH_PROXY_* variables set it all)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run the proxy until SIGTERM or SIGINT",
+        description="Run the proxy until SIGTERM or SIGINT.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=formatter,
+    )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config file (default: none; then AML_AUTH_PROXY_* variables must set the route)",
+    )
     run.add_argument(
         "--workers",
         type=int,
-        help="proxy processes sharing the port (overrides the `workers` key; 0 = one per CPU the container may use)",
+        metavar="N",
+        help=f"proxy processes sharing the port, 0 to {MAX_WORKERS} (default: the `workers` key, whose default "
+        "0 means one per CPU the container may use)",
     )
-    check = sub.add_parser("check-config", help="validate a config without starting")
-    check.add_argument("--config", help="YAML config file")
-    sub.add_parser("emulator", help="run the local AML emulator (see `emulator --help`)", add_help=False)
-    demo = sub.add_parser("demo", help="emulator + proxy + a few scoring calls, then stop")
-    demo.add_argument("--azmlinfsrv", help="path of the azmlinfsrv executable (default: echo model)")
-    demo.add_argument("--token-seconds", type=float, default=8.0, help="how long the token part sends requests")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config without starting",
+        description="Validate a config (file and AML_AUTH_PROXY_* variables) without starting the proxy.",
+        epilog=CHECK_EXAMPLES,
+        formatter_class=formatter,
+    )
+    check.add_argument("--config", metavar="FILE", help="YAML config file (default: none; variables only)")
+    sub.add_parser(
+        "emulator",
+        help="run local stand-ins for AML, Entra ID and ML Server (see `emulator --help`)",
+        add_help=False,
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="emulator, proxy and a few scoring calls in one process, then stop",
+        description="Start the emulator and the proxy, show key rotation and token renewal, then stop.",
+        epilog=DEMO_EXAMPLES,
+        formatter_class=formatter,
+    )
+    demo.add_argument(
+        "--azmlinfsrv", metavar="PATH", help="azmlinfsrv executable to use as the model (default: the echo model)"
+    )
+    demo.add_argument(
+        "--token-seconds",
+        type=float,
+        default=8.0,
+        metavar="S",
+        help="how long the token part sends requests (default: 8)",
+    )
     return parser
+
+
+def _configured_by_environment() -> bool:
+    return any(name.startswith(ENV_PREFIX) and name not in NOT_CONFIG_ENV for name in os.environ)
 
 
 def _load(path: str | None) -> Settings | None:
@@ -100,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list[:1] == ["worker"]:  # hidden: started by the primary process (proxy/workers.py)
         return _worker(args_list[1:])
     args = _parser().parse_args(args_list)
+    if args.command in ("check-config", "run") and args.config is None and not _configured_by_environment():
+        print(f"config error: {NO_CONFIG}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "check-config":
         settings = _load(args.config)
         if settings is None:
@@ -115,8 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return EXIT_CONFIG
     if args.workers is not None:
-        if not 0 <= args.workers <= 256:
-            print(f"config error: --workers: {args.workers} is out of range; expected 0 to 256", file=sys.stderr)
+        if not 0 <= args.workers <= MAX_WORKERS:
+            print(
+                f"config error: --workers: {args.workers} is out of range; expected 0 to {MAX_WORKERS}", file=sys.stderr
+            )
             return EXIT_CONFIG
         settings = dataclasses.replace(settings, workers=args.workers)
     setup_logging(settings.log_level)

@@ -21,6 +21,7 @@ from yarl import URL
 ENV_PREFIX = "AML_AUTH_PROXY_"
 # Variables with the prefix that are not configuration keys: the build's choice to compile (setup.py) and the
 # switch that runs the compiled modules' sources instead (proxy/_pure.py). Neither is an unknown variable.
+MAX_WORKERS = 256
 NOT_CONFIG_ENV = frozenset({"AML_AUTH_PROXY_COMPILE", "AML_AUTH_PROXY_PURE_PYTHON"})
 ROUTE_ENV_PREFIX = ENV_PREFIX + "ROUTE_"
 
@@ -303,7 +304,7 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         0,
         "Proxy processes sharing the proxy port; 0 = one per CPU the container may use (cgroup quota, affinity).",
         minimum=0,
-        maximum=256,
+        maximum=MAX_WORKERS,
     ),
     Leaf(
         "limits.max_header_bytes",
@@ -722,6 +723,14 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         types=SHARED_TYPES,
     ),
 )
+
+
+def top_default(key: str) -> Any:
+    """The default of a top-level key (`listen.port`), from the schema below: the one place it is written."""
+    for leaf in TOP_LEAVES:
+        if leaf.key == key:
+            return leaf.default
+    raise KeyError(key)
 
 
 def env_name(key: str, *, route: bool) -> str:

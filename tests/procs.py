@@ -44,6 +44,19 @@ class ProxyProcess:
         }
         config_path = tmp_path / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(doc))
+        return await cls.start_file(config_path, name=name, argv_prefix=argv_prefix, args=args)
+
+    @classmethod
+    async def start_file(
+        cls,
+        config_path: Path,
+        *,
+        name: str = "proxy",
+        argv_prefix: tuple[str, ...] = (),
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> ProxyProcess:
+        """`aml-auth-proxy run --config config_path`, with `env` added to the environment; waits until listening."""
         log_path = subprocess_log(name)
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
@@ -55,7 +68,7 @@ class ProxyProcess:
                 *args,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         self = cls(process, log_path)
         async with asyncio.timeout(30):
@@ -111,3 +124,31 @@ class ProxyProcess:
             self.process.kill()
             await self.process.wait()
             raise
+
+
+async def start_emulator_process(
+    config: dict[str, Any] | None, tmp_path: Path, *args: str, name: str = "emulator"
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """`aml-auth-proxy emulator --config <config as YAML> *args` (no --config for None); returns the process and
+    its ready line."""
+    argv: list[str] = []
+    if config is not None:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        argv = ["--config", str(path)]
+    with subprocess_log(name).open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            CONSOLE_SCRIPT,
+            "emulator",
+            *argv,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        line = await process.stdout.readline()
+    ready: dict[str, Any] = json.loads(line)
+    assert ready["event"] == "emulator_ready", ready
+    return process, ready

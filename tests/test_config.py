@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,40 @@ def test_every_key_and_variable_is_documented() -> None:
 def test_example_config_in_the_repo_is_valid() -> None:
     result = cli("check-config", "--config", str(ROOT / "docs" / "example-config.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+def test_run_and_check_config_without_any_config_say_how_to_give_one() -> None:
+    for command in ("run", "check-config"):
+        result = cli(command)
+        assert result.returncode == 2, command
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("config error: no config given: pass --config FILE"), line
+        assert "AML_AUTH_PROXY_ROUTE_UPSTREAM" in line and "emulator --proxy-config" in line
+    # The build and debugging switches are not a config: they alone still get the same answer.
+    result = cli("check-config", env={"AML_AUTH_PROXY_PURE_PYTHON": "1"})
+    assert result.returncode == 2 and "no config given" in result.stderr
+
+
+def test_help_is_written_for_users_with_defaults_and_examples() -> None:
+    top = cli("--help")
+    assert top.returncode == 0
+    assert "Only wiring" not in top.stdout and "credentials to scoring calls" in top.stdout
+    for command in ("run", "check-config", "emulator", "demo"):
+        assert re.search(rf"^    {command}\s+\S", top.stdout, re.M) or f"    {command}\n" in top.stdout, command
+    assert "examples:" in top.stdout
+    # Every flag of every command says its default, and each command shows an example.
+    for command in ("run", "check-config", "emulator", "demo"):
+        result = cli(command, "--help")
+        assert result.returncode == 0, command
+        flags = re.findall(r"^  (--[a-z-]+)", result.stdout, re.M)
+        assert flags, command
+        options = result.stdout.split("options:", 1)[1].split("\nexample", 1)[0]
+        for chunk in re.split(r"\n  (?=--)", options)[1:]:
+            assert "default" in chunk, (command, chunk)
+        assert re.search(r"^examples?:\n  \S", result.stdout, re.M), command
+    run = cli("run", "--help").stdout
+    settings = parse(GOOD, {})
+    assert (
+        f"{settings.listen.host}:{settings.listen.port}" in run
+        and f"{settings.admin.host}:{settings.admin.port}" in run
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
 import signal
@@ -26,7 +25,7 @@ import aiohttp
 import yaml
 
 from tests.conftest import remember, subprocess_log
-from tests.procs import CONSOLE_SCRIPT, ProxyProcess
+from tests.procs import ProxyProcess, start_emulator_process
 from tests.tools import ROOT, tool
 
 CHART = ROOT / "charts" / "aml-auth-proxy"
@@ -247,27 +246,6 @@ def test_every_dashboard_query_uses_the_variables_and_documented_metrics() -> No
 # -- dashboard against real data -------------------------------------------------------------------------------
 
 
-async def start_emulator(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-    path = tmp_path / "emulator.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with subprocess_log("monitoring-emulator").open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            CONSOLE_SCRIPT,
-            "emulator",
-            "--config",
-            str(path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        line = await process.stdout.readline()
-    ready: dict[str, Any] = json.loads(line)
-    assert ready["event"] == "emulator_ready", ready
-    return process, ready
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -414,7 +392,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
             for name, api, region in (("east", "v2", "eastus"), ("west", "v1", "westeurope"))
         ],
     }
-    emulator, ready = await start_emulator(emulator_config, tmp_path)
+    emulator, ready = await start_emulator_process(emulator_config, tmp_path, name="monitoring-emulator")
     processes = [emulator]
     try:
         (tmp_path / "secret").write_text(secret + "\n")

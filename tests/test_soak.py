@@ -5,8 +5,6 @@ request may wait on a refresh, and the refresh-latency histogram must tell the r
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import secrets
 import signal
 import ssl
@@ -14,43 +12,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import yaml
 
 from proxy.metrics import histogram_quantile
-from tests.conftest import LOG_DIR, SESSION_SECRETS, remember, subprocess_log
-from tests.procs import CONSOLE_SCRIPT, ProxyProcess
+from tests.conftest import LOG_DIR, SESSION_SECRETS, remember
+from tests.procs import ProxyProcess, start_emulator_process
 
 SOAK_SECONDS = 60.0
 SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "44444444-4444-4444-4444-444444444444"
-
-
-async def start_emulator_process(
-    config: dict[str, Any], tmp_path: Path
-) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
-    path = tmp_path / "emulator.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = subprocess_log("emulator")
-    stderr = log.open("wb")
-    process = await asyncio.create_subprocess_exec(
-        CONSOLE_SCRIPT,
-        "emulator",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    stderr.close()
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        line = await process.stdout.readline()
-    ready = json.loads(line)
-    assert ready["event"] == "emulator_ready", ready
-    return process, ready
 
 
 def pct(values: list[float], q: float) -> float:
