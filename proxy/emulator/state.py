@@ -273,6 +273,9 @@ class EmulatorState:
         self._clock = clock
         self.clock_offset_seconds = 0.0
         self.set_clock_offset(clock_offset_seconds)
+        # When each service came to be (epoch seconds of the emulator's clock): the createdTime of a v1 service
+        # object and the systemData.createdAt of a v2 resource. A key regeneration does not change it.
+        self._created: dict[str, float] = {name: self.now() for name in self.services}
         # Call counters, for tests that assert how often a client asked (faulted calls count too).
         self.token_calls: Counter[str] = Counter()  # AML token operation, per service name
         self.entra_token_calls: Counter[str] = Counter()  # Entra token endpoint and IMDS, per client id
@@ -291,6 +294,10 @@ class EmulatorState:
         if isinstance(seconds, bool) or not _finite_between(seconds, -limit, limit):
             raise ValueError(f"offset_seconds must be a number from {-limit} to {limit}, not {seconds!r}")
         self.clock_offset_seconds = float(seconds)
+
+    def created_time(self, name: str) -> float:
+        """When service `name` was created: when the state was built, or first asked for one added later."""
+        return self._created.setdefault(name, self.now())
 
     # -- control-plane identity ------------------------------------------------------------------------------
 
