@@ -280,9 +280,12 @@ class ProxyHandler:
             self._reject(request, 413, "request body too large", "too_large", route=None, rid=None, close=True)
             return None
         raw = request.raw_path
-        if request.method == "CONNECT":
+        method = request.method
+        if method == "CONNECT" or method == "TRACE":
+            # CONNECT would make an open proxy; TRACE echoes the request upstream, with the injected credential.
+            reason = "connect" if method == "CONNECT" else "trace"
             self._reject(
-                request, 405, "CONNECT is not supported; this is not an open proxy", "connect", route=None, rid=None
+                request, 405, f"{method} is not supported; this is not an open proxy", reason, route=None, rid=None
             )
             return None
         if not raw.startswith("/"):
@@ -562,10 +565,11 @@ class ProxyHandler:
         other = await rt.provider.unauthorized(sent)
         if other is None or other is sent or not (body is None or isinstance(body, bytes)):
             return upstream
-        try:
-            await upstream.read()  # drain the small 401 body so the connection is reused
-        finally:
+        if upstream.complete:
+            upstream.body_now()  # the 401's body came whole with its head: the connection can be reused
             upstream.release()
+        else:
+            upstream.close()  # never read a 401 body of unknown size before the retry: drop the connection
         headers[other.header] = other.value
         rt.metrics.retries.inc()
         pool = rt.pool

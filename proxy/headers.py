@@ -145,6 +145,7 @@ def downstream_response_headers(upstream: Iterable[tuple[str, str]], *, rid: str
             continue
         out.append((name, value))
     named -= RESPONSE_DROP  # "Connection: keep-alive" names nothing new
+    named.discard("content-length")  # the answer's framing, which the proxy passes on: never dropped by name
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
     if not dated:

@@ -556,6 +556,12 @@ class HttpConnection(asyncio.Protocol):
                 seen.add(lname)
                 if lname == b"content-length":
                     content_length = int(value)  # llhttp checked it is digits only
+                elif lname == b"transfer-encoding" and b"," in value:
+                    # llhttp takes a list ending in chunked (`gzip, chunked`); the proxy would pass the body on
+                    # without the other codings. Anything else that is not plain chunked llhttp refuses (400).
+                    codings = [c.strip() for c in value.lower().split(b",")]
+                    if codings[-1] == b"chunked":
+                        raise Refused(501, "unsupported Transfer-Encoding")
             headers.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         if version == "1.1" and b"host" not in seen:
             raise Refused(400, "missing Host header")

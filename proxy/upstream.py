@@ -34,6 +34,10 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE
 _HIGH_WATER: Final = 1 << 17  # buffered answer bytes beyond which reading from the upstream pauses
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 MAX_HEAD_BYTES: Final = 1 << 16  # an answer's status line and headers (interim answers included) may not exceed this
+# Raw bytes a chunked body's framing or trailers may take without a byte of body: llhttp keeps an unfinished
+# chunk-size line or trailer in memory, so an endless one is fed only so far.
+MAX_FRAMING_BYTES: Final = 1 << 16
+_INTERIM: Final = frozenset({100, 102, 103})  # interim answers passed over; any other 1xx is not understood
 
 
 class UpstreamError(Exception):
@@ -187,7 +191,9 @@ class UpstreamResponse:
         self._error: UpstreamError | None = None
         self._reusable = True
         self._got_bytes = False
-        self._head_bytes = 0
+        self._room = MAX_HEAD_BYTES  # raw bytes the parser may take without progress (see _feed_bounded)
+        self._chunked = False
+        self._broken: str | None = None  # why a callback found the answer unacceptable (callbacks must not raise)
         self._needs_eof = False
         self._released = False
         self._sender: asyncio.Task[None] | None = None
@@ -206,15 +212,25 @@ class UpstreamResponse:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._pairs.append((name, value))
+        if not self.head_done:  # trailers after a chunked body are not passed on
+            self._pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.complete:
-            return
+        if self.complete or self._broken is not None:
+            return  # nothing after an answer found broken is taken (the exchange fails once the feed returns)
         status = self._parser.get_status_code()
         if status < 200:
-            self._informational = True  # 100 Continue, 103 Early Hints: not passed on; the real answer follows
+            # 100 Continue, 102 Processing, 103 Early Hints: passed over; the real answer follows. A 1xx never has a
+            # body (RFC 9112 6.3), and llhttp would read one that claims framing, or read any other 1xx's body
+            # to the end of the connection: such an answer, and a status below 100, cannot be framed safely.
+            if status not in _INTERIM:
+                self._broken = "upstream sent an invalid status" if status < 100 else "upstream sent an unknown 1xx"
+            elif any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._pairs):
+                self._broken = "upstream sent an interim answer with a body"
+            self._informational = True
+            self._pairs = []
             return
+        self._room = MAX_FRAMING_BYTES
         pairs = []
         framed = False
         for name, value in self._pairs:
@@ -223,7 +239,8 @@ class UpstreamResponse:
                 lname = name.lower()
                 # Without Content-Length or a chunked Transfer-Encoding the body ends when the connection does.
                 self.has_length = lname == b"content-length"
-                framed = self.has_length or (lname == b"transfer-encoding" and b"chunked" in value.lower())
+                self._chunked = lname == b"transfer-encoding" and b"chunked" in value.lower()
+                framed = self.has_length or self._chunked
         self._pairs = []
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")
@@ -240,9 +257,15 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._broken is not None:
+            return
         if self.complete:
             self._reusable = False  # body bytes after an answer that has none (a HEAD answer, a 204)
             return
+        if self._informational:
+            self._broken = "upstream sent an interim answer with a body"
+            return
+        self._room = MAX_FRAMING_BYTES
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self._conn.transport is not None:
@@ -251,9 +274,12 @@ class UpstreamResponse:
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._broken is not None:
+            return
         if self._informational:
             self._informational = False
             return
+        self._room = MAX_FRAMING_BYTES
         if self.complete:
             return
         if not self._parser.should_keep_alive():
@@ -269,19 +295,39 @@ class UpstreamResponse:
         self._got_bytes = True
         self._progress = self._loop.time()
         try:
-            parser.feed_data(data)
+            if self.head_done and not self._chunked:
+                parser.feed_data(data)  # a body of known length (or up to the close) needs no bound of its own
+            else:
+                self._feed_bounded(parser, data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "upstream switched protocols, which the proxy does not support"))
         except httptools.HttpParserError:
             self._fail(_invalid(self.head_done))
-        else:
-            if not self.head_done:
-                # The parser keeps a header it has not finished in memory: bound what an upstream can make it hold.
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    self._fail(UpstreamError("protocol", "upstream sent an oversized response head"))
+        if self._broken is not None:
+            self._fail(UpstreamError("protocol", self._broken))
         if self._notify is not None:
             self._tell()
+
+    def _feed_bounded(self, parser: Any, data: bytes) -> None:
+        """Feed a head, or a chunked body's framing and trailers, at most `_room` raw bytes without progress: the
+        parser keeps an unfinished header, chunk-size line or trailer in memory, and a head that arrives whole
+        in one read is bounded the same way (its status line and headers may not exceed MAX_HEAD_BYTES). Every
+        step of progress (a head, a piece of body, a message's end) gives the room back."""
+        view = memoryview(data)
+        while view and self._error is None and self._broken is None:
+            room = self._room
+            if room <= 0:
+                what = "framing or trailers" if self.head_done else "head"
+                self._broken = f"upstream sent an oversized response {what}"
+                return
+            piece = view[:room] if len(view) > room else view
+            view = view[len(piece) :]
+            self._room = room - len(piece)
+            parser.feed_data(piece)
+            if self.head_done and not self._chunked:
+                if view:
+                    parser.feed_data(view)
+                return
 
     def _ended(self, exc: Exception | None) -> None:
         """The upstream closed the connection (EOF) or it broke."""
@@ -424,6 +470,10 @@ class UpstreamResponse:
         self._parser = None  # it holds this object's callbacks: dropping it leaves no cycle for the GC to find
         conn = self._conn
         conn.exchange = None
+        if self._paused:  # the whole body came while reading was paused: the next exchange must be read
+            self._paused = False
+            if conn.transport is not None and not conn.closed:
+                conn.transport.resume_reading()
         sender = self._sender
         if sender is not None and not sender.done():
             sender.cancel()  # the upstream answered before taking the whole upload

@@ -83,8 +83,8 @@ MUTANTS = [
     Mutant(
         name="no bound on an answer's head",
         path=UPSTREAM,
-        old="                if self._head_bytes > MAX_HEAD_BYTES:\n",
-        new="                if False:\n",
+        old="        self._room = MAX_HEAD_BYTES  # raw bytes",
+        new="        self._room = 1 << 60  # raw bytes",
         tests=(T + "test_an_endless_response_head_is_cut_off_once_it_passes_the_bound",),
     ),
     Mutant(
@@ -111,8 +111,8 @@ MUTANTS = [
     Mutant(
         name="any Transfer-Encoding taken as a framed body",
         path=UPSTREAM,
-        old='(lname == b"transfer-encoding" and b"chunked" in value.lower())',
-        new='lname == b"transfer-encoding"',
+        old='self._chunked = lname == b"transfer-encoding" and b"chunked" in value.lower()',
+        new='self._chunked = lname == b"transfer-encoding"',
         tests=(T + "test_a_body_without_framing_ends_when_the_upstream_closes[not-chunked]",),
     ),
 ]
