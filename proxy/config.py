@@ -334,7 +334,8 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         "limits.client_timeout_seconds",
         "float",
         60.0,
-        "A caller connection that is idle, or still sending its request head, this long is closed.",
+        "A caller connection that is idle, still sending its request head, stalled in a request body or not reading "
+        "its answers this long is closed.",
         minimum=0.1,
         maximum=3600,
     ),

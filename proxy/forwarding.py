@@ -253,15 +253,19 @@ class ProxyHandler:
         close: bool = False,
     ) -> None:
         self.metrics.rejected.labels(reason).inc()
-        headers, body = json_error(error, route=route, rid=rid or new_request_id())
+        rid = rid or new_request_id()
+        # One line per request the proxy refuses itself: the fixed reason and the request id, never the request.
+        event(log, logging.INFO, "request_refused", status=status, reason=reason, route=route, request_id=rid)
+        headers, body = json_error(error, route=route, rid=rid)
         if status == 503:
             headers.append(("Retry-After", "1"))
         request.answer(status, headers, body, close=close)
 
-    def refusal(self, status: int, reason: str) -> _Answer:
+    def refusal(self, status: int, reason: str, rid: str | None = None) -> _Answer:
         """The answer to a request the server's parser refused: counted, logged once with its fixed reason (never
-        the offending bytes, which may hold a credential), a JSON error with a fresh request id."""
-        rid = new_request_id()
+        the offending bytes, which may hold a credential), a JSON error with the request's id (a fresh one when
+        the head itself was refused)."""
+        rid = rid or new_request_id()
         self.metrics.rejected.labels("too_large" if status in (414, 431) else "bad_http").inc()
         event(log, logging.INFO, "bad_request", status=status, reason=reason, request_id=rid)
         return json_error(f"bad request: {reason}", route=None, rid=rid)
@@ -339,6 +343,7 @@ class ProxyHandler:
         elapsed = time.perf_counter() - start
         rt.metrics.request_done(request.method, status, elapsed)
         if self.access_log is not None:
+            content = request.content  # a chunked upload has no Content-Length: its bytes as received
             self.access_log.request(
                 route=rt.name,
                 method=request.method,
@@ -346,7 +351,9 @@ class ProxyHandler:
                 status=status,
                 seconds=elapsed,
                 request_id=rid,
-                bytes_in=request.content_length,
+                bytes_in=request.content_length
+                if request.content_length is not None or content is None
+                else content.received,
                 bytes_out=sent,
                 upstream_seconds=upstream_s,
             )
@@ -500,7 +507,7 @@ class ProxyHandler:
             except ConnectionError:
                 return self._client_gone(rt, rid, "request body")
             except Refused as refused:
-                return self._refused(request, refused)
+                return self._refused(request, refused, rid)
             except _BodyTooLarge:
                 return self._too_large(request, rt, rid)
         else:
@@ -541,7 +548,7 @@ class ProxyHandler:
         except _BodyTooLarge:
             return self._too_large(request, rt, rid)
         except Refused as refused:
-            return self._refused(request, refused)
+            return self._refused(request, refused, rid)
         except (UpstreamError, ConnectionError) as exc:
             if isinstance(exc, CallerGone) or (self._caller_gone(request) and not isinstance(exc, UpstreamError)):
                 return self._client_gone(rt, rid, "request body")
@@ -616,10 +623,10 @@ class ProxyHandler:
             return 502, sent, waited
         return status, sent, waited
 
-    def _refused(self, request: Request, refused: Refused) -> _Outcome:
+    def _refused(self, request: Request, refused: Refused, rid: str) -> _Outcome:
         """The caller's body broke its framing while it was read: the upstream exchange is abandoned."""
         if not request.answered:
-            headers, body = self.refusal(refused.status, refused.reason)
+            headers, body = self.refusal(refused.status, refused.reason, rid)
             request.answer(refused.status, headers, body, close=True)
         return refused.status, 0, 0.0
 

@@ -38,6 +38,7 @@ from multidict import CIMultiDict
 from proxy.config import Limits
 from proxy.errors import CallerGone
 from proxy.headers import new_request_id
+from proxy.logs import event
 
 log: Final = logging.getLogger("aml_auth_proxy.server")
 
@@ -118,6 +119,11 @@ class RequestBody:
     def done(self) -> bool:
         """The whole body arrived (it may not all be read yet)."""
         return self._eof
+
+    @property
+    def awaits_continue(self) -> bool:
+        """The caller asked for `100 Continue` and has not had it: it is not expected to send the body yet."""
+        return self._continue
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -379,9 +385,11 @@ class HttpConnection(asyncio.Protocol):
         self._stop_parsing = False  # after a refusal, an upgrade or the last request of the connection
         self._lingering = -1  # bytes dropped while lingering; -1: not lingering
         self._idle_since = self.loop.time()
+        self._last_data = self._idle_since  # when the caller last sent a byte
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._writing_paused = False
+        self._write_stalled_since = 0.0  # when the transport's buffer last passed its high-water mark
         self._caller_done = False  # the caller half-closed its side
         self._drain: asyncio.Future[None] | None = None
         # the request being parsed
@@ -423,12 +431,20 @@ class HttpConnection(asyncio.Protocol):
         self.server.forget(self)
 
     def pause_writing(self) -> None:
+        """The caller's buffer passed its high-water mark: no further request is read or answered until it drains
+        (a caller that pipelines requests and never reads their answers holds one answer's worth, not all of
+        them), and a caller that does not drain within client_timeout_seconds is cut off (_check_idle)."""
         self._writing_paused = True
+        self._write_stalled_since = self.loop.time()
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        self.update_reading()
+        if self._current is None and self._queue:
+            self._dispatch()
 
     def eof_received(self) -> bool:
         if not self._queue or self._lingering >= 0:
@@ -443,6 +459,7 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes | memoryview) -> None:
+        self._last_data = self.loop.time()
         if self._lingering >= 0:
             self._lingering += len(data)
             if self._lingering > _LINGER_BYTES and self.transport is not None:
@@ -651,7 +668,7 @@ class HttpConnection(asyncio.Protocol):
         self._dispatching = True
         queue = self._queue
         try:
-            while queue and self._current is None and self.transport is not None:
+            while queue and self._current is None and self.transport is not None and not self._writing_paused:
                 item = queue[0]
                 if isinstance(item, Refused):
                     headers, answer = self.server.refusal(item.status, item.reason)
@@ -717,7 +734,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        full = len(self._queue) > _MAX_QUEUED or self.body_buffered > _BODY_HIGH_WATER
+        full = len(self._queue) > _MAX_QUEUED or self.body_buffered > _BODY_HIGH_WATER or self._writing_paused
         if full and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
@@ -731,6 +748,7 @@ class HttpConnection(asyncio.Protocol):
         if not queue or not isinstance(queue[0], Request) or queue[0].answered:
             return
         if self.transport is not None and not self.transport.is_closing():
+            self._last_data = self.loop.time()  # the caller's time to send the body starts now
             self.transport.write(_CONTINUE)
 
     def write(self, data: bytes, *more: bytes) -> None:
@@ -774,9 +792,24 @@ class HttpConnection(asyncio.Protocol):
         transport.close()
 
     def _check_idle(self) -> None:
-        """Close a connection that is idle, or still sending a request head, past client_timeout_seconds."""
+        """Close a connection that is idle, still sending a request head, stalled in the middle of a request body,
+        or not reading its answers, for client_timeout_seconds."""
         timeout = self._limits.client_timeout_seconds
         now = self.loop.time()
+        if self._writing_paused:
+            if now - self._write_stalled_since >= timeout:
+                self._timed_out("answer")  # the caller does not read what it asked for
+                return
+            self._timer = self.loop.call_at(self._write_stalled_since + timeout, self._check_idle)
+            return
+        body = self._body
+        if body is not None and not body.awaits_continue and not self._reading_paused and self._lingering < 0:
+            # A request body is arriving, and the proxy is reading: the caller must keep sending it.
+            if now - self._last_data >= timeout:
+                self._timed_out("request body")
+                return
+            self._timer = self.loop.call_at(self._last_data + timeout, self._check_idle)
+            return
         if self._queue or self._lingering >= 0:
             self._timer = self.loop.call_at(now + timeout, self._check_idle)
             return
@@ -787,6 +820,13 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.close()
             return
         self._timer = self.loop.call_at(self._idle_since + timeout, self._check_idle)
+
+    def _timed_out(self, during: str) -> None:
+        """Cut a caller that stalled mid-request or stopped reading: what it was sending or being sent fails with
+        CallerGone, and the connection is aborted (a close would wait for the unread answer to be written)."""
+        self._timer = None
+        event(log, logging.INFO, "client_timeout", during=during, seconds=self._limits.client_timeout_seconds)
+        self.abort()
 
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after the answer in progress."""
