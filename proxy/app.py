@@ -184,7 +184,12 @@ class ProxyService:
             access_log=AccessLog() if settings.access_log else None,
             limits=settings.limits,
         )
-        self.admin_handler = AdminHandler(routes=self.routes, metrics=self.metrics, lifecycle=self.lifecycle)
+        self.admin_handler = AdminHandler(
+            routes=self.routes,
+            metrics=self.metrics,
+            lifecycle=self.lifecycle,
+            allow_remote_refresh=settings.admin_allow_remote_refresh,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._proxy_server: HttpServer | None = None
         self._admin_server: HttpServer | None = None

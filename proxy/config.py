@@ -244,6 +244,7 @@ class Settings:
     log_level: str
     access_log: bool
     workers: int = 0  # 0 = one per CPU the container may use (proxy/workers.py)
+    admin_allow_remote_refresh: bool = False  # POST /refresh from beyond loopback
     limits: Limits = field(default_factory=lambda: Limits())
     routes: tuple[Route, ...] = field(default_factory=tuple)
     kubernetes: Kubernetes = field(default_factory=lambda: Kubernetes())
@@ -283,6 +284,13 @@ TOP_LEAVES: tuple[Leaf, ...] = (
     Leaf("listen.port", "int", 8080, "Proxy port (0 picks a free port).", minimum=0, maximum=65535),
     Leaf("admin.host", "str", "0.0.0.0", "Address of the admin port (/healthz, /readyz, /metrics)."),
     Leaf("admin.port", "int", 9090, "Admin port (0 picks a free port).", minimum=0, maximum=65535),
+    Leaf(
+        "admin.allow_remote_refresh",
+        "bool",
+        False,
+        "Accept POST /refresh from any address, not only from loopback (forcing refreshes from the network can get "
+        "the pod's identity throttled by the control plane).",
+    ),
     Leaf(
         "shutdown_grace_seconds",
         "float",
@@ -1114,6 +1122,7 @@ def parse(raw: Any, environ: Mapping[str, str]) -> Settings:
         kubernetes=kube,
         listen=Listen(host=top["listen.host"], port=top["listen.port"]),
         admin=Listen(host=top["admin.host"], port=top["admin.port"]),
+        admin_allow_remote_refresh=top["admin.allow_remote_refresh"],
         shutdown_grace_seconds=top["shutdown_grace_seconds"],
         log_level=top["log_level"],
         access_log=top["access_log"],

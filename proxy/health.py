@@ -8,6 +8,7 @@ name routes, slots and file problems only; errors are JSON with a request id.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -70,11 +71,34 @@ def _error(status: int, error: str, **extra: object) -> Answer:
     return _json(status, {"error": error, **extra, "request_id": rid}, rid=rid)
 
 
+def _from_loopback(request: Request) -> bool:
+    """The caller is on this host (127.0.0.0/8, ::1, or an IPv4-mapped loopback address)."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class AdminHandler:
     """The admin port's handler for proxy/server.py's HttpServer: four fixed paths, nothing else."""
 
-    def __init__(self, *, routes: Sequence[RouteRuntime], metrics: Metrics, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        *,
+        routes: Sequence[RouteRuntime],
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        allow_remote_refresh: bool = False,
+    ) -> None:
         self.routes = routes
+        self.allow_remote_refresh = allow_remote_refresh
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.by_name = {rt.name: rt for rt in routes}
@@ -101,6 +125,10 @@ class AdminHandler:
         if request.method not in methods:
             status, headers, body = _error(405, f"{path} takes {' or '.join(methods)}")
             self._send(request, (status, [*headers, ("Allow", ", ".join(methods))], body))
+            return None
+        if path == "/refresh" and not self.allow_remote_refresh and not _from_loopback(request):
+            reason = "POST /refresh is accepted from loopback only; admin.allow_remote_refresh opens it"
+            self._send(request, _error(403, reason))
             return None
         result = handler(query)
         if isinstance(result, tuple):
