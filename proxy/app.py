@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from proxy.config import (
     Settings,
     placeholder_for,
 )
-from proxy.credentials.base import NO_EVENTS, CredentialProvider, EventSink
+from proxy.credentials.base import CREDENTIAL_TASK_FAILED, NO_EVENTS, CredentialProvider, EventSink
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
 from proxy.credentials.secret_keys import SecretKeyProvider
@@ -46,13 +47,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aml_auth_proxy.app")
 
+# A route's credential task (its provider's `run`) that dies is restarted after RESTART_INITIAL_SECONDS, doubling
+# up to RESTART_MAX_SECONDS while it keeps dying; one that ran RESTART_STABLE_SECONDS before dying starts over.
+RESTART_INITIAL_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+RESTART_STABLE_SECONDS = 60.0
+
 
 def _guard(task: asyncio.Task[None], *, route: str) -> None:
-    """A background task that ends is a bug: say so loudly."""
+    """The supervisor of a credential task never ends by itself: if it does, that is a bug; say so loudly."""
     if task.cancelled():
         return
     exc = task.exception()
     event(log, logging.CRITICAL, "background_task_ended", route=route, error_type=type(exc).__name__ if exc else None)
+
+
+def _failure(exc: BaseException | None) -> tuple[str, str | None]:
+    """The error's type and where it was raised (file:line in function), never its message, which may hold anything.
+    An exception group (a task group's) is named by its first exception."""
+    if exc is None:
+        return "the task returned", None
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    tb = exc.__traceback__
+    if tb is None:
+        return type(exc).__name__, None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return type(exc).__name__, f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
 
 
 def build_provider(
@@ -163,6 +186,7 @@ class ProxyService:
             self.kube_runtime = KubeRuntime.build(settings, api=self.kube, metrics=self.metrics, clock=self.clock)
             self.kube = self.kube_runtime.api if self.kube_runtime is not None else self.kube
         events = self.kube_runtime.events if self.kube_runtime is not None else NO_EVENTS
+        self._events = events
         for route in settings.routes:
             rm = self.metrics.for_route(route.name, region=route.region, kind=route.auth.type)
             if provider_factory is not None:
@@ -207,7 +231,7 @@ class ProxyService:
         for rt in self.routes:
             rt.pool = rt.make_pool()
             await rt.provider.start()
-            task = asyncio.create_task(rt.provider.run(), name=f"credentials:{rt.name}")
+            task = asyncio.create_task(self._supervise(rt), name=f"credentials:{rt.name}")
             task.add_done_callback(functools.partial(_guard, route=rt.name))
             self._tasks.append(task)
         self._proxy_server = HttpServer(self.handler, self.handler.refusal, s.limits)
@@ -224,6 +248,46 @@ class ProxyService:
             admin=f"{s.admin.host}:{self.admin_port}",
             routes=[rt.name for rt in self.routes],
         )
+
+    async def _supervise(self, rt: RouteRuntime) -> None:
+        """Run the route's credential task for the life of the service. When it dies the route turns unready with
+        the error named (in /readyz), a Kubernetes Event says so, and the task is restarted with capped backoff.
+        The credential already loaded stays in use meanwhile, until it expires like any other."""
+        delay = RESTART_INITIAL_SECONDS
+        last: str | None = None
+        while True:
+            started = self.clock.time()
+            try:
+                await rt.provider.run()
+                error, where = _failure(None)
+            except Exception as exc:
+                error, where = _failure(exc)
+            if self.clock.time() - started >= RESTART_STABLE_SECONDS:
+                delay, last = RESTART_INITIAL_SECONDS, None
+            reason = f"credential task failed: {error}; restarting with backoff"
+            self.lifecycle.failed_tasks[rt.name] = reason
+            rt.metrics.ready.set(0)
+            event(
+                log,
+                logging.ERROR if error != last else logging.DEBUG,  # a crash loop: one line, not one per restart
+                "credential_task_failed",
+                route=rt.name,
+                error_type=error,
+                where=where,
+                restart_in=delay,
+            )
+            last = error
+            self._events.emit(
+                warning=True,
+                reason=CREDENTIAL_TASK_FAILED,
+                message=f"route {rt.name}: the credential task failed with {error}; restarting with backoff",
+            )
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_SECONDS)
+            del self.lifecycle.failed_tasks[rt.name]
+            ready, _ = rt.provider.readiness()
+            rt.metrics.ready.set(1 if ready else 0)
+            event(log, logging.INFO, "credential_task_restarted", route=rt.name)
 
     async def stop(self) -> None:
         """Graceful stop: unready at once, refuse new connections, drain within the grace period."""

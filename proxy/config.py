@@ -139,6 +139,9 @@ class RefreshPolicy:
     backoff_initial_seconds: float
     backoff_max_seconds: float
     timeout_seconds: float
+    # The config's default is in the schema (auth.refresh.expiry_margin_seconds); 0 here serves policies built in
+    # code, which then use a token up to its expiry.
+    expiry_margin_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -655,6 +658,15 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "float",
         60.0,
         "Never refresh later than expiry minus this (capped at 10% of the lifetime).",
+        minimum=0,
+        types=REFRESHED_TYPES,
+    ),
+    Leaf(
+        "auth.refresh.expiry_margin_seconds",
+        "float",
+        5.0,
+        "Never send a token in its last this-many seconds (at most 10% of its lifetime): the route answers 503 "
+        "with Retry-After instead, as for an expired token.",
         minimum=0,
         types=REFRESHED_TYPES,
     ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -34,6 +34,8 @@ class Lifecycle:
 
     shutting_down: bool = False
     workers: WorkerPool | None = None  # the worker processes, when `workers` > 1 (this is the primary)
+    # route -> why its credential task is down (proxy/app.py restarts it): the route is unready meanwhile
+    failed_tasks: dict[str, str] = field(default_factory=dict)
 
 
 def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[bool, dict[str, object]]:
@@ -41,6 +43,9 @@ def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[boo
     detail: dict[str, object] = {}
     for rt in routes:
         ok, why = rt.provider.readiness()
+        failed = lifecycle.failed_tasks.get(rt.name)
+        if failed is not None:
+            ok, why = False, failed if ok else f"{failed}; {why}"
         rt.metrics.ready.set(1 if ok else 0)
         detail[rt.name] = {"ready": ok, "reason": why, **rt.provider.details()}
         if not ok:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any, Final, TextIO
 
@@ -82,17 +83,62 @@ class JsonFormatter(logging.Formatter):
         event = getattr(record, "event", None)
         if event is not None:
             doc["event"] = event
-        msg = record.getMessage()
+        try:
+            msg = record.getMessage()
+        except Exception:  # a library's arguments that do not fit its message: still one line, not a traceback
+            msg = f"{record.msg} (the library's arguments did not fit its message)"
         if msg and msg != event:
-            doc["message"] = msg
+            doc["message"] = msg  # newlines in it are escaped: a multi-line message is still one line
         fields = getattr(record, "fields", None)
         if fields:
             doc.update(fields)
-        if record.exc_info and record.exc_info[0] is not None:
-            doc["error_type"] = record.exc_info[0].__name__
-            doc["traceback"] = self.formatException(record.exc_info)
+        # Libraries pass exc_info=False as well as None (azure-identity does): anything but a tuple is no exception.
+        # Read untyped: compiled, a typed read checks the value against typeshed's type and raises on False.
+        exc_info: Any = getattr(record, "exc_info", None)
+        if isinstance(exc_info, tuple) and exc_info[0] is not None:
+            doc["error_type"] = exc_info[0].__name__
+            doc["traceback"] = self.formatException(exc_info)
         line = json.dumps(doc, default=str, separators=(",", ":"))
         return REDACTOR.scrub(line) if self.redact else line
+
+
+LIBRARY_LOGGERS: Final = ("azure", "msal", "urllib3")  # azure-identity, azure-core, msal and requests' pool
+REPEAT_WINDOW_SECONDS: Final = 60.0
+_REPEAT_KEYS: Final = 256  # distinct library messages remembered before starting over
+
+
+class LibraryRepeats(logging.Filter):
+    """Writes a library's record again only a minute after the last one written with the same logger, level and
+    message template, and then says how many were left out (`repeats_not_logged`).
+
+    azure-identity logs a WARNING for every failed token call, its message carrying the Entra ID error with a new
+    trace id each time: one line per retry while Entra ID is down. The proxy's own lines (`aml_auth_proxy.*`) are
+    never held back: they are written once per change of state already.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (written at, left out since)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(LOGGER_NAME):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last[0] < REPEAT_WINDOW_SECONDS:
+                self._last[key] = (last[0], last[1] + 1)
+                return False
+            if last is None and len(self._last) >= _REPEAT_KEYS:
+                self._last.clear()  # many distinct messages: start over rather than grow
+            self._last[key] = (now, 0)
+        if last is not None and last[1]:
+            fields = getattr(record, "fields", None) or {}
+            record.__dict__["fields"] = {**fields, "repeats_not_logged": last[1]}  # what `extra=` would have set
+        return True
 
 
 class AccessLog:
@@ -172,9 +218,10 @@ class AccessLog:
 
 
 def setup(level: str = "info", *, stream: TextIO | None = None) -> None:
-    """Route our logger (and aiohttp's) to JSON lines on stdout."""
+    """Every logger's records as JSON lines on stdout: ours at `level`, the libraries' at WARNING and above."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(LibraryRepeats())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -186,6 +233,10 @@ def setup(level: str = "info", *, stream: TextIO | None = None) -> None:
     logging.logMultiprocessing = False
     # aiohttp's own access logger is off; ours writes one line per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # azure-identity writes an INFO line for every token call and azure-core a multi-line INFO trace of every HTTP
+    # exchange (DEBUG: more); the proxy logs what matters of those calls itself (token_refreshed, token_refresh_failed).
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:

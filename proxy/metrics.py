@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
+from proxy.credentials.base import EVENT_REASONS
 
 # `_created` series double the exposition and no dashboard or alert here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -25,13 +26,6 @@ UPSTREAM_ERROR_KINDS: Final = ("timeout", "connect", "tls", "reset", "protocol")
 RELOAD_OUTCOMES: Final = ("success", "unchanged", "error")
 REFRESH_OUTCOMES: Final = ("success", "transient_error", "permanent_error")
 WATCH_RESTART_REASONS: Final = ("closed", "expired", "unreachable", "forbidden", "error")
-EVENT_REASONS: Final = (
-    "TokenRefreshFailing",
-    "TokenRefreshRecovered",
-    "TokenExpired",
-    "KeyFailover",
-    "SecretUnavailable",
-)
 EVENT_OUTCOMES: Final = ("created", "aggregated", "rate_limited", "dropped", "failed")
 # Token calls go to the workspace's region: 5 ms (same region) to 10 s (a struggling one) must resolve.
 # Not Final: mypyc 2.4 leaves a Final tuple of floats unset at import (NameError where it is first read).

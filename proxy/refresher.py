@@ -1,11 +1,18 @@
 """Keeps one route's token fresh: when to fetch, never how (that is the `TokenSource` of each kind).
 
 - Schedule: at the server's refresh time (or a fraction of the lifetime) minus a margin and a little jitter,
-  never later than expiry minus a safety gap, never sooner than `min_interval` after the last attempt.
+  never later than the end of the token's use minus a safety gap, never sooner than `min_interval` after the last
+  attempt.
+- Use: a token is sent until its expiry minus `expiry_margin_seconds` (at most a tenth of its lifetime), never in
+  its last seconds, which clock skew and the time a request takes to reach the front end would eat.
 - Single flight: the schedule, a 401 from upstream, an operator and start-up share one in-flight fetch.
 - Failure: exponential backoff with full jitter, capped; Retry-After honoured; permanent errors retry at the
-  cap. The current token is served until it really expires; only then does the route go unready.
-- The request path reads `current`: an attribute and a clock comparison, never an await.
+  cap. The current token is served until its use ends; only then does the route go unready, and from then on
+  transient failures are retried at least every UNUSABLE_RETRY_SECONDS.
+- Logs: `token_expired` once when the route loses its token, `token_restored` with the outage's length when it has
+  one again; a failure reason once per outage, not once per retry.
+- The request path reads `current`: one clock reading compared with a deadline fixed when the token was
+  installed; never an await, never an allocation.
 """
 
 from __future__ import annotations
@@ -93,6 +100,17 @@ class TokenSource(Protocol):
         """Release clients."""
 
 
+# While the route has no usable token (none yet, or its use has ended) every second of 503s counts: transient
+# failures are retried after half of this to this much (jittered so replicas spread), whatever the backoff had grown
+# to while the token in hand was good. Retry-After is still honoured; permanent errors still wait backoff_max.
+UNUSABLE_RETRY_SECONDS = 1.0
+# A token is used up to its expiry minus auth.refresh.expiry_margin_seconds, but never loses more than this part of
+# its lifetime to the margin: a 3 s token (tests, demos) stays usable for 2.7 s.
+EXPIRY_MARGIN_MAX_FRACTION = 0.1
+_EPSILON = 1e-6  # clock readings this close to the end of a token's use count as the end (float rounding)
+_MAX_REASONS = 32  # failure reasons remembered per outage for logging each once
+
+
 # Server clocks are read from whole-second sources (the Date header, a JWT's iat): below this they agree with ours.
 SKEW_TOLERANCE_SECONDS = 2.0
 
@@ -132,7 +150,6 @@ class Refresher:
         events: EventSink = NO_EVENTS,
     ) -> None:
         self._events = events
-        self._expired_reported = False
         self._route = route
         self._source = source
         self._header = header
@@ -145,6 +162,13 @@ class Refresher:
         self._token: Token | None = None
         self._creds: list[Credential] = []
         self._active = 0
+        # What the request path reads: the credential to send and until when (no token: never).
+        self._cred: Credential | None = None
+        self._usable_until = -math.inf
+        self._margin = 0.0  # of the installed token: expires_at - _usable_until
+        self._lost_at: float | None = None  # when the installed token's use ended, once that has been reported
+        self._not_before = -math.inf  # a Retry-After's end: no attempt before it
+        self._reasons: set[tuple[str, str]] = set()  # failure reasons logged in this run of failures
         self._next_at = 0.0
         self._last_attempt = -1e18
         self._last_success = -1e18
@@ -162,10 +186,9 @@ class Refresher:
 
     @property
     def current(self) -> Credential | None:
-        token = self._token
-        if token is None or (token.expires_at is not None and self._clock.time() >= token.expires_at):
-            return None
-        return self._creds[self._active]
+        if self._clock.time() >= self._usable_until:
+            return None  # no token, or in its last expiry_margin_seconds, or expired: the caller gets 503
+        return self._cred
 
     async def unauthorized(self, sent: Credential) -> Credential | None:
         """The upstream refused `sent`: try the other key if there is one, else one forced refresh."""
@@ -174,6 +197,7 @@ class Refresher:
             return current
         if len(self._creds) > 1 and self._creds[self._active] is sent and self._active == 0:
             self._active = 1
+            self._cred = self._creds[1]
             self._metrics.failovers.inc()
             event(log, logging.WARNING, "key_failover", route=self._route, to="secondary")
             return self._creds[1]
@@ -192,11 +216,13 @@ class Refresher:
     def readiness(self) -> tuple[bool, str]:
         if self.current is not None:
             return True, "ok"
-        if self._token is None:
+        token = self._token
+        if token is None:
             return False, f"no {self._source.kind} token yet" + (f": {self._last_reason}" if self._last_reason else "")
-        return False, f"{self._source.kind} token expired" + (
-            f"; last refresh: {self._last_reason}" if self._last_reason else ""
-        )
+        last = f"; last refresh: {self._last_reason}" if self._last_reason else ""
+        if token.expires_at is not None and self._clock.time() < token.expires_at:
+            return False, f"{self._source.kind} token is within its {self._margin:g} s expiry margin{last}"
+        return False, f"{self._source.kind} token expired{last}"
 
     def details(self) -> dict[str, Any]:
         now = self._clock.time()
@@ -227,8 +253,12 @@ class Refresher:
 
     async def _schedule_loop(self) -> None:
         while True:
-            delay = self._next_at - self._clock.time() if self._scheduling else math.inf
+            now = self._clock.time()
+            self._check_use(now)
+            delay = self._next_at - now if self._scheduling else math.inf
             if delay > 0:
+                if self._lost_at is None and self._token is not None:
+                    delay = min(delay, self._usable_until - now)  # wake when its use ends, to say so at once
                 self._wake.clear()
                 sleeper = asyncio.ensure_future(self._clock.sleep(min(delay, 86400.0)))
                 waker = asyncio.ensure_future(self._wake.wait())
@@ -335,6 +365,8 @@ class Refresher:
         self._failures = 0
         self._last_outcome = SUCCESS
         self._last_reason = ""
+        self._reasons.clear()
+        self._not_before = -math.inf
         self._last_success = now
         self._next_at = self._schedule(token, now)
         m.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=0)
@@ -362,6 +394,7 @@ class Refresher:
         self._wake.set()
 
     def _install(self, token: Token) -> None:
+        now = self._clock.time()
         secrets = [token.value] + ([token.secondary] if token.secondary else [])
         REDACTOR.add(*secrets, owner=f"refresher:{self._route}")
         self._creds = [
@@ -370,14 +403,71 @@ class Refresher:
         ]
         self._active = 0
         self._token = token
-        self._expired_reported = False
+        if token.expires_at is None:
+            self._margin, usable_until = 0.0, math.inf
+        else:
+            lifetime = max(0.0, token.expires_at - now)
+            self._margin = min(self._policy.expiry_margin_seconds, EXPIRY_MARGIN_MAX_FRACTION * lifetime)
+            usable_until = token.expires_at - self._margin
+        self._cred = self._creds[0]
+        self._usable_until = usable_until
         self._metrics.ready.set(1)
+        if self._lost_at is not None:
+            event(
+                log,
+                logging.INFO,
+                "token_restored",
+                route=self._route,
+                kind=self._source.kind,
+                outage_seconds=round(max(0.0, now - self._lost_at), 3),
+            )
+        self._lost_at = None
+
+    def _check_use(self, now: float) -> None:
+        """Report, once, that the installed token's use has ended (expired, or in its expiry margin): 503s begin.
+        Transient failures are retried soon from here on, whatever the backoff had grown to."""
+        token = self._token
+        if token is None or self._lost_at is not None or now < self._usable_until - _EPSILON:
+            return
+        self._lost_at = self._usable_until
+        m = self._metrics
+        m.ready.set(0)
+        if self._last_outcome != PERMANENT:
+            self._next_at = min(self._next_at, max(self._not_before, now + self._unusable_retry()))
+        expired = token.expires_at is not None and now >= token.expires_at
+        event(
+            log,
+            logging.WARNING,
+            "token_expired",
+            route=self._route,
+            kind=self._source.kind,
+            expiry_margin_seconds=round(self._margin, 3),
+            expires_in=_round(token.expires_at, now),
+            last_error=self._last_reason or None,
+            consecutive_failures=self._failures,
+            retry_in=round(self._next_at - now, 3),
+        )
+        m.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=self._failures)
+        what = "expired" if expired else f"is in its last {self._margin:g} s"
+        self._events.emit(
+            warning=True,
+            reason=TOKEN_EXPIRED,
+            message=f"route {self._route}: the {self._source.kind} token {what} and could not be refreshed; "
+            "requests get 503",
+        )
+
+    def _unusable_retry(self) -> float:
+        return UNUSABLE_RETRY_SECONDS * (0.5 + 0.5 * self._rng())
 
     def _failed(self, exc: RefreshError, elapsed: float) -> None:
         m = self._metrics
         now = self._clock.time()
         self._failures += 1
-        changed = exc.outcome != self._last_outcome or exc.reason != self._last_reason
+        # A reason not seen yet in this run of failures: a reason that comes back (two alternating) is not news.
+        seen = (exc.outcome, exc.reason)
+        changed = seen not in self._reasons and len(self._reasons) < _MAX_REASONS
+        if changed:
+            self._reasons.add(seen)
         self._last_outcome = exc.outcome
         self._last_reason = exc.reason
         m.token_refresh(exc.outcome, elapsed)
@@ -387,8 +477,12 @@ class Refresher:
         else:
             ceiling = min(p.backoff_max_seconds, p.backoff_initial_seconds * 2 ** (self._failures - 1))
             delay = max(p.min_interval_seconds * 0.1, self._rng() * ceiling)  # full jitter, never a hot loop
+            if now >= self._usable_until - _EPSILON:  # no usable token: every second of 503s counts
+                delay = min(delay, self._unusable_retry())
         if exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, p.backoff_max_seconds))
+            retry_after = min(exc.retry_after, p.backoff_max_seconds)
+            delay = max(delay, retry_after)
+            self._not_before = now + retry_after
         self._next_at = now + delay
         token = self._token
         m.token_state(
@@ -403,18 +497,9 @@ class Refresher:
                 reason=TOKEN_REFRESH_FAILING,
                 message=f"route {self._route}: {self._source.kind} token refresh failing: {exc.reason}",
             )
-        if token is not None and token.expires_at is not None and now >= token.expires_at:
-            if not self._expired_reported:
-                self._expired_reported = True
-                self._events.emit(
-                    warning=True,
-                    reason=TOKEN_EXPIRED,
-                    message=f"route {self._route}: the {self._source.kind} token expired before it could be "
-                    "refreshed; requests get 503",
-                )
         level = logging.ERROR if exc.outcome == PERMANENT else logging.WARNING
         if not changed:
-            level = logging.DEBUG  # one line per state change, not one per retry
+            level = logging.DEBUG  # one line per reason in a run of failures, not one per retry
         event(
             log,
             level,
@@ -426,7 +511,9 @@ class Refresher:
             consecutive_failures=self._failures,
             retry_in=round(delay, 3),
             still_valid_for=_round(None if token is None else token.expires_at, now),
+            usable_for=None if token is None else round(max(0.0, self._usable_until - now), 3),
         )
+        self._check_use(now)  # the token's use may have ended by now: say so
         self._wake.set()
 
     def _schedule(self, token: Token, now: float) -> float:
@@ -440,7 +527,8 @@ class Refresher:
             target = token.refresh_at - p.margin_seconds
         else:
             target = now + p.fraction * lifetime
-        latest = token.expires_at - min(p.safety_seconds, 0.1 * lifetime)
+        # Renewed before its use ends (expiry minus the installed token's margin), with a safety gap.
+        latest = token.expires_at - self._margin - min(p.safety_seconds, 0.1 * lifetime)
         target = min(target, latest)
         target -= self._rng() * min(p.jitter_seconds, 0.1 * max(0.0, target - now))
         # Times already past on arrival (clock skew, a stale token): soon, but not in a loop.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -427,3 +428,162 @@ async def test_renewed_tokens_leave_the_redactor_bounded_while_fixed_secrets_sta
     assert current is not None and current.value == "Bearer token-201"
     line = "token-201 token-195 token-150 " + fixed
     assert REDACTOR.scrub(line) == f"{REDACTED} {REDACTED} token-150 {REDACTED}"
+
+
+# -- a token's edges: the expiry margin, retries while unusable, the log lines that mark the outage ----------------
+
+
+async def test_a_token_is_never_handed_out_in_its_last_expiry_margin() -> None:
+    clock = ManualClock()
+    source = FakeSource(clock, lifetime=3600, refresh_after=1800)
+    policy = dataclasses.replace(POLICY, expiry_margin_seconds=5.0)
+    refresher, metrics = make(clock, source, policy=policy)
+    await refresher.start()
+    token = refresher.current
+    expiry = clock.time() + 3600
+    source.script = [TransientError("HTTP 503")] * 1000  # the token endpoint is down from the refresh time on
+    task = asyncio.create_task(refresher.run())
+    try:
+        await clock.advance(expiry - 5 - 0.01 - clock.time())
+        assert refresher.current is token and refresher.readiness() == (True, "ok")
+        await clock.advance(0.01)  # exactly expiry - margin: the token is still valid, but no longer sent
+        assert refresher.current is None
+        ready, why = refresher.readiness()
+        assert not ready and why == "aml-endpoint-token token is within its 5 s expiry margin; last refresh: HTTP 503"
+        assert 1 <= refresher.retry_after() <= 2
+        assert sample(metrics, "aml_auth_proxy_route_ready", route="r") == 0
+        await clock.advance(5)
+        assert refresher.readiness()[1] == "aml-endpoint-token token expired; last refresh: HTTP 503"
+    finally:
+        task.cancel()
+
+
+async def test_the_expiry_margin_of_a_short_lived_token_is_a_tenth_of_its_life_and_renewal_comes_before_it() -> None:
+    clock = ManualClock()
+    source = FakeSource(clock, lifetime=3.0, refresh_after=10.0)  # a refresh time past expiry: expiry rules
+    refresher, _ = make(clock, source, policy=dataclasses.replace(POLICY, expiry_margin_seconds=5.0))
+    await refresher.start()
+    t0 = clock.time()
+    # Usable until 2.7 s (a 5 s margin would leave nothing of a 3 s token); renewal at the latest 0.3 s before that.
+    assert refresher.details()["refresh_in"] == pytest.approx(2.4 - 0.5 * 0.24, abs=1e-3)
+    await clock.advance(2.699)
+    assert refresher.current is not None
+    await clock.advance(0.002)
+    assert (
+        refresher.current is None
+        and refresher.readiness()[1] == "aml-endpoint-token token is within its 0.3 s expiry margin"
+    )
+    assert clock.time() - t0 == pytest.approx(2.701)
+
+
+async def test_without_a_usable_token_retries_come_within_a_second_and_service_resumes_within_two() -> None:
+    # The soak that found it: 3 s tokens and the token endpoint down for 10 s. The backoff had grown to 8 s, then
+    # 16 s, so a 10 s outage cost 14 s and more of 503s. Backoff may grow while the token in hand is good; once it
+    # is gone, the next attempt is never more than a second away.
+    clock = ManualClock()
+    source = FakeSource(clock, lifetime=3.0, refresh_after=2.0)
+    refresher, _ = make(clock, source, rng=itertools.repeat(1.0))  # the longest backoff every time
+    await refresher.start()
+    t0 = clock.time()
+    healed = t0 + 11.0
+    fetch = source.fetch
+
+    async def down_for_ten_seconds(previous: Token | None) -> Token:
+        if t0 + 1.0 <= clock.time() < healed:
+            source.calls.append(clock.time())
+            raise TransientError("HTTP 503")
+        return await fetch(previous)
+
+    source.fetch = down_for_ten_seconds  # type: ignore[method-assign]
+    task = asyncio.create_task(refresher.run())
+    unusable: list[float] = []
+    try:
+        while clock.time() < t0 + 20:
+            await clock.advance(0.05)
+            if refresher.current is None:
+                unusable.append(clock.time() - t0)
+                assert refresher.details()["refresh_in"] <= 1.0
+    finally:
+        task.cancel()
+    assert unusable and min(unusable) == pytest.approx(3.0, abs=0.06)  # from the token's expiry...
+    assert max(unusable) < 11.0 + 1.0  # ...to at most a second after the endpoint answers again
+    failed = [round(t - t0, 3) for t in source.calls[1:] if t < healed]
+    assert failed[:2] == [1.8, 2.8]  # the usual backoff while the token is good: the next one was due at 4.8 s
+    after = [3.0] + [t for t in failed if t >= 3.0]  # from the token's expiry on: never more than a second apart
+    assert len(after) == 8 and all(b - a <= 1.0 for a, b in itertools.pairwise(after)), failed
+
+
+async def test_a_retry_planned_past_the_tokens_end_is_brought_forward_when_the_token_goes() -> None:
+    clock = ManualClock()
+    source = FakeSource(clock, lifetime=30, refresh_after=10)
+    refresher, _ = make(clock, source, rng=itertools.repeat(1.0))
+    await refresher.start()
+    source.script = [TransientError("HTTP 503")] * 6
+    task = asyncio.create_task(refresher.run())
+    try:
+        await clock.advance(40)
+    finally:
+        task.cancel()
+    # Backoff 1, 2, 4, 8, 16 s while the token is good: the sixth attempt was due at 40 s, 10 s after the token's end.
+    # When the token goes at 30 s the next attempt comes within a second; the one after that, a second later.
+    assert [round(t - source.calls[0], 3) for t in source.calls[1:]] == [9, 10, 12, 16, 24, 31, 32]
+
+
+class _Records(logging.Handler):
+    """Records of the refresher's logger, each with the injected clock's time when it was logged."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(logging.DEBUG)
+        self.clock = clock
+        self.got: list[tuple[float, logging.LogRecord]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.got.append((self.clock.time(), record))
+
+    def named(self, name: str) -> list[tuple[float, logging.LogRecord]]:
+        return [(t, r) for t, r in self.got if getattr(r, "event", None) == name]
+
+
+async def test_token_expired_marks_when_503s_begin_and_token_restored_says_how_long_they_lasted() -> None:
+    clock = ManualClock()
+    source = FakeSource(clock, lifetime=30, refresh_after=10)
+    refresher, _ = make(clock, source, rng=itertools.repeat(0.5))
+    records = _Records(clock)
+    logger = logging.getLogger("aml_auth_proxy.refresher")
+    logger.addHandler(records)
+    try:
+        await refresher.start()
+        t0 = clock.time()
+        http_503, timed_out = TransientError("HTTP 503"), TransientError("timed out")
+        source.script = [http_503, http_503, timed_out, http_503, http_503, http_503, http_503, http_503]
+        task = asyncio.create_task(refresher.run())
+        try:
+            await clock.advance(45)
+        finally:
+            task.cancel()
+    finally:
+        logger.removeHandler(records)
+    # The moment the token expired (30 s), once, whether or not a fetch was failing just then.
+    expired = records.named("token_expired")
+    assert [(round(t - t0, 3), r.levelno) for t, r in expired] == [(30.0, logging.WARNING)]
+    assert expired[0][1].fields["last_error"] == "HTTP 503"  # type: ignore[attr-defined]
+    # Back with the first fetch that succeeds, with the length of the 503 window.
+    restored = records.named("token_restored")
+    assert len(restored) == 1 and restored[0][1].levelno == logging.INFO
+    back = restored[0][0] - t0
+    assert back > 30 and restored[0][1].fields["outage_seconds"] == pytest.approx(back - 30, abs=1e-3)  # type: ignore[attr-defined]
+    # One WARNING line per failure reason in the outage, not one per retry; going back to a reason already
+    # reported is not a new line either.
+    failed = [(r.fields["reason"], r.levelno) for _, r in records.named("token_refresh_failed")]  # type: ignore[attr-defined]
+    assert (
+        failed
+        == [("HTTP 503", logging.WARNING), ("HTTP 503", logging.DEBUG), ("timed out", logging.WARNING)]
+        + [("HTTP 503", logging.DEBUG)] * 5
+    )
+    # Successes on schedule are DEBUG lines with the latency; the one that ended the failures is INFO.
+    refreshed = [r for _, r in records.named("token_refreshed")]
+    assert [r.levelno for r in refreshed] == [logging.INFO, logging.INFO, logging.DEBUG]  # start-up, recovery, schedule
+    assert all("duration_ms" in r.fields for r in refreshed)  # type: ignore[attr-defined]
+    loud = [getattr(r, "event", None) for _, r in records.got if r.levelno >= logging.WARNING]
+    assert loud == ["token_refresh_failed", "token_refresh_failed", "token_expired"]
+    assert len(source.calls) == 11  # start-up, 8 failures, the recovery, one renewal on schedule

@@ -57,13 +57,23 @@ class CredentialProvider(Protocol):
         """Release what start() acquired."""
 
 
-# Kubernetes Event reasons (docs/configuration.md, "Kubernetes"). The credential code reports through `EventSink`;
-# proxy/kube/events.py turns reports into Events, so no credential module imports the Kubernetes client.
+# Kubernetes Event reasons (docs/configuration.md, "Kubernetes"), all of them: the metric of Events counts each one
+# from the start. The credential code reports through `EventSink`; proxy/kube/events.py turns reports into Events,
+# so no credential module imports the Kubernetes client.
 TOKEN_REFRESH_FAILING = "TokenRefreshFailing"
 TOKEN_REFRESH_RECOVERED = "TokenRefreshRecovered"
 TOKEN_EXPIRED = "TokenExpired"
 KEY_FAILOVER = "KeyFailover"
 SECRET_UNAVAILABLE = "SecretUnavailable"
+CREDENTIAL_TASK_FAILED = "CredentialTaskFailed"
+EVENT_REASONS = (
+    TOKEN_REFRESH_FAILING,
+    TOKEN_REFRESH_RECOVERED,
+    TOKEN_EXPIRED,
+    KEY_FAILOVER,
+    SECRET_UNAVAILABLE,
+    CREDENTIAL_TASK_FAILED,
+)
 
 
 class EventSink(Protocol):

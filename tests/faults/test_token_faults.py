@@ -11,6 +11,8 @@ is usable, a JSON 503 with Retry-After once none is, and recovery.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import secrets
 import time
@@ -28,7 +30,8 @@ from proxy.clock import ManualClock
 from proxy.config import parse
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
-from tests.conftest import remember
+from tests.conftest import SESSION_SECRETS, remember
+from tests.logsetup import logging_as_run
 
 SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "44444444-4444-4444-4444-444444444444"
@@ -45,6 +48,7 @@ POLICY = {
     "backoff_max_seconds": 60,
     "timeout_seconds": 0.5,
 }
+EXPIRY_MARGIN = 5.0  # auth.refresh.expiry_margin_seconds by default: tokens here are not sent in their last 5 s
 PLANES = {
     "v1": {"service": "svc1", "kind": "aml-service-token", "what": "AML v1 token endpoint"},
     "v2": {"service": "ep2", "kind": "aml-endpoint-token", "what": "AML v2 token endpoint"},
@@ -72,6 +76,13 @@ def proxy_logs() -> Iterator[Records]:
         yield handler.records
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The process's logging as `aml-auth-proxy run` sets it up (level info), written to a buffer; put back after."""
+    with logging_as_run("info") as buffer:
+        yield buffer
 
 
 @dataclass
@@ -133,8 +144,17 @@ class Rig:
         more loop turns than a step settles, still be in flight when the step ended; it then ended after the test
         had moved on, and counted as the next attempt.)"""
         target = self.started + offset
-        while self.clock.time() + max(0.0, self.details()["refresh_in"]) <= target:
-            await self.next_attempt()
+        while True:
+            now, details = self.clock.time(), self.details()
+            if now + max(0.0, details["refresh_in"]) <= target:
+                await self.next_attempt()
+                continue
+            # When the token's use ends the next fetch comes sooner: step to that moment, then look again.
+            use_ends = now + details["expires_in"] - EXPIRY_MARGIN if details["expires_in"] is not None else target
+            if now < use_ends < target:
+                await self.clock.advance(use_ends - now + 0.001)
+                continue
+            break
         await self.clock.advance(max(0.0, target - self.clock.time()))
 
     def events(self, name: str) -> Records:
@@ -415,10 +435,11 @@ async def test_an_already_expired_token_at_startup_leaves_the_route_unready_with
     status, ready = await readyz(rig)
     assert status == 503 and ready["routes"]["r"]["last_refresh"] == "transient_error"
     assert "already expired" in ready["not_ready"]["r"]
-    # Backoff, not min_interval: over 60 s at most a handful of calls (4, 8, 16, 32 s ceilings).
+    # Backoff, not min_interval, and with no usable token never more than a second between calls.
     for _ in range(3):
+        assert 0.1 <= rig.details()["refresh_in"] <= 1.0
         await rig.next_attempt()
-    await rig.clock.advance(rig.details()["refresh_in"] - 0.5)
+    await rig.clock.advance(rig.details()["refresh_in"] - 0.05)
     assert rig.emu.state.token_calls[rig.service] == 4
     assert rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401") == 0
     assert len(rig.loud("token_refresh_failed")) == 1
@@ -439,11 +460,13 @@ async def test_a_jwt_exp_earlier_than_the_reported_expiry_wins_and_is_never_used
     assert details["refresh_in"] < jwt_exp  # renewal is planned before the earlier expiry, not at refreshAfter
     expiry = rig.metric("aml_auth_proxy_token_expiry_timestamp_seconds", route="r")
     assert rig.started < expiry <= rig.started + jwt_exp
-    # The renewal fails; the token is used up to its exp and not a moment longer.
+    # The renewal fails; the token is used up to its exp minus the expiry margin and not a moment longer.
     rig.emu.state.add_fault(target="token", action="status", status=500)
-    await rig.advance_to(jwt_exp - 2)
+    await rig.advance_to(jwt_exp - EXPIRY_MARGIN - 2)
     assert rig.refreshes("transient_error") >= 1
     assert (await score(rig))[0] == 200
+    await rig.advance_to(jwt_exp - EXPIRY_MARGIN + 0.5)
+    assert_proxy_503(*await score(rig))
     await rig.advance_to(jwt_exp + 0.5)
     assert_proxy_503(*await score(rig))
     assert rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401") == 0
@@ -533,3 +556,106 @@ async def test_tls_errors_are_classified_transient_not_crashes(
     assert rig.refreshes("transient_error") == 3
     assert not any(t.done() for t in rig.svc._tasks)  # the refresher lives on
     assert len(rig.loud("token_refresh_failed")) == 1
+
+
+# -- a token's edges -----------------------------------------------------------------------------------------------
+
+
+def upstream_401s(rig: Rig) -> float:
+    return rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401")
+
+
+@pytest.mark.parametrize("plane", ["v1", "v2"])
+async def test_a_token_is_never_sent_in_its_last_seconds_to_a_front_end_whose_clock_runs_ahead(
+    make_rig: RigFactory, plane: str
+) -> None:
+    # The scoring front end's clock is 0.9 s ahead of the proxy's: less than whole-second Date headers can tell
+    # from rounding, so the proxy cannot correct it. A token sent with under 0.9 s left by the proxy's clock
+    # reached a front end for which it had expired, and the caller got the upstream's 401.
+    rig = await make_rig(plane, before_start=lambda emu: emu.state.set_clock_offset(0.9))
+    expiry = rig.clock.time() + rig.details()["expires_in"]
+    rig.emu.state.add_fault(target="token", service=rig.service, action="status", status=503)
+    await rig.advance_to(expiry - EXPIRY_MARGIN - 1 - rig.started)
+    assert (await score(rig))[0] == 200  # the margin takes no more than its seconds
+    answers = []
+    for left in (EXPIRY_MARGIN - 0.01, 2.0, 0.5, 0.1):
+        await rig.advance_to(expiry - left - rig.started)
+        answers.append((left, *await score(rig)))
+    assert [(left, status) for left, status, _, _ in answers] == [
+        (EXPIRY_MARGIN - 0.01, 503),
+        (2.0, 503),
+        (0.5, 503),
+        (0.1, 503),
+    ]
+    assert upstream_401s(rig) == 0  # the token never reached the front end in its last seconds
+    for _, *answer in answers:
+        assert_proxy_503(*answer)  # the proxy's own 503 with Retry-After, as for an expired token
+    status, ready = await readyz(rig)
+    assert status == 503
+    assert (
+        ready["not_ready"]["r"]
+        == f"{rig.kind} token is within its 5 s expiry margin; last refresh: {rig.what}: HTTP 503"
+    )
+    rig.emu.state.clear_faults()
+    await rig.next_attempt()
+    assert (await score(rig))[0] == 200
+
+
+@pytest.mark.parametrize("plane", ["v1", "v2"])
+async def test_service_resumes_within_two_seconds_of_the_token_endpoint_answering_again(
+    make_rig: RigFactory, plane: str
+) -> None:
+    rig = await make_rig(plane)
+    expiry = rig.clock.time() + rig.details()["expires_in"]
+    rig.emu.state.add_fault(target="token", service=rig.service, action="status", status=503)
+    await rig.advance_to(REFRESH_AFTER)
+    # A 10 s outage of the token endpoint after the token is gone.
+    while rig.clock.time() < expiry + 10:
+        await rig.next_attempt()
+        if rig.provider.current is None:
+            assert rig.details()["refresh_in"] <= 1.0  # the next attempt is never more than a second away
+    assert_proxy_503(*await score(rig))
+    rig.emu.state.clear_faults()
+    healed = rig.clock.time()
+    while (await score(rig))[0] != 200:
+        assert rig.clock.time() - healed < 2.0, rig.details()
+        await rig.next_attempt()
+    assert upstream_401s(rig) == 0
+
+
+async def test_an_operator_reads_when_503s_began_how_long_they_lasted_and_no_azure_chatter(
+    make_rig: RigFactory, json_log: io.StringIO
+) -> None:
+    # v2: every AML token renewal first gets an ARM token from Entra ID through azure-identity.
+    rig = await make_rig("v2")
+    await rig.advance_to(REFRESH_AFTER)  # a renewal on schedule, through Entra ID
+    assert rig.refreshes("success") == 2
+    expiry = rig.clock.time() + rig.details()["expires_in"]
+    rig.emu.state.add_fault(target="entra", action="status", status=500)  # Entra ID down, then the token endpoint
+    for _ in range(3):
+        await rig.next_attempt()
+    rig.emu.state.clear_faults()
+    rig.emu.state.add_fault(target="token", service=rig.service, action="status", status=503)
+    while rig.clock.time() < expiry + 10:
+        await rig.next_attempt()
+    rig.emu.state.clear_faults()
+    while rig.details()["last_refresh"] != "success":
+        await rig.next_attempt()
+    restored_at = rig.clock.time()
+    lines = json_log.getvalue().splitlines()
+    docs = [json.loads(line) for line in lines]  # every line is one JSON document, multi-line messages included
+    assert not [d for d in docs if d["level"] == "info" and d["logger"].startswith(("azure", "msal"))]
+    azure = [d for d in docs if d["logger"].startswith(("azure", "msal"))]
+    assert len(azure) <= 1, azure  # azure-identity's warning about the failing Entra ID calls: once
+    refreshed = [d for d in docs if d.get("event") == "token_refreshed"]
+    assert [d["trigger"] for d in refreshed] == ["startup", "scheduled"]  # renewals on schedule are debug lines;
+    assert refreshed[1]["recovered"] is True  # the one that ended the failures is not
+    expired = [d for d in docs if d.get("event") == "token_expired"]
+    assert len(expired) == 1 and expired[0]["level"] == "warning" and expired[0]["route"] == "r"
+    restored = [d for d in docs if d.get("event") == "token_restored"]
+    assert len(restored) == 1 and restored[0]["level"] == "info"
+    assert restored[0]["outage_seconds"] == pytest.approx(restored_at - (expiry - EXPIRY_MARGIN), abs=0.05)
+    failed = [d for d in docs if d.get("event") == "token_refresh_failed"]
+    assert len(failed) == 2 and failed[0]["reason"].startswith("Entra ID: HTTP 500 (")  # one line per reason
+    assert failed[1]["reason"] == f"{rig.what}: HTTP 503"
+    assert not any(s in line for s in SESSION_SECRETS for line in lines)

@@ -1,0 +1,55 @@
+"""Weakenings of the first hour of a user: the emulator's proxy config, the CLI's answers, the demo's story
+(see tests/mutation.py)."""
+
+from __future__ import annotations
+
+from tests.mutation import Mutant
+
+LOOP = "tests/test_dev_loop.py"
+CONFIG = "tests/test_config.py"
+DOCS = "tests/test_docs.py"
+
+MUTANTS = [
+    Mutant(
+        name="proxy_config_without_the_emulator_ca",
+        path="proxy/emulator/proxyconfig.py",
+        old='    upstream_tls = {"ca_file": emulator.ca_file} if cfg.tls and emulator.ca_file else None',
+        new="    upstream_tls = None",
+        tests=(f"{LOOP}::test_the_three_line_dev_loop_with_the_default_emulator",),
+    ),
+    Mutant(
+        name="proxy_config_without_tls",
+        path="proxy/emulator/runner.py",
+        old="    if args.tls or args.proxy_config:",
+        new="    if args.tls:",
+        tests=(f"{LOOP}::test_the_dev_loop_reaches_every_kind_of_emulated_service",),
+    ),
+    Mutant(
+        name="proxy_config_token_routes_on_the_wrong_plane",
+        path="proxy/emulator/proxyconfig.py",
+        old='        elif sc.api == "v1":',
+        new='        elif sc.api == "v2":',
+        tests=(f"{LOOP}::test_the_dev_loop_reaches_every_kind_of_emulated_service",),
+    ),
+    Mutant(
+        name="no_config_gets_the_schema_error",
+        path="proxy/cli.py",
+        old="and args.config is None and not _configured_by_environment():",
+        new="and False:",
+        tests=(f"{CONFIG}::test_run_and_check_config_without_any_config_say_how_to_give_one",),
+    ),
+    Mutant(
+        name="demo_logs_on_the_screen",
+        path="proxy/demo.py",
+        old='    with log_path.open("w", encoding="utf-8") as log, contextlib.redirect_stdout(log):',
+        new='    with log_path.open("w", encoding="utf-8") as log, contextlib.nullcontext():',
+        tests=(f"{DOCS}::test_demo_tells_its_story_in_at_most_60_lines_and_says_what_happened",),
+    ),
+    Mutant(
+        name="demo_prints_running_sums",
+        path="proxy/demo.py",
+        old="        p50, p95 = (histogram_quantile(metrics, DURATION, labels, q) or 0.0 for q in (0.5, 0.95))",
+        new='        p50 = p95 = sample(metrics, DURATION + "_sum", region=region)',
+        tests=(f"{DOCS}::test_demo_tells_its_story_in_at_most_60_lines_and_says_what_happened",),
+    ),
+]
