@@ -14,7 +14,7 @@ AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
 AZURE_AI_ML_VERSION := 1.35.2
 SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python
 
-.PHONY: install tools compiled test lint demo bench mutants clean
+.PHONY: install tools compiled test lint demo bench bench-ab mutants clean
 
 # The editable install is pure Python; `compiled` then builds the request path's C extensions in place.
 $(BIN)/.installed: pyproject.toml setup.py
@@ -82,6 +82,11 @@ demo: $(BIN)/.installed $(AMLVENV)/.installed
 # Side-by-side load test against nginx (see docs/performance.md). Loopback only, bounded in time.
 bench: install
 	scripts/install-bench-tools.sh >/dev/null && PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Interleaved before/after runs of the request path against commit BEFORE (bench/ab.py): CPU per request.
+BEFORE ?= HEAD~1
+bench-ab: install
+	scripts/install-bench-tools.sh >/dev/null && PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.ab --before $(BEFORE) $(AB_ARGS)
 
 # Apply each deliberate weakening listed in tests/**/mutants.py and check that its tests then fail.
 mutants: install

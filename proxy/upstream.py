@@ -297,6 +297,9 @@ class UpstreamResponse:
         try:
             if self.head_done and not self._chunked:
                 parser.feed_data(data)  # a body of known length (or up to the close) needs no bound of its own
+            elif len(data) < self._room:
+                self._room -= len(data)  # the usual case, a whole answer in one read: within the bound as it is
+                parser.feed_data(data)
             else:
                 self._feed_bounded(parser, data)
         except httptools.HttpParserUpgrade:

@@ -70,7 +70,8 @@ def test_demo_tells_its_story_in_at_most_60_lines_and_says_what_happened() -> No
             re.M,
         )
         assert row, out
-        assert int(row[1]) > 50 and int(row[2]) >= 2 and int(row[3]) <= int(row[4])
+        # Quantiles from the histogram's buckets: the 95th lies above the median, as a running sum would not.
+        assert int(row[1]) > 50 and int(row[2]) >= 2 and int(row[3]) < int(row[4])
     west_p50 = int(re.search(r"^     west .* p50 (\d+) ms", out, re.M)[1])  # type: ignore[index]
     assert west_p50 >= 150  # the far region's control plane is 150 ms away, and the demo says so
     assert "adds 150 ms to each westeurope control-plane" in out
