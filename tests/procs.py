@@ -24,6 +24,7 @@ class ProxyProcess:
         self.log_path = log_path
         self.proxy_url = ""
         self.admin_url = ""
+        self.config: dict[str, Any] = {}  # what start() wrote, for tests that need to know the upstreams
 
     @classmethod
     async def start(
@@ -44,7 +45,9 @@ class ProxyProcess:
         }
         config_path = tmp_path / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(doc))
-        return await cls.start_file(config_path, name=name, argv_prefix=argv_prefix, args=args)
+        process = await cls.start_file(config_path, name=name, argv_prefix=argv_prefix, args=args)
+        process.config = doc
+        return process
 
     @classmethod
     async def start_file(
