@@ -14,7 +14,7 @@ AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
 AZURE_AI_ML_VERSION := 1.35.2
 SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python
 
-.PHONY: install tools compiled test lint demo bench bench-ab mutants clean
+.PHONY: install tools compiled test lint demo bench bench-ab mutants fuzz clean
 
 # The editable install is pure Python; `compiled` then builds the request path's C extensions in place.
 $(BIN)/.installed: pyproject.toml setup.py
@@ -91,6 +91,13 @@ bench-ab: install
 # Apply each deliberate weakening listed in tests/**/mutants.py and check that its tests then fail.
 mutants: install
 	AZMLINFSRV=$(AZMLINFSRV) $(SDK_ENV) PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python scripts/mutate.py
+
+# Differential fuzzing against h11 (tests/abuse/test_differential.py) with a larger budget: FUZZ_EXAMPLES examples per
+# side (make test runs 800, the same ones every time); prints how many cases ran. Loopback only.
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(BIN)/.installed $(COMPILED_STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+		tests/abuse/test_differential.py -k "caller_byte_streams or upstream_answers"
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build .pytest_cache .mypy_cache .ruff_cache

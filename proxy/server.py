@@ -91,6 +91,7 @@ class Refused(Exception):
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.head_only = False  # the refused request is a HEAD: its answer has no body
 
 
 class RequestBody:
@@ -449,10 +450,10 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if not self._queue or self._lingering >= 0:
             return False  # nothing to answer: close
-        # The caller half-closed: what was parsed is still answered; a body cut short fails its reader.
+        # The caller half-closed: every request parsed whole is still answered, in order, and the connection closes
+        # after the last (finished); a body cut short fails its reader.
         self._caller_done = True
         self._stop_parsing = True
-        self.closing = True
         body = self._body
         if body is not None:
             body.fail(CallerGone("the caller closed the connection"))
@@ -544,7 +545,8 @@ class HttpConnection(asyncio.Protocol):
         pairs = self._pairs
         if not pairs:
             self._head_bytes = 0  # the request line is bounded on its own
-        pairs.append((name, value))
+        # llhttp drops the whitespace before a value, not after it; a field value has none (RFC 9112 5).
+        pairs.append((name, value.rstrip(b" \t")))
         size = len(name) + len(value) + 4
         self._head_bytes += size
         limits = self._limits
@@ -590,7 +592,13 @@ class HttpConnection(asyncio.Protocol):
         self._body_length = content_length
         self._chunked = chunked
         self._room = self.server.head_room
-        self._last_keep_alive = keep_alive = parser.should_keep_alive()
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and version == "1.0":
+            if chunked:
+                keep_alive = False  # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding closes after it
+            elif any(t.strip().lower() == "close" for v in headers.getall("Connection") for t in v.split(",")):
+                keep_alive = False  # llhttp keeps `Connection: keep-alive, close` alive in HTTP/1.0; close wins
+        self._last_keep_alive = keep_alive
         url = self._url
         request = Request(
             self,
@@ -623,7 +631,7 @@ class HttpConnection(asyncio.Protocol):
             if body is not None and self._body_length is None:
                 self._raw_left = -1  # chunked: refused in _after_upgrade
                 return
-        self._message_done(keep_alive=self._parser.should_keep_alive())
+        self._message_done(keep_alive=self._last_keep_alive and self._parser.should_keep_alive())
 
     def _message_done(self, *, keep_alive: bool) -> None:
         body = self._body
@@ -651,6 +659,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _refuse(self, refused: Refused) -> None:
         self._stop_parsing = True
+        # Once its request line parsed (a URL was seen), the refused request's method is known.
+        refused.head_only = bool(self._url or self._pairs) and self._parser.get_method() == b"HEAD"
         body = self._body
         if body is not None and not self._in_head:
             # The head was fine and its handler may be forwarding the body already: it answers the refusal.
@@ -676,7 +686,8 @@ class HttpConnection(asyncio.Protocol):
                     framing = f"Content-Length: {len(answer)}\r\nConnection: close\r\n"
                     transport = self.transport
                     if not transport.is_closing():
-                        transport.write(_head(item.status, None, headers, framing) + answer)
+                        head = _head(item.status, None, headers, framing)
+                        transport.write(head if item.head_only else head + answer)
                     self._close(linger=True)
                     return
                 self._current = item
@@ -726,6 +737,8 @@ class HttpConnection(asyncio.Protocol):
             self.update_reading()
         if queue:
             self._dispatch()
+        elif self._caller_done:
+            self._close(linger=False)
         else:
             self._idle_since = self.loop.time()
 
@@ -780,6 +793,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        self._queue.clear()  # nothing parsed after the last answer is served (_dispatch may be looping over it)
         if linger and not self._caller_done and transport.can_write_eof():
             self._lingering = 0
             self._stop_parsing = True

@@ -232,16 +232,34 @@ class UpstreamResponse:
             return
         self._room = MAX_FRAMING_BYTES
         pairs = []
-        framed = False
+        codings = 0  # Transfer-Encoding fields; more than one, or one that is not plain chunked, counts extra
         for name, value in self._pairs:
             pairs.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
-            if not framed:
+            size = len(name)
+            if size == 14 or size == 17 or size == 10:  # only these lengths can be the three names read here
                 lname = name.lower()
-                # Without Content-Length or a chunked Transfer-Encoding the body ends when the connection does.
-                self.has_length = lname == b"content-length"
-                self._chunked = lname == b"transfer-encoding" and b"chunked" in value.lower()
-                framed = self.has_length or self._chunked
+                if lname == b"content-length":
+                    self.has_length = True
+                elif lname == b"transfer-encoding":
+                    codings += 1 if value.strip(b" \t").lower() == b"chunked" else 2
+                elif lname == b"connection" and b"close" in value.lower():
+                    self._reusable = False  # llhttp keeps an HTTP/1.0 `keep-alive, close` alive; close wins
         self._pairs = []
+        if codings and not (self._no_body or status in _NO_BODY_STATUS):
+            # The proxy decodes no coding but chunked (llhttp would read `gzip` to the end of the connection and the
+            # body would be relayed without its coding). Transfer-Encoding with Content-Length is handled as the
+            # error it likely is (RFC 9112 6.3), and an HTTP/1.0 answer framed by Transfer-Encoding is not trusted
+            # for the next request (RFC 9112 6.1).
+            if codings != 1:
+                self._broken = "upstream sent an unsupported Transfer-Encoding"
+                return
+            if self.has_length:
+                self._broken = "upstream sent Content-Length with Transfer-Encoding"
+                return
+            if self._parser.get_http_version() != "1.1":
+                self._reusable = False
+            self._chunked = True
+        framed = self.has_length or self._chunked  # without either, the body ends when the connection does
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")
         self.raw_headers = pairs
@@ -305,7 +323,8 @@ class UpstreamResponse:
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "upstream switched protocols, which the proxy does not support"))
         except httptools.HttpParserError:
-            self._fail(_invalid(self.head_done))
+            if self._broken is None:  # else the parser stumbled over what a callback had already found broken
+                self._fail(_invalid(self.head_done))
         if self._broken is not None:
             self._fail(UpstreamError("protocol", self._broken))
         if self._notify is not None:

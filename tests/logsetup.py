@@ -34,3 +34,14 @@ def logging_as_run(level: str = "info") -> Iterator[io.StringIO]:
         ours.setLevel(ours_level)
         for name, lib_level in libraries.items():
             logging.getLogger(name).setLevel(lib_level)
+
+
+class ErrorRecords(logging.Handler):
+    """Collects the ERROR records logged while it is attached (a fuzzer's rig fails a case that logged one)."""
+
+    def __init__(self, sink: list[logging.LogRecord]) -> None:
+        super().__init__(level=logging.ERROR)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record)

@@ -282,3 +282,22 @@ async def test_a_head_request_answered_by_the_proxy_itself_gets_no_body_and_the_
     status, _headers, body = await conn.answer()  # had the body been sent, this would read it as a status line
     assert (status, body) == (200, b"GET /next 0")
     conn.close()
+
+
+async def test_a_caller_that_half_closes_after_pipelining_gets_every_answer_then_the_close(proxy: Any) -> None:
+    # `printf '...' | nc -N`: the requests, then a FIN; each parsed request is still answered, in order.
+    async with await Conn.open(proxy.proxy_port) as conn:
+        await conn.send(
+            b"GET /a/slow HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        conn.writer.write_eof()
+        answers = [await conn.answer() for _ in range(3)]
+        assert [(status, body) for status, _, body in answers] == [
+            (200, b"GET /a/slow 0"),
+            (200, b"POST /b 3"),
+            (200, b"GET /c 0"),
+        ]
+        assert await conn.closed()
+    assert [seen["path"] for seen in proxy.seen] == ["/a/slow", "/b", "/c"]

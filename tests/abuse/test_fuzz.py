@@ -27,6 +27,7 @@ from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.secretdir import write_secret_dir
 from tests.conftest import new_key
+from tests.logsetup import ErrorRecords
 
 DOCUMENTED_4XX = {400, 404, 405, 413, 414, 431}
 # Headers the proxy owns on the way up: the caller's are dropped or replaced (docs/security.md).
@@ -45,15 +46,6 @@ class Rig:
 
     def __repr__(self) -> str:
         return f"Rig(port={self.port})"
-
-
-class _Errors(logging.Handler):
-    def __init__(self, sink: list[logging.LogRecord]) -> None:
-        super().__init__(level=logging.ERROR)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(record)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +101,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         await service.stop()
         await runner.cleanup()
 
-    handler = _Errors(rig.errors)
+    handler = ErrorRecords(rig.errors)
     for name in ("aiohttp", "aml_auth_proxy", "asyncio"):
         logging.getLogger(name).addHandler(handler)
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
