@@ -109,10 +109,10 @@ MUTANTS = [
         tests=(T + "test_an_upload_failing_after_the_answer_began_is_reported_nowhere_and_drops_the_connection",),
     ),
     Mutant(
-        name="any Transfer-Encoding taken as a framed body",
+        name="any Transfer-Encoding taken as chunked",
         path=UPSTREAM,
-        old='self._chunked = lname == b"transfer-encoding" and b"chunked" in value.lower()',
-        new='self._chunked = lname == b"transfer-encoding"',
-        tests=(T + "test_a_body_without_framing_ends_when_the_upstream_closes[not-chunked]",),
+        old='codings += 1 if value.strip(b" \\t").lower() == b"chunked" else 2',
+        new="codings += 1",
+        tests=(T + "test_a_transfer_coding_the_proxy_cannot_decode_is_a_protocol_error",),
     ),
 ]

@@ -155,3 +155,34 @@ async def start_emulator_process(
     ready: dict[str, Any] = json.loads(line)
     assert ready["event"] == "emulator_ready", ready
     return process, ready
+
+
+def short_token_service(name: str, api: str, region: str) -> dict[str, Any]:
+    """An emulated endpoint or service with 3 s aml_token tokens to be renewed after 2 s: a soak in seconds."""
+    return {
+        "name": name,
+        "api": api,
+        "region": region,
+        "auth_mode": "aml_token",
+        "token_lifetime_seconds": 3,
+        "token_refresh_after_seconds": 2,
+        "deployments": {"blue": "echo"},
+    }
+
+
+def control_plane_auth(ready: dict[str, Any], client_id: str, secret_file: Path) -> dict[str, Any]:
+    """The part of a token route's `auth` that reaches a running emulator's control plane and Entra ID (the
+    emulator's ready line), signing in as `client_id` with the secret in `secret_file`."""
+    return {
+        "subscription_id": "00000000-0000-0000-0000-000000000000",
+        "resource_group": "rg",
+        "workspace": "ws",
+        "ca_file": ready["ca_file"],
+        "identity": {
+            "type": "client_secret",
+            "client_id": client_id,
+            "tenant_id": ready["tenant"],
+            "authority_host": ready["entra_url"],
+            "client_secret_file": str(secret_file),
+        },
+    }

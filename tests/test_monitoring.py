@@ -25,7 +25,7 @@ import aiohttp
 import yaml
 
 from tests.conftest import remember, subprocess_log
-from tests.procs import ProxyProcess, start_emulator_process
+from tests.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
 from tests.tools import ROOT, tool
 
 CHART = ROOT / "charts" / "aml-auth-proxy"
@@ -35,7 +35,6 @@ DASHBOARD = CHART / "dashboards" / "aml-auth-proxy.json"
 ALERTS_TEST = ROOT / "tests" / "monitoring" / "alerts-test.yaml"
 NAMESPACE = "demo"  # the release namespace the alert unit tests are written for
 POD = "aml-auth-proxy-0"
-SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "55555555-5555-5555-5555-555555555555"
 TRAFFIC_SECONDS = 30.0
 # Grafana's interval macros, as Grafana would set them for a 1 s scrape interval and a short time range.
@@ -380,15 +379,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
         # have acquisitions in the last rate window too.
         "entra": {"clients": {CLIENT: secret}, "token_lifetime_seconds": 5},
         "services": [
-            {
-                "name": name,
-                "api": api,
-                "region": region,
-                "auth_mode": "aml_token",
-                "token_lifetime_seconds": 3,
-                "token_refresh_after_seconds": 2,
-                "deployments": {"blue": "echo"},
-            }
+            short_token_service(name, api, region)
             for name, api, region in (("east", "v2", "eastus"), ("west", "v1", "westeurope"))
         ],
     }
@@ -396,19 +387,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
     processes = [emulator]
     try:
         (tmp_path / "secret").write_text(secret + "\n")
-        common = {
-            "subscription_id": SUB,
-            "resource_group": "rg",
-            "workspace": "ws",
-            "ca_file": ready["ca_file"],
-            "identity": {
-                "type": "client_secret",
-                "client_id": CLIENT,
-                "tenant_id": ready["tenant"],
-                "authority_host": ready["entra_url"],
-                "client_secret_file": str(tmp_path / "secret"),
-            },
-        }
+        common = control_plane_auth(ready, CLIENT, tmp_path / "secret")
         routes = [
             {
                 "name": name,

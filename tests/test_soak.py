@@ -17,10 +17,9 @@ import aiohttp
 
 from proxy.metrics import histogram_quantile
 from tests.conftest import LOG_DIR, SESSION_SECRETS, remember
-from tests.procs import ProxyProcess, start_emulator_process
+from tests.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
 
 SOAK_SECONDS = 60.0
-SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "44444444-4444-4444-4444-444444444444"
 
 
@@ -38,46 +37,14 @@ async def test_soak_two_regions_short_tokens_no_401_no_waiting(tmp_path: Path) -
         "latency": {"westeurope": 0.15},
         "entra": {"clients": {CLIENT: secret}},
         "mlserver": {"users": {"soak": password}, "backend": "echo"},
-        "services": [
-            {
-                "name": "east",
-                "api": "v2",
-                "region": "eastus",
-                "auth_mode": "aml_token",
-                "token_lifetime_seconds": 3,
-                "token_refresh_after_seconds": 2,
-                "deployments": {"blue": "echo"},
-            },
-            {
-                "name": "west",
-                "api": "v1",
-                "region": "westeurope",
-                "auth_mode": "aml_token",
-                "token_lifetime_seconds": 3,
-                "token_refresh_after_seconds": 2,
-                "deployments": {"blue": "echo"},
-            },
-        ],
+        "services": [short_token_service("east", "v2", "eastus"), short_token_service("west", "v1", "westeurope")],
     }
     emulator, ready = await start_emulator_process(emulator_config, tmp_path)
     try:
         (tmp_path / "secret").write_text(secret + "\n")
         (tmp_path / "user").write_text("soak\n")
         (tmp_path / "password").write_text(password + "\n")
-        identity = {
-            "type": "client_secret",
-            "client_id": CLIENT,
-            "tenant_id": ready["tenant"],
-            "authority_host": ready["entra_url"],
-            "client_secret_file": str(tmp_path / "secret"),
-        }
-        common = {
-            "subscription_id": SUB,
-            "resource_group": "rg",
-            "workspace": "ws",
-            "ca_file": ready["ca_file"],
-            "identity": identity,
-        }
+        common = control_plane_auth(ready, CLIENT, tmp_path / "secret")
         tls = {"ca_file": ready["ca_file"]}
         routes = [
             {

@@ -41,6 +41,14 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        # The same weakening, seen from outside: the 10 s outage soak with the proxy and the emulator as processes.
+        name="backoff_not_capped_without_a_usable_token (outage soak)",
+        path="proxy/refresher.py",
+        old="                delay = min(delay, self._unusable_retry())\n",
+        new="                delay = delay\n",
+        tests=("tests/test_soak_outage.py",),
+    ),
+    Mutant(
         name="retry_not_brought_forward_when_the_token_goes",
         path="proxy/refresher.py",
         old="            self._next_at = min(self._next_at, max(self._not_before, now + self._unusable_retry()))\n",
