@@ -245,20 +245,22 @@ class UpstreamResponse:
                 elif lname == b"connection" and b"close" in value.lower():
                     self._reusable = False  # llhttp keeps an HTTP/1.0 `keep-alive, close` alive; close wins
         self._pairs = []
-        if codings and not (self._no_body or status in _NO_BODY_STATUS):
-            # The proxy decodes no coding but chunked (llhttp would read `gzip` to the end of the connection and the
-            # body would be relayed without its coding). Transfer-Encoding with Content-Length is handled as the
-            # error it likely is (RFC 9112 6.3), and an HTTP/1.0 answer framed by Transfer-Encoding is not trusted
-            # for the next request (RFC 9112 6.1).
-            if codings != 1:
-                self._broken = "upstream sent an unsupported Transfer-Encoding"
-                return
-            if self.has_length:
-                self._broken = "upstream sent Content-Length with Transfer-Encoding"
-                return
+        if codings:
+            # An HTTP/1.0 answer with Transfer-Encoding is not trusted for the next request (RFC 9112 6.1). Where a
+            # body follows: the proxy decodes no coding but chunked (llhttp would read `gzip` to the end of the
+            # connection and the body would be relayed without its coding), and Transfer-Encoding with
+            # Content-Length is handled as the error it likely is (RFC 9112 6.3). An answer to HEAD, a 204 and a
+            # 304 have no body whatever they say (a HEAD answer may name the coding a GET would get).
             if self._parser.get_http_version() != "1.1":
                 self._reusable = False
-            self._chunked = True
+            if not (self._no_body or status in _NO_BODY_STATUS):
+                if codings != 1:
+                    self._broken = "upstream sent an unsupported Transfer-Encoding"
+                    return
+                if self.has_length:
+                    self._broken = "upstream sent Content-Length with Transfer-Encoding"
+                    return
+                self._chunked = True
         framed = self.has_length or self._chunked  # without either, the body ends when the connection does
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -1168,6 +1169,37 @@ class Verdict:
 
 def judge_answer(method: bytes, body: bytes, data: bytes, *, closes: bool) -> Verdict:
     """Read an upstream's answer to (`method`, `body`) as h11 does; `closes`: the connection ends after `data`."""
+    verdict = _judge_h11(method, body, data, closes=closes)
+    if verdict.outcome != "invalid" or "Only Transfer-Encoding: chunked" not in verdict.error:
+        return verdict
+    # Exception (h11 refuses any Transfer-Encoding but chunked, even where it frames nothing): an answer to HEAD,
+    # and a 204 or 304, has no body whatever its framing headers say (RFC 9112 6.3), and RFC 9110 9.3.2 lets a HEAD
+    # answer carry the Transfer-Encoding a GET would get. The proxy relays such an answer with Transfer-Encoding
+    # dropped (hop-by-hop), as h11 reads it with the coding named chunked.
+    status = re.search(rb"^HTTP/1\.[01] ([0-9]{3})(?![0-9])", _final_head(data))
+    if method != b"HEAD" and not (status and status.group(1) in (b"204", b"304")):
+        return verdict
+    renamed = _TE_LINE.sub(rb"\1 chunked", _final_head(data)) + data[len(_final_head(data)) :]
+    again = _judge_h11(method, body, renamed, closes=closes)
+    return again if again.outcome != "invalid" else verdict
+
+
+_TE_LINE = re.compile(rb"(?im)^(transfer-encoding[ \t]*:)[^\r\n]*")
+
+
+def _final_head(data: bytes) -> bytes:
+    """The bytes up to the end of the first head that is not an interim (1xx) answer's, or all of them."""
+    pos = 0
+    while True:
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return data
+        if not re.match(rb"HTTP/1\.[01] 1[0-9][0-9]", data[pos : pos + 12]):
+            return data[: end + 4]
+        pos = end + 4
+
+
+def _judge_h11(method: bytes, body: bytes, data: bytes, *, closes: bool) -> Verdict:
     conn = h11.Connection(h11.CLIENT)
     headers = [("Host", "upstream")] + ([("Content-Length", str(len(body)))] if body else [])
     conn.send(h11.Request(method=method, target="/", headers=headers))

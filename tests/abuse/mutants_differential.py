@@ -72,8 +72,8 @@ MUTANTS += [
     Mutant(
         name="an upstream Transfer-Encoding other than chunked is read to the close and relayed",
         path="proxy/upstream.py",
-        old="            if codings != 1:",
-        new="            if codings > 99:",
+        old="                if codings != 1:",
+        new="                if codings > 99:",
         tests=(_R + "an_upstream_transfer_encoding_other_than_chunked_is_not_relayed",),
     ),
     Mutant(
@@ -89,5 +89,12 @@ MUTANTS += [
         old='elif lname == b"connection" and b"close" in value.lower():',
         new='elif lname == b"connection" and b"nothing" in value.lower():',
         tests=(_R + "an_http10_answer_saying_close_ends_its_connection",),
+    ),
+    Mutant(
+        name="an HTTP/1.0 answer to HEAD with Transfer-Encoding goes back to the pool",
+        path="proxy/upstream.py",
+        old='            if self._parser.get_http_version() != "1.1":\n                self._reusable = False\n            if not',
+        new='            if not',
+        tests=(_R + "a_head_answer_naming_a_coding_is_relayed_without_it",),
     ),
 ]

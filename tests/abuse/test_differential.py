@@ -937,3 +937,17 @@ def test_regression_no_request_is_forwarded_after_the_connection_is_doomed(rig: 
         b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
     )
     run_caller_case(rig, caller_case(stream))
+
+
+def test_regression_a_head_answer_naming_a_coding_is_relayed_without_it(rig: Rig) -> None:
+    """Found by `make fuzz`: a HEAD answer with `Transfer-Encoding: gzip` (what a GET would get; RFC 9110 9.3.2) was
+    relayed, as it should be, while h11 refuses any coding but chunked: the oracle reads it as chunked now. An
+    HTTP/1.0 HEAD answer with Transfer-Encoding still ends its connection (RFC 9112 6.1)."""
+    head = b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nTransfer-Encoding: gzip\r\n\r\n"
+    case = one_answer("HEAD", head)
+    case.exchanges += one_answer("GET", b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok").exchanges
+    run_upstream_case(rig, case)
+    old = b"HTTP/1.0 200 OK\r\nX-Script: {case}\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+    case = one_answer("HEAD", old)
+    case.exchanges += one_answer("GET", b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok").exchanges
+    run_upstream_case(rig, case)
