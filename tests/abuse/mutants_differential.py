@@ -93,8 +93,12 @@ MUTANTS += [
     Mutant(
         name="an HTTP/1.0 answer to HEAD with Transfer-Encoding goes back to the pool",
         path="proxy/upstream.py",
-        old='            if self._parser.get_http_version() != "1.1":\n                self._reusable = False\n            if not',
-        new='            if not',
+        old=(
+            '            if self._parser.get_http_version() != "1.1":\n'
+            "                self._reusable = False\n"
+            "            if not"
+        ),
+        new="            if not",
         tests=(_R + "a_head_answer_naming_a_coding_is_relayed_without_it",),
     ),
 ]
