@@ -170,12 +170,16 @@ watch, Events, a shared token) or serviceAccount.automountToken is set, else "fa
 {{- (include "aml-auth-proxy.kubeFeatures" . | fromJson).apiToken | toString }}
 {{- end }}
 
-{{/* The proxy's config file (docs/configuration.md). Numbers go through toYaml so they never print as 1e+06. */}}
+{{/*
+The proxy's config file (docs/configuration.md): every key of `config` (values.schema.json admits only the
+proxy's own), with kubernetes.events from events.enabled. Numbers go through toYaml so they never print as 1e+06.
+*/}}
 {{- define "aml-auth-proxy.configFile" -}}
 {{- $c := .Values.config }}
 {{- $kube := deepCopy ($c.kubernetes | default dict) }}
 {{- $_ := set $kube "events" .Values.events.enabled }}
-{{- $doc := dict "listen" $c.listen "admin" $c.admin "shutdown_grace_seconds" $c.shutdown_grace_seconds "log_level" $c.log_level "access_log" $c.access_log "routes" $c.routes "kubernetes" $kube -}}
+{{- $doc := omit $c "kubernetes" }}
+{{- $_ := set $doc "kubernetes" $kube -}}
 # aml-auth-proxy config, rendered by the Helm chart from `config` (docs/configuration.md).
 {{ toYaml $doc }}
 {{- end }}
