@@ -14,7 +14,7 @@ AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
 AZURE_AI_ML_VERSION := 1.35.2
 SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python
 
-.PHONY: install tools compiled test lint demo bench bench-ab mutants fuzz clean
+.PHONY: install tools compiled test lint demo bench bench-ab bench-hostile mutants fuzz clean
 
 # The editable install is pure Python; `compiled` then builds the request path's C extensions in place.
 $(BIN)/.installed: pyproject.toml setup.py
@@ -87,6 +87,11 @@ bench: install
 BEFORE ?= HEAD~1
 bench-ab: install
 	scripts/install-bench-tools.sh >/dev/null && PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.ab --before $(BEFORE) $(AB_ARGS)
+
+# The proxy's RSS while callers and upstreams misbehave (pipelining without reading, endless trailers, a 400 MB 401,
+# 1,000 slow callers); BEFORE=<commit> measures that commit too. Loopback only, bounded in time and memory.
+bench-hostile: install
+	$(BIN)/python -m bench.hostile $(if $(BEFORE),--before $(BEFORE)) $(HOSTILE_ARGS)
 
 # Apply each deliberate weakening listed in tests/**/mutants.py and check that its tests then fail.
 mutants: install

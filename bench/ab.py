@@ -70,6 +70,10 @@ def build_before(commit: str, dest: Path) -> Path:
     return tree
 
 
+def remove_worktree(tree: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
 def measure(
     procs: Procs, tmp: Path, name: str, tree: Path, upstream: str, cpus: tuple[set[int] | None, set[int] | None]
 ) -> tuple[float, float, float]:
@@ -86,8 +90,11 @@ def measure(
     }
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(config))
+    # `python -m proxy` imports from its working directory first: it must run in `tree`, or every side would run
+    # the checkout (PYTHONPATH alone comes after the working directory).
     env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = procs.start(name, [sys.executable, "-m", "proxy", "run", "--config", str(path)], cpus=server_cpus, env=env)
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(path)]
+    proc = procs.start(name, argv, cpus=server_cpus, env=env, cwd=tree)
     try:
         wait_http(f"http://127.0.0.1:{admin}/readyz", proc, timeout=30)
         url = f"http://127.0.0.1:{port}/score"
@@ -150,7 +157,7 @@ def main() -> int:
             nginx_us = nginx_cost(nginx_proxy, f"http://127.0.0.1:{px_port}/score", tmp, cpus[1])
         finally:
             procs.stop_all()
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+            remove_worktree(tree)
     print()
     for side in ("before", "after"):
         us = [r[0] for r in results[side]]

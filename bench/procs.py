@@ -110,9 +110,16 @@ class Procs:
         self.running: list[Proc] = []
 
     def start(
-        self, name: str, argv: Sequence[str], *, cpus: set[int] | None, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cpus: set[int] | None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Proc:
-        """Start `argv` in its own process group, pinned to `cpus`; stdout and stderr go to <logdir>/<name>.log."""
+        """Start `argv` in its own process group, pinned to `cpus`; stdout and stderr go to <logdir>/<name>.log.
+        `cwd`: where it runs (`python -m` imports from there before PYTHONPATH)."""
         log = self.logdir / f"{name}.log"
 
         def pin() -> None:
@@ -126,6 +133,7 @@ class Procs:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=cwd,
                 preexec_fn=pin,
                 start_new_session=True,
             )
