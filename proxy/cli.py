@@ -180,7 +180,7 @@ async def serve(settings: Settings, *, config_path: str | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["emulator"]:
-        from proxy.emulator.runner import main as emulator_main
+        from proxy.emulator.main import main as emulator_main
 
         return emulator_main(args_list[1:])
     if args_list[:1] == ["worker"]:  # hidden: started by the primary process (proxy/workers.py)

@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry
 from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
-from proxy.emulator.proxyconfig import build_proxy_config
-from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator, with_dev_client
+from proxy.emulator.proxyconfig import build_proxy_config, with_dev_client
+from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
 from proxy.logs import setup as setup_logging
 from proxy.metrics import histogram_quantile
 

@@ -19,7 +19,7 @@ MUTANTS = [
     ),
     Mutant(
         name="proxy_config_without_tls",
-        path="proxy/emulator/runner.py",
+        path="proxy/emulator/main.py",
         old="    if args.tls or args.proxy_config:",
         new="    if args.tls:",
         tests=(f"{LOOP}::test_the_dev_loop_reaches_every_kind_of_emulated_service",),

@@ -25,7 +25,8 @@ import trustme
 
 from proxy.emulator.azmlinfsrv import start_azmlinfsrv
 from proxy.emulator.echo import create_echo_app, expected_download_sha256
-from proxy.emulator.runner import ConfigError, RunningEmulator, main, parse_config, start_emulator
+from proxy.emulator.main import main
+from proxy.emulator.runner import ConfigError, RunningEmulator, parse_config, start_emulator
 from proxy.emulator.secretdir import write_secret_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -713,7 +714,7 @@ async def test_tls_serves_both_planes_over_https(tmp_path: Path) -> None:
 async def test_cli_prints_one_ready_line_without_keys_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = "import sys; from proxy.emulator.runner import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from proxy.emulator.main import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, "--keys-dir", str(keys_dir),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,

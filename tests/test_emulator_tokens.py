@@ -941,7 +941,7 @@ async def test_cli_ready_line_names_the_new_listeners_without_secrets(tmp_path: 
     cfg_path = tmp_path / "emulator.yaml"
     cfg_path.write_text(json.dumps(config()))  # JSON is YAML
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = "import sys; from proxy.emulator.runner import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from proxy.emulator.main import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, "--config", str(cfg_path),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,

@@ -15,10 +15,16 @@ is in <secrets>/_entra/client-secret. Names starting with `_` cannot clash with 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
+
+import yaml
 
 from proxy.config import top_default
 from proxy.emulator.secretdir import write_secret_dir
@@ -123,3 +129,32 @@ def build_proxy_config(
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "routes": routes,
     }
+
+
+def with_dev_client(cfg: EmulatorConfig, client_secret: str) -> EmulatorConfig:
+    """`cfg` with the proxy config's Entra app (DEV_CLIENT) registered with `client_secret`."""
+    entra = dataclasses.replace(cfg.entra, clients={**cfg.entra.clients, DEV_CLIENT: client_secret})
+    return dataclasses.replace(cfg, entra=entra)
+
+
+def write_proxy_config(emulator: RunningEmulator, cfg: EmulatorConfig, path: Path, *, client_secret: str) -> None:
+    """Write the proxy config for `emulator` to `path` (atomically; YAML with a comment saying what it is)."""
+    assert cfg.keys_dir is not None, "keys are mirrored for --proxy-config"
+    doc = build_proxy_config(emulator, cfg, cfg.keys_dir, client_secret=client_secret)
+    header = (
+        "# Written by `aml-auth-proxy emulator --proxy-config`: valid while that emulator runs (its ports, CA and\n"
+        "# client secret are new each run). Start the proxy with `aml-auth-proxy run --config "
+        + path.name
+        + f"`, then\n# call http://127.0.0.1:{PROXY_PORT}/<route>/score. Every key is in docs/configuration.md.\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(header + yaml.safe_dump(doc, sort_keys=False))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
