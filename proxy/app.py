@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ from proxy.config import (
     JWT_FILE,
     KEY_FILE,
     MLSERVER,
+    Listen,
     Route,
     Settings,
     placeholder_for,
@@ -40,6 +43,7 @@ from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.refresher import Refresher, TokenSource
 from proxy.server import HttpServer
+from proxy.workers import METRICS_INTERVAL, WorkerChannel, snapshot
 
 if TYPE_CHECKING:
     from proxy.kube.client import KubeApi
@@ -329,3 +333,66 @@ class ProxyService:
             self._admin_server = None
         if self._admin:
             event(log, logging.INFO, "stopped")
+
+
+async def run_worker(settings: Settings, *, fd: int, port: int, index: int) -> int:
+    """A worker process: serve the proxy port with credentials from the primary until SIGTERM or the primary goes."""
+    channel = await WorkerChannel.open(fd, settings.routes)
+    reading = asyncio.create_task(channel.read(), name="worker:channel")
+
+    def provider(route: Route, _rm: RouteMetrics) -> CredentialProvider:
+        return channel.providers[route.name]
+
+    settings = dataclasses.replace(settings, listen=Listen(host=settings.listen.host, port=port))
+    service = ProxyService(settings, provider_factory=provider, admin=False, reuse_port=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def first_push() -> None:  # every route's state before listening: no 503 for want of a push
+        for p in channel.providers.values():
+            await p.received.wait()
+
+    received = asyncio.ensure_future(first_push())
+    closed = asyncio.ensure_future(channel.closed.wait())
+    await asyncio.wait([received, closed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    received.cancel()
+    closed.cancel()
+    if channel.closed.is_set() or stop.is_set():
+        return 0
+    try:
+        await service.start()
+    except OSError as exc:
+        event(log, logging.ERROR, "start_failed", worker=index, reason=str(exc))
+        await service.stop()
+        return 1
+    channel.send({"t": "listening"})
+    event(log, logging.INFO, "worker_started", worker=index, pid=os.getpid(), listen=f"{settings.listen.host}:{port}")
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL)
+            channel.send({"t": "metrics", "samples": snapshot(service.metrics.registry)})
+
+    reporting = asyncio.create_task(report(), name="worker:metrics")
+    gone = asyncio.ensure_future(channel.closed.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([gone, stopped], return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    stopped.cancel()
+    if channel.closed.is_set():
+        event(log, logging.WARNING, "primary_gone", worker=index)
+    await service.stop()
+    reporting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reporting
+    channel.send({"t": "metrics", "samples": snapshot(service.metrics.registry)})
+    with contextlib.suppress(ConnectionError):
+        await channel.writer.drain()
+    channel.writer.close()
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    event(log, logging.INFO, "worker_stopped", worker=index, pid=os.getpid())
+    return 0

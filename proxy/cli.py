@@ -230,7 +230,7 @@ def _worker(argv: list[str]) -> int:
         return EXIT_CONFIG
     setup_logging(settings.log_level)
     _install_uvloop()
-    from proxy.workers import run_worker
+    from proxy.app import run_worker
 
     code = asyncio.run(run_worker(settings, fd=args.fd, port=args.port, index=args.index))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -12,18 +12,30 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import parse_qs
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from proxy.forwarding import RouteRuntime
 from proxy.headers import REQUEST_ID, http_date, new_request_id
 from proxy.metrics import Metrics
 from proxy.server import Request
 
-if TYPE_CHECKING:
-    from proxy.workers import WorkerPool
+
+class WorkerView(Protocol):
+    """What the admin port and the shutdown use of the worker pool (proxy/workers.py WorkerPool), when there is
+    one: the pool is built above this module, so it is known here by this shape only."""
+
+    def status(self) -> dict[str, int]: ...
+
+    def collector(self, registry: CollectorRegistry) -> Collector: ...
+
+    def push_changes(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
 
 _JSON = "application/json; charset=utf-8"
 
@@ -33,7 +45,7 @@ class Lifecycle:
     """Process-wide state the probes read."""
 
     shutting_down: bool = False
-    workers: WorkerPool | None = None  # the worker processes, when `workers` > 1 (this is the primary)
+    workers: WorkerView | None = None  # the worker processes, when `workers` > 1 (this is the primary)
     # route -> why its credential task is down (proxy/app.py restarts it): the route is unready meanwhile
     failed_tasks: dict[str, str] = field(default_factory=dict)
 

@@ -30,23 +30,34 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from proxy.config import Listen, Route, Settings
+from proxy.config import Route
 from proxy.credentials.base import Credential, CredentialProvider
 from proxy.credentials.remote import RemoteCredentialProvider
 from proxy.logs import event
-from proxy.metrics import NS, RouteMetrics
+from proxy.metrics import NS
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyService
+    from proxy.forwarding import RouteRuntime
+
+
+class PrimaryService(Protocol):
+    """What the worker pool reads of the primary's ProxyService (proxy/app.py)."""
+
+    @property
+    def routes(self) -> Sequence[RouteRuntime]: ...
+
+    @property
+    def proxy_port(self) -> int: ...
+
 
 log = logging.getLogger("aml_auth_proxy.workers")
 
@@ -160,7 +171,7 @@ class _Worker:
 class WorkerPool:
     """The primary's side: starts, feeds, watches, restarts and stops the worker processes."""
 
-    def __init__(self, service: ProxyService, *, count: int, config_path: str | None) -> None:
+    def __init__(self, service: PrimaryService, *, count: int, config_path: str | None) -> None:
         self.service = service
         self.count = count
         self.config_path = config_path
@@ -404,8 +415,15 @@ class MergedView(Collector):
 # -- a worker -------------------------------------------------------------------------------------------------
 
 
-class _WorkerChannel:
+class WorkerChannel:
     """The worker's side of the channel."""
+
+    @classmethod
+    async def open(cls, fd: int, routes: Iterable[Route]) -> WorkerChannel:
+        """The channel on the socket the primary passed as `fd`."""
+        sock = socket.socket(fileno=fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_LINE_LIMIT)
+        return cls(reader, writer, routes)
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, routes: Iterable[Route]) -> None:
         self.reader = reader
@@ -459,70 +477,3 @@ class _WorkerChannel:
     def send(self, msg: dict[str, Any]) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             _send(self.writer, msg)
-
-
-async def run_worker(settings: Settings, *, fd: int, port: int, index: int) -> int:
-    """A worker process: serve the proxy port with credentials from the primary until SIGTERM or the primary goes."""
-    from proxy.app import ProxyService
-
-    sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_LINE_LIMIT)
-    channel = _WorkerChannel(reader, writer, settings.routes)
-    reading = asyncio.create_task(channel.read(), name="worker:channel")
-
-    def provider(route: Route, _rm: RouteMetrics) -> CredentialProvider:
-        return channel.providers[route.name]
-
-    settings = dataclasses.replace(settings, listen=Listen(host=settings.listen.host, port=port))
-    service = ProxyService(settings, provider_factory=provider, admin=False, reuse_port=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def first_push() -> None:  # every route's state before listening: no 503 for want of a push
-        for p in channel.providers.values():
-            await p.received.wait()
-
-    received = asyncio.ensure_future(first_push())
-    closed = asyncio.ensure_future(channel.closed.wait())
-    await asyncio.wait([received, closed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    received.cancel()
-    closed.cancel()
-    if channel.closed.is_set() or stop.is_set():
-        return 0
-    try:
-        await service.start()
-    except OSError as exc:
-        event(log, logging.ERROR, "start_failed", worker=index, reason=str(exc))
-        await service.stop()
-        return 1
-    channel.send({"t": "listening"})
-    event(log, logging.INFO, "worker_started", worker=index, pid=os.getpid(), listen=f"{settings.listen.host}:{port}")
-
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(METRICS_INTERVAL)
-            channel.send({"t": "metrics", "samples": snapshot(service.metrics.registry)})
-
-    reporting = asyncio.create_task(report(), name="worker:metrics")
-    gone = asyncio.ensure_future(channel.closed.wait())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([gone, stopped], return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    stopped.cancel()
-    if channel.closed.is_set():
-        event(log, logging.WARNING, "primary_gone", worker=index)
-    await service.stop()
-    reporting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reporting
-    channel.send({"t": "metrics", "samples": snapshot(service.metrics.registry)})
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
-    writer.close()
-    reading.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reading
-    event(log, logging.INFO, "worker_stopped", worker=index, pid=os.getpid())
-    return 0
