@@ -33,15 +33,17 @@ from proxy.config import (
     Settings,
     placeholder_for,
 )
-from proxy.credentials.base import CREDENTIAL_TASK_FAILED, NO_EVENTS, CredentialProvider, EventSink
+from proxy.credentials.base import CredentialProvider
 from proxy.credentials.keys import KeyFileProvider
 from proxy.credentials.mlserver import MlServerSource
 from proxy.credentials.secret_keys import SecretKeyProvider
+from proxy.credentials.tokens import TokenSource
+from proxy.events import CREDENTIAL_TASK_FAILED, NO_EVENTS, EventSink
 from proxy.forwarding import ProxyHandler, Router, RouteRuntime
 from proxy.health import AdminHandler, Lifecycle
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics, RouteMetrics
-from proxy.refresher import Refresher, TokenSource
+from proxy.refresher import Refresher
 from proxy.server import HttpServer
 from proxy.workers import METRICS_INTERVAL, WorkerChannel, snapshot
 

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
-from proxy.credentials.base import EVENT_REASONS
+from proxy.events import EVENT_REASONS
 
 # `_created` series double the exposition and no dashboard or alert here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

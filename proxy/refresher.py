@@ -23,81 +23,25 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from proxy.clock import Clock
 from proxy.config import RefreshPolicy
-from proxy.credentials.base import (
-    NO_EVENTS,
-    TOKEN_EXPIRED,
-    TOKEN_REFRESH_FAILING,
-    TOKEN_REFRESH_RECOVERED,
-    Credential,
-    EventSink,
+from proxy.credentials.base import Credential
+from proxy.credentials.tokens import (
+    PERMANENT,
+    RefreshError,
+    Token,
+    TokenSource,
+    TransientError,
 )
+from proxy.events import NO_EVENTS, TOKEN_EXPIRED, TOKEN_REFRESH_FAILING, TOKEN_REFRESH_RECOVERED, EventSink
 from proxy.logs import REDACTOR, event
 from proxy.metrics import RouteMetrics
 
 log = logging.getLogger("aml_auth_proxy.refresher")
 
-TRANSIENT = "transient_error"
-PERMANENT = "permanent_error"
 SUCCESS = "success"
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class Token:
-    """A fetched credential with its times on the local clock (sources correct server clock skew).
-
-    `value` and `secondary` are secrets; `state` is kind-specific (the ML Server refresh token, say).
-    """
-
-    value: str
-    expires_at: float | None  # None: never expires (keys)
-    refresh_at: float | None  # the server's "refresh after" hint, if it gave one
-    secondary: str | None = None
-    state: Any = field(default=None, repr=False)
-
-    def __repr__(self) -> str:
-        return f"Token(expires_at={self.expires_at}, refresh_at={self.refresh_at})"
-
-
-class RefreshError(Exception):
-    """A fetch failed. `reason` is safe to log and show: it never contains a credential."""
-
-    outcome = TRANSIENT
-
-    def __init__(self, reason: str, *, retry_after: float | None = None, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.status = status  # the HTTP status that caused it, when there was one
-
-
-class TransientError(RefreshError):
-    """Network errors, timeouts, 5xx, 429: worth retrying soon."""
-
-
-class PermanentError(RefreshError):
-    """Other 4xx, bad configuration: retrying soon will not help; retry at the backoff cap."""
-
-    outcome = PERMANENT
-
-
-class TokenSource(Protocol):
-    """How to get one kind of token."""
-
-    kind: str
-
-    async def fetch(self, previous: Token | None) -> Token:
-        """Fetch a new token (or keys). Raise TransientError or PermanentError."""
-
-    async def revoke(self, token: Token) -> None:
-        """Give the token back at shutdown, where the kind can."""
-
-    async def close(self) -> None:
-        """Release clients."""
 
 
 # While the route has no usable token (none yet, or its use has ended) every second of 503s counts: transient
@@ -109,27 +53,6 @@ UNUSABLE_RETRY_SECONDS = 1.0
 EXPIRY_MARGIN_MAX_FRACTION = 0.1
 _EPSILON = 1e-6  # clock readings this close to the end of a token's use count as the end (float rounding)
 _MAX_REASONS = 32  # failure reasons remembered per outage for logging each once
-
-
-# Server clocks are read from whole-second sources (the Date header, a JWT's iat): below this they agree with ours.
-SKEW_TOLERANCE_SECONDS = 2.0
-
-
-def skew_corrected(server_time: float | None, *, server_now: float | None, local_now: float) -> float | None:
-    """A server's absolute time moved onto the local clock, using the server's idea of now.
-
-    `server_now` comes from a whole-second source that is truncated, so callers pass the upper end of its
-    second (the conservative side: a token then looks a little shorter-lived, never longer). Differences within
-    the tolerance are no evidence of skew and leave the time as the server said it.
-    """
-    if server_time is None:
-        return None
-    if server_now is None:
-        return server_time
-    skew = server_now - local_now
-    if abs(skew) < SKEW_TOLERANCE_SECONDS:
-        return server_time
-    return server_time - skew
 
 
 class Refresher:
@@ -243,13 +166,9 @@ class Refresher:
         await self.refresh_now("startup")
 
     async def run(self) -> None:
-        watch = getattr(self._source, "watch", None)
-        if watch is None:
-            await self._schedule_loop()
-            return
         async with asyncio.TaskGroup() as group:
             group.create_task(self._schedule_loop())
-            group.create_task(watch(self.refresh_now))
+            group.create_task(self._source.watch(self.refresh_now))  # returns at once for a kind that watches nothing
 
     async def _schedule_loop(self) -> None:
         while True:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.credentials.http import MAX_ANSWER_BYTES, CredentialHttp
-from proxy.refresher import PermanentError, TransientError
+from proxy.credentials.tokens import PermanentError, TransientError
 
 Serve = Callable[..., Awaitable[str]]
 

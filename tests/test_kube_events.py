@@ -13,12 +13,13 @@ from prometheus_client import CollectorRegistry
 
 from proxy.clock import ManualClock
 from proxy.config import Kubernetes, RefreshPolicy
+from proxy.credentials.tokens import NothingToWatch, Token, TransientError
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Selector, resource_by_name
 from proxy.kube.client import KubeApi
 from proxy.kube.events import BURST, REFILL_SECONDS, EventRecorder
 from proxy.metrics import Metrics
-from proxy.refresher import Refresher, Token, TransientError
+from proxy.refresher import Refresher
 
 NS = "ml"
 POD = "scorer-0"
@@ -46,7 +47,7 @@ async def kube() -> AsyncIterator[RunningKubeApi]:
         await server.close()
 
 
-class FlakySource:
+class FlakySource(NothingToWatch):
     kind = "aml-endpoint-token"
 
     def __init__(self, clock: ManualClock) -> None:

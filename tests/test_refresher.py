@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from proxy.clock import ManualClock
 from proxy.config import RefreshPolicy
+from proxy.credentials.tokens import NothingToWatch, PermanentError, RefreshError, Token, TransientError, skew_corrected
 from proxy.logs import GENERATIONS, REDACTED, REDACTOR
 from proxy.metrics import Metrics
-from proxy.refresher import PermanentError, Refresher, RefreshError, Token, TransientError, skew_corrected
+from proxy.refresher import Refresher
 
 POLICY = RefreshPolicy(
     margin_seconds=0.0,
@@ -30,7 +31,7 @@ POLICY = RefreshPolicy(
 )
 
 
-class FakeSource:
+class FakeSource(NothingToWatch):
     """A token source with a script: each fetch pops the next outcome (a lifetime, or an exception)."""
 
     kind = "aml-endpoint-token"

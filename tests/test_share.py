@@ -152,8 +152,8 @@ async def test_release_frees_the_lease_for_an_immediate_takeover() -> None:
 
 
 def test_shared_secret_round_trips_and_refuses_malformed_data() -> None:
+    from proxy.credentials.tokens import Token
     from proxy.kube.share import SharedToken
-    from proxy.refresher import Token
 
     shared = SharedToken(token=Token(value="tok", expires_at=10.5, refresh_at=8.0), fetched_at=2.0, holder="a", term=3)
     back = decode(encode(shared))
@@ -222,7 +222,7 @@ def provider(store: FakeLeases, secrets_: FakeSecrets, clock: ManualClock, name:
 
 
 def token_at(clock: ManualClock, *, refresh_in: float, expires_in: float, value: str = "tok") -> Any:
-    from proxy.refresher import Token
+    from proxy.credentials.tokens import Token
 
     return Token(value=value, expires_at=clock.time() + expires_in, refresh_at=clock.time() + refresh_in)
 

@@ -19,7 +19,7 @@ from proxy.config import (
 )
 from proxy.credentials.http import CredentialHttp, JsonAnswer, epoch, jwt_times, require
 from proxy.credentials.identity import AzureIdentity
-from proxy.refresher import PermanentError, Token, TransientError, skew_corrected
+from proxy.credentials.tokens import NothingToWatch, PermanentError, Token, TransientError, skew_corrected
 
 _PROVIDER = "providers/Microsoft.MachineLearningServices"
 
@@ -69,7 +69,7 @@ def _token_from(
     return Token(value=access, expires_at=expires_at, refresh_at=refresh_at)
 
 
-class _ControlPlaneSource:
+class _ControlPlaneSource(NothingToWatch):
     def __init__(self, *, auth: Auth, identity: AzureIdentity, what: str, clock: Clock | None) -> None:
         self.auth = auth
         self.identity = identity
@@ -175,7 +175,7 @@ class AmlKeysSource(_ControlPlaneSource):
         )
 
 
-class AadSource:
+class AadSource(NothingToWatch):
     """An Entra ID token for `https://ml.azure.com/.default` (managed endpoints in aad_token mode)."""
 
     kind = AAD

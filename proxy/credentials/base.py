@@ -55,37 +55,3 @@ class CredentialProvider(Protocol):
 
     async def close(self) -> None:
         """Release what start() acquired."""
-
-
-# Kubernetes Event reasons (docs/configuration.md, "Kubernetes"), all of them: the metric of Events counts each one
-# from the start. The credential code reports through `EventSink`; proxy/kube/events.py turns reports into Events,
-# so no credential module imports the Kubernetes client.
-TOKEN_REFRESH_FAILING = "TokenRefreshFailing"
-TOKEN_REFRESH_RECOVERED = "TokenRefreshRecovered"
-TOKEN_EXPIRED = "TokenExpired"
-KEY_FAILOVER = "KeyFailover"
-SECRET_UNAVAILABLE = "SecretUnavailable"
-CREDENTIAL_TASK_FAILED = "CredentialTaskFailed"
-EVENT_REASONS = (
-    TOKEN_REFRESH_FAILING,
-    TOKEN_REFRESH_RECOVERED,
-    TOKEN_EXPIRED,
-    KEY_FAILOVER,
-    SECRET_UNAVAILABLE,
-    CREDENTIAL_TASK_FAILED,
-)
-
-
-class EventSink(Protocol):
-    """Where credential code reports what an operator should see on the pod. `emit` never blocks or raises."""
-
-    def emit(self, *, warning: bool, reason: str, message: str) -> None:
-        """Report one occurrence; `message` never contains a credential."""
-
-
-class _NoEvents:
-    def emit(self, *, warning: bool, reason: str, message: str) -> None:
-        return None
-
-
-NO_EVENTS: EventSink = _NoEvents()

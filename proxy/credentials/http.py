@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import __version__
-from proxy.refresher import PermanentError, TransientError
+from proxy.credentials.tokens import PermanentError, TransientError
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})

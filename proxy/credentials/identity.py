@@ -29,9 +29,9 @@ from requests.exceptions import RequestException, SSLError
 from proxy.config import Identity
 from proxy.credentials.keys import KeyFileError, read_key_file
 from proxy.credentials.secret_keys import SecretFeed
+from proxy.credentials.tokens import PermanentError, TransientError
 from proxy.logs import REDACTOR
 from proxy.metrics import Metrics
-from proxy.refresher import PermanentError, TransientError
 
 
 class AzureIdentity:

@@ -15,7 +15,7 @@ import jwt
 
 from proxy.config import JWT_FILE, Auth
 from proxy.credentials.keys import KeyFileError, read_key_file
-from proxy.refresher import PermanentError, Token, TransientError
+from proxy.credentials.tokens import PermanentError, Token, TransientError
 
 
 class JwtFileSource:

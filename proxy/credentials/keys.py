@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from proxy.config import Auth
-from proxy.credentials.base import KEY_FAILOVER, NO_EVENTS, Credential, EventSink
+from proxy.credentials.base import Credential
+from proxy.events import KEY_FAILOVER, NO_EVENTS, EventSink
 from proxy.headers import render_credential
 from proxy.logs import REDACTOR, event
 from proxy.metrics import RouteMetrics

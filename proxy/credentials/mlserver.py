@@ -13,15 +13,15 @@ from urllib.parse import quote
 from proxy.config import MLSERVER, Auth
 from proxy.credentials.http import CredentialHttp, epoch, jwt_times, require
 from proxy.credentials.keys import KeyFileError, read_key_file
+from proxy.credentials.tokens import NothingToWatch, PermanentError, Token, skew_corrected
 from proxy.logs import REDACTOR
-from proxy.refresher import PermanentError, Token, skew_corrected
 
 
 def _plus_one(iat: float | None) -> float | None:
     return None if iat is None else iat + 1.0  # whole seconds, truncated
 
 
-class MlServerSource:
+class MlServerSource(NothingToWatch):
     kind = MLSERVER
 
     def __init__(self, *, auth: Auth, base_url: str) -> None:

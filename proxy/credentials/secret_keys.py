@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.config import Auth, SecretRef
-from proxy.credentials.base import NO_EVENTS, EventSink
 from proxy.credentials.keys import KeyFileError, KeyPair, validate_key
+from proxy.events import NO_EVENTS, EventSink
 from proxy.logs import event
 from proxy.metrics import RouteMetrics
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from proxy.clock import Clock
 from proxy.config import SecretRef, Settings
-from proxy.credentials.base import NO_EVENTS, EventSink
+from proxy.events import NO_EVENTS, EventSink
 from proxy.kube.client import KubeApi
 from proxy.kube.events import EventRecorder
 from proxy.kube.secrets import SecretWatch

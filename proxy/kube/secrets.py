@@ -23,8 +23,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from proxy.credentials.base import NO_EVENTS, SECRET_UNAVAILABLE, EventSink
 from proxy.credentials.secret_keys import SecretState
+from proxy.events import NO_EVENTS, SECRET_UNAVAILABLE, EventSink
 from proxy.kube.client import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,

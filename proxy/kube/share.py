@@ -31,11 +31,12 @@ from typing import Any, Protocol
 from proxy.clock import Clock
 from proxy.config import Share
 from proxy.credentials.base import Credential
+from proxy.credentials.tokens import Token
 from proxy.kube.client import KubeApi, WorkerThread, api_error, call, k8s, post
 from proxy.kube.lease import Conflict, Elector, KubeLeaseStore, KubeUnavailable
 from proxy.logs import event
 from proxy.metrics import Metrics
-from proxy.refresher import Refresher, Token
+from proxy.refresher import Refresher
 
 log = logging.getLogger("aml_auth_proxy.share")
 iter_resp_lines: Any = importlib.import_module("kubernetes.watch.watch").iter_resp_lines

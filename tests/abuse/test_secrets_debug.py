@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 
 from proxy.credentials.base import Credential
+from proxy.credentials.tokens import Token
 from proxy.emulator.runner import RunningEmulator
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.logs import JsonFormatter
-from proxy.refresher import Token
 from tests.conftest import ProxyFactory, new_key, remember
 from tests.logscan import JWT_RE, REDACTED
 from tests.test_tokens_e2e import client_secret_identity, control_plane, emu, route
