@@ -71,6 +71,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy tests setup.py
 	$(BIN)/ruff format --check proxy tests setup.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/hadolint Dockerfile
 
 test: install lint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tomllib
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -91,7 +92,7 @@ def test_demo_tells_its_story_in_at_most_60_lines_and_says_what_happened() -> No
 
 def test_readme_layout_names_every_module_and_the_example_route_count() -> None:
     readme = (ROOT / "README.md").read_text()
-    layout = readme.split("Layout of `proxy/`:", 1)[1].split("\nDependencies:", 1)[0]
+    layout = readme.split("Layout of `proxy/`", 1)[1].split("\nDependencies:", 1)[0]
     named = set(re.findall(r"`([a-z_]+(?:\.py|/))`", layout))
     top = {p.name for p in (ROOT / "proxy").glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     packages = {p.name + "/" for p in (ROOT / "proxy").iterdir() if (p / "__init__.py").exists()}
@@ -110,3 +111,13 @@ def test_readme_dev_loop_is_the_one_the_demo_and_the_emulator_suggest() -> None:
     assert ".venv/bin/aml-auth-proxy emulator --proxy-config dev/proxy.yaml\n" in readme
     assert ".venv/bin/aml-auth-proxy run --config dev/proxy.yaml" in readme
     assert "curl -d '{\"data\": [1, 2, 3]}' http://127.0.0.1:8080/demo/score" in readme
+
+
+def test_readme_layers_are_the_import_contracts_layers() -> None:
+    """README's "From the top: ..." sentence lists the layers of [tool.importlinter] in pyproject.toml, in order."""
+    readme = (ROOT / "README.md").read_text()
+    sentence = readme.split("From the top:", 1)[1].split("The modules:", 1)[0]
+    said = [name.removesuffix(".py").removesuffix("/") for name in re.findall(r"`([a-z_]+(?:\.py|/))`", sentence)]
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    layers = [m.strip().removeprefix("proxy.") for layer in contract["layers"] for m in re.split(r"[|:]", layer)]
+    assert said == [m for m in layers if m != "__main__"]
