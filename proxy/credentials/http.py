@@ -1,6 +1,6 @@
 """The one HTTP client for credential calls (AML control planes, ML Server), with their error classification.
 
-Network errors, timeouts, 408, 429 and 5xx are transient (Retry-After is kept); other non-2xx answers are
+Network errors, timeouts, 408, 425, 429 and 5xx are transient (Retry-After is kept); other non-2xx answers are
 permanent; a 2xx whose body is not the expected JSON object is transient (a glitch, retried with backoff).
 Reasons never quote a response body: bodies of credential endpoints may echo credentials.
 """
@@ -32,6 +32,12 @@ class JsonAnswer:
     status: int
     body: dict[str, Any]
     server_now: float | None  # the server's clock from its Date header, for skew correction
+
+
+def is_transient_status(status: int) -> bool:
+    """Worth retrying soon: 5xx, 408 Request Timeout, 425 Too Early, 429 Too Many Requests. Every credential kind
+    that speaks HTTP classifies its answers here."""
+    return status >= 500 or status in _TRANSIENT_STATUS
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
@@ -139,7 +145,7 @@ class CredentialHttp:
         found = CIMultiDict(answer.raw_headers)
         retry_after = parse_retry_after(found.get("Retry-After"), now=time.time())
         now = server_date(found.get("Date"))
-        if status >= 500 or status in _TRANSIENT_STATUS:
+        if is_transient_status(status):
             raise TransientError(f"{self._what}: HTTP {status}", retry_after=retry_after, status=status)
         if not 200 <= status < 300:
             raise PermanentError(f"{self._what}: HTTP {status}{_error_code(raw)}", status=status)

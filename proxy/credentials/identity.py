@@ -27,6 +27,7 @@ from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential
 from requests.exceptions import RequestException, SSLError
 
 from proxy.config import Identity
+from proxy.credentials.http import is_transient_status, parse_retry_after
 from proxy.credentials.keys import KeyFileError, read_key_file
 from proxy.credentials.secret_keys import SecretFeed
 from proxy.credentials.tokens import PermanentError, TransientError
@@ -199,17 +200,10 @@ def _classify_refusal(exc: ClientAuthenticationError, kind: str) -> TransientErr
     except (ValueError, TypeError, AttributeError):
         pass
     reason = f"Entra ID: HTTP {status} ({code})"
-    if status >= 500 or status in (408, 429):
-        return TransientError(reason, retry_after=_retry_after(response), status=status)
+    if is_transient_status(status):
+        retry_after = parse_retry_after(getattr(response, "headers", {}).get("Retry-After"), now=time.time())
+        return TransientError(reason, retry_after=retry_after, status=status)
     return PermanentError(reason, status=status)
-
-
-def _retry_after(response: Any) -> float | None:
-    value = getattr(response, "headers", {}).get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _transport_reason(exc: BaseException) -> str:

@@ -484,6 +484,8 @@ ENTRA_FAULTS = {
     "http_500": ({"action": "status", "status": 500}, "transient_error", "Entra ID: HTTP 500 ("),
     "http_400": ({"action": "status", "status": 400}, "permanent_error", "Entra ID: HTTP 400 ("),
     "http_429": ({"action": "status", "status": 429, "retry_after": 1}, "transient_error", "Entra ID: HTTP 429 ("),
+    # 425 Too Early is transient for Entra ID as for the control planes (one classifier, credentials/http.py).
+    "http_425": ({"action": "status", "status": 425}, "transient_error", "Entra ID: HTTP 425 ("),
     "invalid_json": ({"action": "invalid_json"}, "transient_error", "Entra ID sent a malformed answer"),
     "missing_fields": ({"action": "missing_fields"}, "transient_error", "Entra ID sent a malformed answer"),
     "slow": ({"action": "delay", "seconds": 30}, "transient_error", "Entra ID did not answer within "),
