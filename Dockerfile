@@ -8,7 +8,7 @@ FROM python:${PYTHON_VERSION}-bookworm AS build
 # Fail the build rather than ship the slower pure-Python request path.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 AML_AUTH_PROXY_COMPILE=1
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY proxy/ proxy/
 # The same two commands tests/test_image.py runs: build the wheel, install it (and only it) into a clean venv.
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \

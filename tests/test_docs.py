@@ -121,3 +121,11 @@ def test_readme_layers_are_the_import_contracts_layers() -> None:
     contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
     layers = [m.strip().removeprefix("proxy.") for layer in contract["layers"] for m in re.split(r"[|:]", layer)]
     assert said == [m for m in layers if m != "__main__"]
+
+
+def test_the_license_file_is_the_license_pyproject_names() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n") and "Permission is hereby granted, free of charge" in text
+

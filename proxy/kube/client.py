@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import random
@@ -22,17 +21,16 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+# The kubernetes package is untyped (pyproject.toml lets mypy take it as Any): this package's functions are its
+# typed face.
+import kubernetes.client as k8s
+import kubernetes.config as k8s_config
 import urllib3
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from proxy.config import Kubernetes
-
-# The kubernetes package is untyped: its modules are Any here, and this package's functions are the typed face.
-k8s: Any = importlib.import_module("kubernetes.client")
-k8s_config: Any = importlib.import_module("kubernetes.config")
-ApiException: Any = importlib.import_module("kubernetes.client.exceptions").ApiException
-ConfigException: Any = importlib.import_module("kubernetes.config.config_exception").ConfigException
-InClusterConfigLoader: Any = importlib.import_module("kubernetes.config.incluster_config").InClusterConfigLoader
-iter_resp_lines: Any = importlib.import_module("kubernetes.watch.watch").iter_resp_lines
 
 T = TypeVar("T")
 

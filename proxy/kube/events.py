@@ -26,8 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import kubernetes.client as k8s
+
 from proxy.clock import Clock
-from proxy.kube.client import KubeApi, api_error, call, k8s
+from proxy.kube.client import KubeApi, api_error, call
 
 log = logging.getLogger("aml_auth_proxy.kube.events")
 

@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import kubernetes.client as k8s
+
 from proxy.clock import Clock
-from proxy.kube.client import KubeApi, api_error, call, k8s
+from proxy.kube.client import KubeApi, api_error, call
 from proxy.logs import event
 
 log = logging.getLogger("aml_auth_proxy.share")

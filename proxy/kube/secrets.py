@@ -23,6 +23,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from kubernetes.watch.watch import iter_resp_lines
+
 from proxy.credentials.secret_keys import SecretState
 from proxy.events import NO_EVENTS, SECRET_UNAVAILABLE, EventSink
 from proxy.kube.client import (
@@ -33,7 +35,6 @@ from proxy.kube.client import (
     WorkerThread,
     api_error,
     backoff_delay,
-    iter_resp_lines,
 )
 from proxy.kube.client import post as post_to_loop
 from proxy.logs import event

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import importlib
 import json
 import logging
 import math
@@ -28,18 +27,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import kubernetes.client as k8s
+from kubernetes.watch.watch import iter_resp_lines
+
 from proxy.clock import Clock
 from proxy.config import Share
 from proxy.credentials.base import Credential
 from proxy.credentials.tokens import Token
-from proxy.kube.client import KubeApi, WorkerThread, api_error, call, k8s, post
+from proxy.kube.client import KubeApi, WorkerThread, api_error, call, post
 from proxy.kube.lease import Conflict, Elector, KubeLeaseStore, KubeUnavailable
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.refresher import Refresher
 
 log = logging.getLogger("aml_auth_proxy.share")
-iter_resp_lines: Any = importlib.import_module("kubernetes.watch.watch").iter_resp_lines
 
 LEADER = "leader"
 FOLLOWER = "follower"
