@@ -68,9 +68,10 @@ install: $(BIN)/.installed $(COMPILED_STAMP) $(AMLVENV)/.installed $(AZUREML_COR
 	$(AZURE_AI_ML_VENV)/.installed $(TOOLS)/bin/.installed
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check proxy tests setup.py
-	$(BIN)/ruff format --check proxy tests setup.py
+	$(BIN)/ruff check proxy tests bench scripts setup.py
+	$(BIN)/ruff format --check proxy tests bench scripts setup.py
 	$(BIN)/mypy
+	$(BIN)/mypy bench scripts
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/hadolint Dockerfile
 

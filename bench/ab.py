@@ -160,11 +160,11 @@ def main() -> int:
             remove_worktree(tree)
     print()
     for side in ("before", "after"):
-        us = [r[0] for r in results[side]]
-        rps = [r[1] for r in results[side]]
+        costs = [r[0] for r in results[side]]
+        rates = [r[1] for r in results[side]]
         print(
-            f"{side:<6} ({args.before if side == 'before' else 'checkout'}): {min(us):.1f}-{max(us):.1f} µs/request "
-            f"(median {statistics.median(us):.1f}), {min(rps):.0f}-{max(rps):.0f} req/s"
+            f"{side:<6} ({args.before if side == 'before' else 'checkout'}): {min(costs):.1f}-{max(costs):.1f} "
+            f"µs/request (median {statistics.median(costs):.1f}), {min(rates):.0f}-{max(rates):.0f} req/s"
         )
     change = statistics.median(r[0] for r in results["after"]) / statistics.median(r[0] for r in results["before"])
     print(f"after/before CPU per request (medians): {change:.3f}")

@@ -128,15 +128,13 @@ def start_emulator(procs: Procs, tmp: Path, upstream: str, cpus: set[int] | None
     secret = tmp / "client-secret"
     secret.write_text(secrets.token_urlsafe(24))
     token = {"api": "v2", "region": "eastus", "auth_mode": "aml_token", "deployments": {"blue": upstream}}
+    churn = {"name": "churn", **token, "token_lifetime_seconds": TOKEN_LIFETIME}
+    churn["token_refresh_after_seconds"] = TOKEN_REFRESH_AFTER
     config = {
         "tls": True,
         "entra": {"clients": {CLIENT_ID: secret.read_text()}},
-        "services": [
-            {"name": "churn", **token, "token_lifetime_seconds": TOKEN_LIFETIME},
-            {"name": "steady", **token, "token_lifetime_seconds": 3600},
-        ],
+        "services": [churn, {"name": "steady", **token, "token_lifetime_seconds": 3600}],
     }
-    config["services"][0]["token_refresh_after_seconds"] = TOKEN_REFRESH_AFTER
     path = tmp / "emulator.yaml"
     path.write_text(json.dumps(config))
     proc = procs.start("emulator", [str(VENV_BIN / "aml-auth-proxy"), "emulator", "--config", str(path)], cpus=cpus)
@@ -202,16 +200,20 @@ class Bench:
 
         return sample
 
-    def measure(self, scenario: str, target: Target, run: Callable[..., load.LoadResult], **extra: float) -> Row:
-        """One measured run, with the target's CPU seconds before and after and its RSS sampled meanwhile."""
+    def measure(
+        self, scenario: str, target: Target, run: Callable[..., load.LoadResult], *, count_refreshes: bool = False
+    ) -> Row:
+        """One measured run, with the target's CPU seconds before and after and its RSS sampled meanwhile;
+        `count_refreshes`: also the token refreshes the proxy made during it."""
         target.proc.check()
         target.rss_samples = []
-        before_refresh = refreshes(target) if "refreshes" in extra else 0.0
+        extra: dict[str, float] = {}
+        before_refresh = refreshes(target) if count_refreshes else 0.0
         cpu0 = target.proc.cpu()
         result = run(seconds=self.mode.seconds, sample=self._sampler(target))
         cpu = target.proc.cpu() - cpu0
         target.proc.check()
-        if "refreshes" in extra:
+        if count_refreshes:
             extra["refreshes"] = refreshes(target) - before_refresh
         row = Row(
             scenario=scenario,
@@ -227,7 +229,9 @@ class Bench:
         self.say(row.one_line())
         return row
 
-    def closed_loop(self, target: Target, method: str = "GET", *, whole: bool = False, **extra: float) -> Row:
+    def closed_loop(
+        self, target: Target, method: str = "GET", *, whole: bool = False, count_refreshes: bool = False
+    ) -> Row:
         """wrk, CONNECTIONS connections: GET answered with 200 bytes, or POST 64 KiB. `whole`: nothing pinned."""
         body = POST_BODY_BYTES if method == "POST" else 0
         cpus = None if whole else self.load_cpus
@@ -246,9 +250,9 @@ class Bench:
 
         what = f"POST {body // 1024} KiB" if body else f"GET {GET_BODY_BYTES} B"
         where = f", whole machine ({os.cpu_count()} CPUs shared)" if whole else ""
-        return self.measure(f"{what}, {CONNECTIONS} conns (wrk){where}", target, run, **extra)
+        return self.measure(f"{what}, {CONNECTIONS} conns (wrk){where}", target, run, count_refreshes=count_refreshes)
 
-    def open_loop(self, target: Target, **extra: float) -> Row:
+    def open_loop(self, target: Target, *, count_refreshes: bool = False) -> Row:
         """k6, OPEN_RATE requests per second with OPEN_BODY_BYTES each on OPEN_VUS connections."""
 
         def run(seconds: float, sample: Callable[[], None] | None) -> load.LoadResult:
@@ -264,7 +268,8 @@ class Bench:
                 sample=sample,
             )
 
-        return self.measure(f"POST 1 KiB at {OPEN_RATE}/s, {OPEN_VUS} conns (k6)", target, run, **extra)
+        scenario = f"POST 1 KiB at {OPEN_RATE}/s, {OPEN_VUS} conns (k6)"
+        return self.measure(scenario, target, run, count_refreshes=count_refreshes)
 
     def warm(self, target: Target) -> None:
         """One second of GET load before a target's first measurement (connection pools, caches, allocators)."""
@@ -352,10 +357,10 @@ class Bench:
         try:
             auth = token_auth(ready, "steady", secret)
             with self.proxy("proxy-token", "aml-auth-proxy (token 1 h)", upstream, auth) as target:
-                self.scenarios(target, get=not self.mode.quick, post=False, refreshes=0.0)
+                self.scenarios(target, get=not self.mode.quick, post=False, count_refreshes=True)
             label = f"aml-auth-proxy (token {TOKEN_LIFETIME} s, during refreshes)"
             with self.proxy("proxy-churn", label, upstream, token_auth(ready, "churn", secret)) as target:
-                self.scenarios(target, post=not self.mode.quick, refreshes=0.0)
+                self.scenarios(target, post=not self.mode.quick, count_refreshes=True)
         finally:
             procs.stop(emulator)
 
@@ -396,15 +401,21 @@ class Bench:
                 os.sched_setaffinity(pid, self.server_cpus or everything)
 
     def scenarios(
-        self, target: Target, *, get: bool = True, post: bool = True, open_loop: bool = True, **extra: float
+        self,
+        target: Target,
+        *,
+        get: bool = True,
+        post: bool = True,
+        open_loop: bool = True,
+        count_refreshes: bool = False,
     ) -> None:
         self.warm(target)
         if get:
-            self.closed_loop(target, **extra)
+            self.closed_loop(target, count_refreshes=count_refreshes)
         if post:
-            self.closed_loop(target, "POST", **extra)
+            self.closed_loop(target, "POST", count_refreshes=count_refreshes)
         if open_loop:
-            self.open_loop(target, **extra)
+            self.open_loop(target, count_refreshes=count_refreshes)
 
     def profile(self, target: Target) -> None:
         """py-spy (native frames too) on the proxy during a GET load; the top functions by own time."""

@@ -128,4 +128,3 @@ def test_the_license_file_is_the_license_pyproject_names() -> None:
     assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License\n") and "Permission is hereby granted, free of charge" in text
-
