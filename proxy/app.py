@@ -104,7 +104,7 @@ def build_provider(
         return KeyFileProvider(route=route.name, auth=auth, metrics=route_metrics, events=events)
     source: TokenSource
     if auth.type == MLSERVER:
-        source = MlServerSource(auth=auth, base_url=auth.url or str(route.upstream.origin()))
+        source = MlServerSource(auth=auth, base_url=auth.url or str(route.upstream.origin()), clock=clock)
     elif auth.type == JWT_FILE:
         from proxy.credentials.jwt_file import JwtFileSource  # pyjwt loads cryptography: about 8 MiB, paid here only
 

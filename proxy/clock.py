@@ -1,4 +1,8 @@
-"""One clock for every timing decision: epoch seconds, and a way to wait. Tests inject `ManualClock`."""
+"""One clock for every timing decision: epoch seconds, and a way to wait. Tests inject `ManualClock`.
+
+Two readings are the wall clock on purpose: a key file's age (its mtime is the filesystem's wall clock,
+credentials/keys.py) and a Retry-After given as an HTTP date (credentials/http.py), both compared with
+`time.time()` because the other side of the comparison is."""
 
 from __future__ import annotations
 

@@ -283,6 +283,34 @@ async def test_mlserver_login_rotation_relogin_and_revoke_on_shutdown(
     assert calls["revoke"] == 1 and len(emu.state.mlserver_revoked) >= 1
 
 
+async def test_mlserver_token_times_are_read_on_the_injected_clock(emu: RunningEmulator, tmp_path: Path) -> None:
+    """The ML Server kind reads its times on the clock the proxy runs on (proxy/clock.py), as every kind does: a
+    proxy whose clock is a ManualClock far from the wall clock sees the token's lifetime from that clock."""
+    from proxy.clock import ManualClock
+    from proxy.config import parse
+    from proxy.credentials.mlserver import MlServerSource
+
+    assert emu.mlserver_url is not None
+    (tmp_path / "user").write_text("admin\n")
+    (tmp_path / "password").write_text(emu.password + "\n")  # type: ignore[attr-defined]
+    auth = {
+        "type": "mlserver",
+        "username_file": str(tmp_path / "user"),
+        "password_file": str(tmp_path / "password"),
+        "ca_file": emu.ca_file,
+    }
+    settings = parse({"routes": [route(emu, "mls", emu.mlserver_url, auth)]}, {})
+    clock = ManualClock(start=time.time() + 10 * 86400)  # ten days ahead of the wall clock
+    source = MlServerSource(auth=settings.routes[0].auth, base_url=emu.mlserver_url, clock=clock)
+    try:
+        token = await source.fetch(None)
+        await source.revoke(token)
+    finally:
+        await source.close()
+    assert token.expires_at is not None
+    assert abs(token.expires_at - (clock.time() + 3600)) < 5, token.expires_at - clock.time()
+
+
 async def test_jwt_file_expiry_makes_the_route_unready_until_a_newer_token_appears(
     serve: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:

@@ -6,10 +6,10 @@ one, so the pair is replaced as a whole. A refresh refused with 401 (revoked or 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import quote
 
+from proxy.clock import Clock, SystemClock
 from proxy.config import MLSERVER, Auth
 from proxy.credentials.http import CredentialHttp, epoch, jwt_times, require
 from proxy.credentials.keys import KeyFileError, read_key_file
@@ -24,9 +24,10 @@ def _plus_one(iat: float | None) -> float | None:
 class MlServerSource(NothingToWatch):
     kind = MLSERVER
 
-    def __init__(self, *, auth: Auth, base_url: str) -> None:
+    def __init__(self, *, auth: Auth, base_url: str, clock: Clock | None = None) -> None:
         assert auth.refresh is not None and auth.username_file and auth.password_file
         self.auth = auth
+        self.clock = clock or SystemClock()
         self.base = base_url.rstrip("/")
         self.http = CredentialHttp(what="ML Server login", ca_file=auth.ca_file, timeout=auth.refresh.timeout_seconds)
 
@@ -59,7 +60,7 @@ class MlServerSource(NothingToWatch):
         access = str(body["access_token"])
         refresh = str(body["refresh_token"])
         REDACTOR.add(access, refresh, owner=f"mlserver:{id(self)}")
-        local_now = time.time()
+        local_now = self.clock.time()
         if body.get("expires_on") is not None:  # the swagger types it as a string; examples send numbers
             expires_at = skew_corrected(
                 epoch(body, what, "expires_on"),
