@@ -255,19 +255,24 @@ async def test_aml_keys_fail_over_then_refetch_after_regeneration(
     assert refreshes == 2
 
 
-async def test_mlserver_login_rotation_relogin_and_revoke_on_shutdown(
-    emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
-) -> None:
-    assert emu.mlserver_url is not None
+def mlserver_auth(emu: RunningEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """An `auth` for the emulator's ML Server, signing in as its admin with files under `tmp_path`."""
     (tmp_path / "user").write_text("admin\n")
     (tmp_path / "password").write_text(emu.password + "\n")  # type: ignore[attr-defined]
-    auth = {
+    return {
         "type": "mlserver",
         "username_file": str(tmp_path / "user"),
         "password_file": str(tmp_path / "password"),
         "ca_file": emu.ca_file,
-        "refresh": {"min_interval_seconds": 0.05},
+        **extra,
     }
+
+
+async def test_mlserver_login_rotation_relogin_and_revoke_on_shutdown(
+    emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    assert emu.mlserver_url is not None
+    auth = mlserver_auth(emu, tmp_path, refresh={"min_interval_seconds": 0.05})
     svc = await make_proxy(route(emu, "mls", emu.mlserver_url, auth))
     assert (await score(svc, "/score"))[0] == 200
     calls = emu.state.mlserver_calls
@@ -291,14 +296,7 @@ async def test_mlserver_token_times_are_read_on_the_injected_clock(emu: RunningE
     from proxy.credentials.mlserver import MlServerSource
 
     assert emu.mlserver_url is not None
-    (tmp_path / "user").write_text("admin\n")
-    (tmp_path / "password").write_text(emu.password + "\n")  # type: ignore[attr-defined]
-    auth = {
-        "type": "mlserver",
-        "username_file": str(tmp_path / "user"),
-        "password_file": str(tmp_path / "password"),
-        "ca_file": emu.ca_file,
-    }
+    auth = mlserver_auth(emu, tmp_path)
     settings = parse({"routes": [route(emu, "mls", emu.mlserver_url, auth)]}, {})
     clock = ManualClock(start=time.time() + 10 * 86400)  # ten days ahead of the wall clock
     source = MlServerSource(auth=settings.routes[0].auth, base_url=emu.mlserver_url, clock=clock)
