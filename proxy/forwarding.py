@@ -86,7 +86,7 @@ class Router:
 
 # (status for metrics and logs, bytes sent, seconds waiting for the upstream's answer headers)
 _Outcome = tuple[int, int, float]
-_Answer = tuple[list[tuple[str, str]], bytes]
+HeadersAndBody = tuple[list[tuple[str, str]], bytes]
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -98,7 +98,7 @@ def _has_dot_segment(path: str) -> bool:
     return False
 
 
-def json_error(error: str, *, route: str | None, rid: str | None) -> _Answer:
+def json_error(error: str, *, route: str | None, rid: str | None) -> HeadersAndBody:
     """The headers and body of the proxy's own error answers."""
     body = json.dumps({"error": error, "route": route, "request_id": rid}).encode()
     headers = [("Content-Type", "application/json"), ("Date", http_date())]
@@ -261,7 +261,7 @@ class ProxyHandler:
             headers.append(("Retry-After", "1"))
         request.answer(status, headers, body, close=close)
 
-    def refusal(self, status: int, reason: str, rid: str | None = None) -> _Answer:
+    def refusal(self, status: int, reason: str, rid: str | None = None) -> HeadersAndBody:
         """The answer to a request the server's parser refused: counted, logged once with its fixed reason (never
         the offending bytes, which may hold a credential), a JSON error with the request's id (a fresh one when
         the head itself was refused)."""

@@ -73,17 +73,17 @@ def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[boo
     return ready, body
 
 
-Answer = tuple[int, list[tuple[str, str]], bytes]
+AdminAnswer = tuple[int, list[tuple[str, str]], bytes]
 
 
-def _json(status: int, body: object, *, rid: str | None = None) -> Answer:
+def _json(status: int, body: object, *, rid: str | None = None) -> AdminAnswer:
     headers = [("Content-Type", _JSON), ("Date", http_date())]
     if rid is not None:
         headers.append((REQUEST_ID, rid))
     return status, headers, json.dumps(body).encode()
 
 
-def _error(status: int, error: str, **extra: object) -> Answer:
+def _error(status: int, error: str, **extra: object) -> AdminAnswer:
     rid = new_request_id()
     return _json(status, {"error": error, **extra, "request_id": rid}, rid=rid)
 
@@ -120,7 +120,7 @@ class AdminHandler:
         self.lifecycle = lifecycle
         self.by_name = {rt.name: rt for rt in routes}
         get = ("GET", "HEAD")
-        self.paths: dict[str, tuple[tuple[str, ...], Callable[[str], Answer | Awaitable[Answer]]]] = {
+        self.paths: dict[str, tuple[tuple[str, ...], Callable[[str], AdminAnswer | Awaitable[AdminAnswer]]]] = {
             "/healthz": (get, self.healthz),
             "/readyz": (get, self.readyz),
             "/metrics": (get, self.metrics_text),
@@ -153,27 +153,27 @@ class AdminHandler:
             return None
         return self._later(request, result)
 
-    async def _later(self, request: Request, result: Awaitable[Answer]) -> None:
+    async def _later(self, request: Request, result: Awaitable[AdminAnswer]) -> None:
         self._send(request, await result)
 
     @staticmethod
-    def _send(request: Request, answer: Answer) -> None:
+    def _send(request: Request, answer: AdminAnswer) -> None:
         status, headers, body = answer
         request.answer(status, headers, body)
 
-    def healthz(self, _query: str) -> Answer:
+    def healthz(self, _query: str) -> AdminAnswer:
         return _json(200, {"status": "ok"})
 
-    def readyz(self, _query: str) -> Answer:
+    def readyz(self, _query: str) -> AdminAnswer:
         ready, body = readiness(self.routes, self.lifecycle)
         return _json(200 if ready else 503, body)
 
-    def metrics_text(self, _query: str) -> Answer:
+    def metrics_text(self, _query: str) -> AdminAnswer:
         pool = self.lifecycle.workers
         source = self.metrics.registry if pool is None else pool.collector(self.metrics.registry)  # all processes
         return 200, [("Content-Type", CONTENT_TYPE_LATEST), ("Date", http_date())], generate_latest(source)
 
-    async def refresh(self, query: str) -> Answer:
+    async def refresh(self, query: str) -> AdminAnswer:
         """Force one refresh of a route's credential (joins one already in flight)."""
         names = parse_qs(query).get("route") or [""]
         rt = self.by_name.get(names[0])

@@ -23,10 +23,11 @@ import aiohttp
 import pytest
 import trustme
 
+from proxy.config import ConfigError
 from proxy.emulator.azmlinfsrv import start_azmlinfsrv
 from proxy.emulator.echo import create_echo_app, expected_download_sha256
 from proxy.emulator.main import main
-from proxy.emulator.runner import ConfigError, RunningEmulator, parse_config, start_emulator
+from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
 from proxy.emulator.secretdir import write_secret_dir
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,8 +27,9 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential, WorkloadIdentityCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from proxy.config import ConfigError
 from proxy.emulator.dates import http_date
-from proxy.emulator.runner import ConfigError, RunningEmulator, parse_config, start_emulator
+from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
 from proxy.emulator.state import SERVICE_ACCOUNT_ISSUER
 from proxy.emulator.tls import make_local_tls
 from proxy.emulator.tokens import token_digest

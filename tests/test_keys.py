@@ -16,7 +16,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.config import Auth
-from proxy.credentials.keys import SETTLE_SECONDS, KeyFileError, KeyFileProvider, read_key_file
+from proxy.credentials.files import SecretFileError, read_secret_file
+from proxy.credentials.keys import SETTLE_SECONDS, KeyFileProvider
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.metrics import Metrics
 from tests.conftest import ProxyFactory, new_key
@@ -51,7 +52,7 @@ def reloads(metrics: Metrics, outcome: str) -> float:
 def test_key_file_whitespace_and_trailing_newline_are_trimmed(tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "k"
     path.write_bytes(content)
-    assert read_key_file(str(path)) == expected
+    assert read_secret_file(str(path)) == expected
 
 
 @pytest.mark.parametrize(
@@ -68,15 +69,15 @@ def test_key_file_whitespace_and_trailing_newline_are_trimmed(tmp_path: Path, co
 def test_unusable_key_files_are_refused_with_a_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "k"
     path.write_bytes(content)
-    with pytest.raises(KeyFileError, match=reason):
-        read_key_file(str(path))
+    with pytest.raises(SecretFileError, match=reason):
+        read_secret_file(str(path))
 
 
 def test_missing_and_unreadable_key_files(tmp_path: Path) -> None:
-    with pytest.raises(KeyFileError, match="file not found"):
-        read_key_file(str(tmp_path / "nope"))
-    with pytest.raises(KeyFileError, match="is a directory"):
-        read_key_file(str(tmp_path))
+    with pytest.raises(SecretFileError, match="file not found"):
+        read_secret_file(str(tmp_path / "nope"))
+    with pytest.raises(SecretFileError, match="is a directory"):
+        read_secret_file(str(tmp_path))
 
 
 def settle(root: Path) -> None:

@@ -500,7 +500,6 @@ async def roles(proxies: dict[str, ProxyProcess]) -> dict[str, str]:
     return {name: (await readyz(p))["share"]["role"] for name, p in proxies.items()}
 
 
-@pytest.mark.slow
 async def test_three_replicas_share_one_token_fail_over_and_fall_back(
     emu: RunningEmulator, kube: RunningKubeApi, tmp_path: Path
 ) -> None:
@@ -620,7 +619,6 @@ async def fetched(proxy: ProxyProcess) -> float:
     return await proxy.metric("aml_auth_proxy_token_refreshes_total", **labels)
 
 
-@pytest.mark.slow
 async def test_without_sharing_each_replica_fetches_its_own(
     emu: RunningEmulator, kube: RunningKubeApi, tmp_path: Path
 ) -> None:

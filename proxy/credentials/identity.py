@@ -27,8 +27,8 @@ from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential
 from requests.exceptions import RequestException, SSLError
 
 from proxy.config import Identity
+from proxy.credentials.files import SecretFileError, read_secret_file
 from proxy.credentials.http import is_transient_status, parse_retry_after
-from proxy.credentials.keys import KeyFileError, read_key_file
 from proxy.credentials.secret_keys import SecretFeed
 from proxy.credentials.tokens import PermanentError, TransientError
 from proxy.logs import REDACTOR
@@ -97,14 +97,14 @@ class AzureIdentity:
             state = self._secret_feed.state
             try:
                 if state is None:
-                    raise KeyFileError("not read yet")
+                    raise SecretFileError("not read yet")
                 return state.value(c.client_secret_ref.key)
-            except KeyFileError as exc:
+            except SecretFileError as exc:
                 raise PermanentError(f"client secret Secret {c.client_secret_ref}: {exc}") from exc
         assert c.client_secret_file  # config requires the file or the Secret
         try:
-            return read_key_file(c.client_secret_file)
-        except KeyFileError as exc:
+            return read_secret_file(c.client_secret_file)
+        except SecretFileError as exc:
             raise PermanentError(f"client secret file: {exc}") from exc
 
     def _secret_rotated(self) -> bool:
@@ -114,7 +114,7 @@ class AzureIdentity:
             return False
         try:
             return feed.state.value(ref.key) != self._secret_used
-        except KeyFileError:
+        except SecretFileError:
             return False
 
     async def token(self, scope: str) -> AccessTokenInfo:

@@ -8,13 +8,12 @@ with no newer one makes the route unready.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 
 import jwt
 
 from proxy.config import JWT_FILE, Auth
-from proxy.credentials.keys import KeyFileError, read_key_file
+from proxy.credentials.files import FileSignature, SecretFileError, file_signature, read_secret_file
 from proxy.credentials.tokens import PermanentError, Token, TransientError
 
 
@@ -25,13 +24,13 @@ class JwtFileSource:
         assert auth.token_file is not None
         self.path = auth.token_file
         self.poll_seconds = auth.reload_seconds
-        self._signature: tuple[int, int, int, int] | None = None
+        self._signature: FileSignature | None = None
 
     async def fetch(self, previous: Token | None) -> Token:
-        self._signature = _signature(self.path)
+        self._signature = file_signature(self.path)
         try:
-            token = read_key_file(self.path)
-        except KeyFileError as exc:
+            token = read_secret_file(self.path)
+        except SecretFileError as exc:
             raise TransientError(f"token file: {exc}") from exc
         try:
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -46,7 +45,7 @@ class JwtFileSource:
         """Poll the file; a change (kubelet's symlink swap included) triggers a re-read at once."""
         while True:
             await asyncio.sleep(self.poll_seconds)
-            if _signature(self.path) != self._signature:
+            if file_signature(self.path) != self._signature:
                 await changed("file_changed")
 
     async def revoke(self, token: Token) -> None:
@@ -54,11 +53,3 @@ class JwtFileSource:
 
     async def close(self) -> None:
         return None
-
-
-def _signature(path: str) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import stat
 import time
 from typing import Any
 
 from proxy.config import Auth
 from proxy.credentials.base import Credential
+from proxy.credentials.files import FileSignature, SecretFileError, file_signature, read_secret_file
 from proxy.events import KEY_FAILOVER, NO_EVENTS, EventSink
 from proxy.headers import render_credential
 from proxy.logs import REDACTOR, event
@@ -27,57 +26,7 @@ from proxy.metrics import RouteMetrics
 log = logging.getLogger("aml_auth_proxy.credentials.keys")
 
 SLOTS = ("primary", "secondary")
-_MAX_KEY_FILE = 16384
 SETTLE_SECONDS = 1.0
-_Signature = tuple[int, int, int, int, int, int]  # dev, inode, mtime, size, ctime (a chmod), mode
-
-
-class KeyFileError(Exception):
-    """A key file cannot be used; the message never contains the file's content."""
-
-
-def read_key_file(path: str) -> str:
-    """Read one key: surrounding whitespace (a trailing newline) trimmed, control characters refused."""
-    try:
-        # O_NONBLOCK: a FIFO put in the key's place must not block the event loop on open.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise KeyFileError("not a regular file")
-            data = fh.read(_MAX_KEY_FILE + 1)
-    except FileNotFoundError as exc:
-        raise KeyFileError("file not found") from exc
-    except PermissionError as exc:
-        raise KeyFileError("permission denied") from exc
-    except IsADirectoryError as exc:
-        raise KeyFileError("is a directory") from exc
-    except OSError as exc:
-        raise KeyFileError(f"cannot read: {exc.strerror}") from exc
-    return validate_key(data)
-
-
-def validate_key(data: bytes | str) -> str:
-    """The rules every key obeys, wherever it comes from (a file, a Kubernetes Secret): at most 16 KiB of ASCII,
-    surrounding whitespace (a trailing newline) trimmed, not empty, no control characters."""
-    if len(data) > _MAX_KEY_FILE:
-        raise KeyFileError(f"larger than {_MAX_KEY_FILE} bytes")
-    try:
-        key = (data.decode("ascii") if isinstance(data, bytes) else data.encode("ascii").decode("ascii")).strip()
-    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
-        raise KeyFileError("not ASCII text") from exc
-    if not key:
-        raise KeyFileError("empty")
-    if not key.isprintable():
-        raise KeyFileError("contains control characters")
-    return key
-
-
-def _signature(path: str) -> _Signature | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_mode)
 
 
 class KeyPair:
@@ -176,7 +125,7 @@ class KeyFileProvider(KeyPair):
         self._paths: dict[str, str] = {"primary": auth.primary_file}
         if auth.secondary_file:
             self._paths["secondary"] = auth.secondary_file
-        self._sigs: dict[str, _Signature | None] = {}
+        self._sigs: dict[str, FileSignature | None] = {}
 
     def details(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "key", "active": self._active, "loaded": sorted(self._keys)}
@@ -211,12 +160,12 @@ class KeyFileProvider(KeyPair):
         """Check every key file; returns True when a key value changed."""
         changed = False
         for slot, path in self._paths.items():
-            sig = _signature(path)
+            sig = file_signature(path)
             if slot in self._sigs and sig == self._sigs[slot] and (slot in self._keys or slot in self._errors):
                 continue  # unchanged since the last look (also a file still missing): no read
             try:
-                key = read_key_file(path)
-            except KeyFileError as exc:
+                key = read_secret_file(path)
+            except SecretFileError as exc:
                 self._sigs[slot] = sig
                 self._load_failed(log, "key_file_error", slot, str(exc), path=path)
                 continue

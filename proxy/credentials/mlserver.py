@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 from proxy.clock import Clock, SystemClock
 from proxy.config import MLSERVER, Auth
+from proxy.credentials.files import SecretFileError, read_secret_file
 from proxy.credentials.http import CredentialHttp, epoch, jwt_times, require
-from proxy.credentials.keys import KeyFileError, read_key_file
 from proxy.credentials.tokens import NothingToWatch, PermanentError, Token, skew_corrected
 from proxy.logs import REDACTOR
 
@@ -34,9 +34,9 @@ class MlServerSource(NothingToWatch):
     def _credentials(self) -> dict[str, str]:
         assert self.auth.username_file and self.auth.password_file
         try:
-            username = read_key_file(self.auth.username_file)
-            password = read_key_file(self.auth.password_file)
-        except KeyFileError as exc:
+            username = read_secret_file(self.auth.username_file)
+            password = read_secret_file(self.auth.password_file)
+        except SecretFileError as exc:
             raise PermanentError(f"ML Server credential file: {exc}") from exc
         REDACTOR.add(password)
         return {"username": username, "password": password}

@@ -2,7 +2,7 @@
 
 The watching itself (list, watch, reconnect, relist) is proxy/kube/secrets.py, which delivers each new state of
 a Secret on the event loop through `SecretFeed`; this module turns states into keys. Values obey the key-file
-rules (`validate_key`); a bad update, a deleted Secret or a lost connection keeps the last good key, and the
+rules (`validate_secret`); a bad update, a deleted Secret or a lost connection keeps the last good key, and the
 request path reads a prepared Credential, never the API.
 """
 
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.config import Auth, SecretRef
-from proxy.credentials.keys import KeyFileError, KeyPair, validate_key
+from proxy.credentials.files import SecretFileError, validate_secret
+from proxy.credentials.keys import KeyPair
 from proxy.events import NO_EVENTS, EventSink
 from proxy.logs import event
 from proxy.metrics import RouteMetrics
@@ -34,13 +35,13 @@ class SecretState:
     error: str | None = None
 
     def value(self, key: str) -> str:
-        """The key's validated value; KeyFileError when unavailable, absent or invalid."""
+        """The key's validated value; SecretFileError when unavailable, absent or invalid."""
         if self.data is None:
-            raise KeyFileError(self.error or "not read yet")
+            raise SecretFileError(self.error or "not read yet")
         raw = self.data.get(key)
         if raw is None:
-            raise KeyFileError(f"has no key {key!r}")
-        return validate_key(raw)
+            raise SecretFileError(f"has no key {key!r}")
+        return validate_secret(raw)
 
 
 class SecretFeed(Protocol):
@@ -134,7 +135,7 @@ class SecretKeyProvider(KeyPair):
                 continue
             try:
                 key = state.value(ref.key)
-            except KeyFileError as exc:
+            except SecretFileError as exc:
                 self._load_failed(log, "key_secret_error", slot, str(exc), secret=str(ref))
                 continue
             if self._errors.pop(slot, None) is not None:

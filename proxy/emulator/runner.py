@@ -52,7 +52,7 @@ import shutil
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
+from proxy.config import ConfigError
 from proxy.emulator.control import create_control_app
 from proxy.emulator.echo import create_echo_app
 from proxy.emulator.entra import create_entra_app, create_imds_app
@@ -133,14 +134,6 @@ _AUTH_MODES: dict[str, AuthMode] = {"key": "key", "aml_token": "aml_token", "aad
 _LISTEN_KEYS = frozenset({"host", "scoring_port", "control_port", "entra_port", "imds_port", "mlserver_port"})
 _ENTRA_KEYS = frozenset({"tenant", "token_lifetime_seconds", "clients", "federated", "managed_identities"})
 _MLSERVER_KEYS = frozenset({"users", "access_token_lifetime_seconds", "refresh_token_lifetime_seconds", "backend"})
-
-
-class ConfigError(ValueError):
-    """The emulator config is unusable; `problems` has one line per problem."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = list(problems)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,14 +12,14 @@ MUTANTS = [
     ),
     Mutant(
         name="a key file with control characters is used",
-        path="proxy/credentials/keys.py",
+        path="proxy/credentials/files.py",
         old="    if not key.isprintable():",
         new="    if False:",
         tests=("tests/abuse/test_header_injection.py",),
     ),
     Mutant(
         name="a key file's trailing newline is sent",
-        path="proxy/credentials/keys.py",
+        path="proxy/credentials/files.py",
         old='.encode("ascii").decode("ascii")).strip()',
         new='.encode("ascii").decode("ascii")).lstrip()',
         tests=("tests/abuse/test_header_injection.py",),

@@ -29,9 +29,9 @@ MUTANTS = [
     ),
     Mutant(
         name="a bad key file's content in the error",
-        path="proxy/credentials/keys.py",
-        old='        raise KeyFileError("contains control characters")',
-        new='        raise KeyFileError(f"contains control characters: {key}")',
+        path="proxy/credentials/files.py",
+        old='        raise SecretFileError("contains control characters")',
+        new='        raise SecretFileError(f"contains control characters: {key}")',
         tests=_ALL_PATHS,
     ),
 ]

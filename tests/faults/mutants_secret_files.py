@@ -10,7 +10,7 @@ _ERROR_BRANCH = '        self._metrics.reloads["error"].inc()\n        if self._
 MUTANTS = [
     Mutant(
         name="a FIFO in the key's place blocks the event loop",
-        path=_KEYS,
+        path="proxy/credentials/files.py",
         old="os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC",
         new="os.O_RDONLY | os.O_CLOEXEC",
         tests=(_BROKEN + "[replaced by a FIFO]",),
@@ -38,7 +38,7 @@ MUTANTS = [
     ),
     Mutant(
         name="a chmod goes unnoticed (no ctime or mode in the signature)",
-        path=_KEYS,
+        path="proxy/credentials/files.py",
         old="st.st_size, st.st_ctime_ns, st.st_mode)",
         new="st.st_size, 0, 0)",
         tests=(_BROKEN + "[unreadable]",),
