@@ -155,6 +155,7 @@ def downstream_response_headers(upstream: Iterable[tuple[str, str]], *, rid: str
     return out
 
 
-def render_credential(template: str, key: str) -> str:
-    """The header value for `key`. The key must already be free of control characters."""
-    return template.replace("{key}", key, 1)
+def render_credential(template: str, secret: str, placeholder: str = "{key}") -> str:
+    """The header value for `secret`: the template's first `placeholder` ({key} for key kinds, {token} for token
+    kinds) replaced. Every credential kind renders its header here. `secret` must be free of control characters."""
+    return template.replace(placeholder, secret, 1)

@@ -36,6 +36,7 @@ from proxy.credentials.tokens import (
     TransientError,
 )
 from proxy.events import NO_EVENTS, TOKEN_EXPIRED, TOKEN_REFRESH_FAILING, TOKEN_REFRESH_RECOVERED, EventSink
+from proxy.headers import render_credential
 from proxy.logs import REDACTOR, event
 from proxy.metrics import RouteMetrics
 
@@ -317,7 +318,7 @@ class Refresher:
         secrets = [token.value] + ([token.secondary] if token.secondary else [])
         REDACTOR.add(*secrets, owner=f"refresher:{self._route}")
         self._creds = [
-            Credential(header=self._header, value=self._template.replace(self._placeholder, s, 1), label=label)
+            Credential(header=self._header, value=render_credential(self._template, s, self._placeholder), label=label)
             for s, label in zip(secrets, ("primary", "secondary"), strict=False)
         ]
         self._active = 0

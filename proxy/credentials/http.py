@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import __version__
-from proxy.credentials.tokens import PermanentError, TransientError
+from proxy.credentials.tokens import PermanentError, TransientError, jwt_claims
 from proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
@@ -65,11 +65,8 @@ def server_date(value: str | None) -> float | None:
 
 def jwt_times(token: str) -> tuple[float | None, float | None]:
     """(iat, exp) of a JWT, read without verifying it (only the server can verify its tokens); else Nones."""
-    import jwt  # here: pyjwt loads cryptography (about 8 MiB), paid only by routes that read a token's times
-
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+    claims = jwt_claims(token)
+    if claims is None:
         return None, None
     iat, exp = claims.get("iat"), claims.get("exp")
     return (float(iat) if isinstance(iat, int | float) else None, float(exp) if isinstance(exp, int | float) else None)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import jwt
-
 from proxy.config import JWT_FILE, Auth
 from proxy.credentials.files import FileSignature, SecretFileError, file_signature, read_secret_file
-from proxy.credentials.tokens import PermanentError, Token, TransientError
+from proxy.credentials.tokens import PermanentError, Token, TransientError, jwt_claims
 
 
 class JwtFileSource:
@@ -32,10 +30,9 @@ class JwtFileSource:
             token = read_secret_file(self.path)
         except SecretFileError as exc:
             raise TransientError(f"token file: {exc}") from exc
-        try:
-            claims = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            raise PermanentError("token file: not a JWT") from exc
+        claims = jwt_claims(token)
+        if claims is None:
+            raise PermanentError("token file: not a JWT")
         exp = claims.get("exp")
         if not isinstance(exp, int | float):
             raise PermanentError("token file: the JWT has no numeric exp claim")
