@@ -102,51 +102,54 @@ class _ControlPlaneSource(NothingToWatch):
         await self.identity.close()
 
 
-class AmlServiceTokenSource(_ControlPlaneSource):
+class _TokenEndpointSource(_ControlPlaneSource):
+    """An AML token endpoint: POST, then `accessToken` with an expiry and an optional refresh-after time, under
+    field names that differ between the planes."""
+
+    what = ""
+    expiry_field = ""
+    refresh_field = ""
+
+    def __init__(self, *, auth: Auth, identity: AzureIdentity, url: str, clock: Clock | None) -> None:
+        super().__init__(auth=auth, identity=identity, what=self.what, clock=clock)
+        self.url = url
+
+    async def fetch(self, previous: Token | None) -> Token:
+        answer = await self._call(self.url)
+        body, what = answer.body, self.what
+        require(body, what, "accessToken", self.expiry_field)
+        refresh = body.get(self.refresh_field)
+        return _token_from(
+            str(body["accessToken"]),
+            expiry=epoch(body, what, self.expiry_field),
+            refresh_after=None if refresh is None else epoch(body, what, self.refresh_field),
+            server_now=answer.server_now,
+            local_now=self.clock.time(),
+        )
+
+
+class AmlServiceTokenSource(_TokenEndpointSource):
     """v1 AKS web service token: `POST .../services/{name}/token` → accessToken, refreshAfter, expiryOn."""
 
     kind = AML_SERVICE_TOKEN
+    what = "AML v1 token endpoint"
+    expiry_field = "expiryOn"
+    refresh_field = "refreshAfter"
 
     def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
-        super().__init__(auth=auth, identity=identity, what="AML v1 token endpoint", clock=clock)
-        self.url = v1_service_url(auth, "token")
-
-    async def fetch(self, previous: Token | None) -> Token:
-        answer = await self._call(self.url)
-        body = answer.body
-        require(body, "AML v1 token endpoint", "accessToken", "expiryOn")
-        refresh = body.get("refreshAfter")
-        return _token_from(
-            str(body["accessToken"]),
-            expiry=epoch(body, "AML v1 token endpoint", "expiryOn"),
-            refresh_after=None if refresh is None else epoch(body, "AML v1 token endpoint", "refreshAfter"),
-            server_now=answer.server_now,
-            local_now=self.clock.time(),
-        )
+        super().__init__(auth=auth, identity=identity, url=v1_service_url(auth, "token"), clock=clock)
 
 
-class AmlEndpointTokenSource(_ControlPlaneSource):
+class AmlEndpointTokenSource(_TokenEndpointSource):
     """v2 online endpoint aml_token: `POST .../onlineEndpoints/{ep}/token` → expiryTimeUtc, refreshAfterTimeUtc."""
 
     kind = AML_ENDPOINT_TOKEN
+    what = "AML v2 token endpoint"
+    expiry_field = "expiryTimeUtc"
+    refresh_field = "refreshAfterTimeUtc"
 
     def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
-        super().__init__(auth=auth, identity=identity, what="AML v2 token endpoint", clock=clock)
-        self.url = v2_endpoint_url(auth, "token")
-
-    async def fetch(self, previous: Token | None) -> Token:
-        answer = await self._call(self.url)
-        body = answer.body
-        what = "AML v2 token endpoint"
-        require(body, what, "accessToken", "expiryTimeUtc")
-        refresh = body.get("refreshAfterTimeUtc")
-        return _token_from(
-            str(body["accessToken"]),
-            expiry=epoch(body, what, "expiryTimeUtc"),
-            refresh_after=None if refresh is None else epoch(body, what, "refreshAfterTimeUtc"),
-            server_now=answer.server_now,
-            local_now=self.clock.time(),
-        )
+        super().__init__(auth=auth, identity=identity, url=v2_endpoint_url(auth, "token"), clock=clock)
 
 
 class AmlKeysSource(_ControlPlaneSource):
