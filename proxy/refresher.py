@@ -27,7 +27,7 @@ from typing import Any
 
 from proxy.clock import Clock
 from proxy.config import RefreshPolicy
-from proxy.credentials.base import Credential
+from proxy.credentials.base import Credential, report_failover
 from proxy.credentials.tokens import (
     PERMANENT,
     RefreshError,
@@ -115,15 +115,16 @@ class Refresher:
         return self._cred
 
     async def unauthorized(self, sent: Credential) -> Credential | None:
-        """The upstream refused `sent`: try the other key if there is one, else one forced refresh."""
+        """The upstream refused `sent`: try the secondary key if there is one (aml-keys), else one forced refresh.
+        Keys fetched from the control plane are not switched back to the primary after the secondary is refused:
+        both were likely regenerated, and a refresh fetches the pair that works."""
         current = self.current
         if current is not None and current is not sent:
             return current
         if len(self._creds) > 1 and self._creds[self._active] is sent and self._active == 0:
             self._active = 1
             self._cred = self._creds[1]
-            self._metrics.failovers.inc()
-            event(log, logging.WARNING, "key_failover", route=self._route, to="secondary")
+            report_failover(route=self._route, to="secondary", metrics=self._metrics, events=self._events)
             return self._creds[1]
         if self._inflight is None and self._clock.time() - self._last_attempt < self._policy.min_interval_seconds:
             return None  # a token this fresh was refused: refreshing again at once would not help

@@ -71,8 +71,23 @@ class FakeSource(NothingToWatch):
         return None
 
 
+class Reported:
+    """An EventSink that keeps what it is told: (warning, reason, message)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[bool, str, str]] = []
+
+    def emit(self, *, warning: bool, reason: str, message: str) -> None:
+        self.events.append((warning, reason, message))
+
+
 def make(
-    clock: ManualClock, source: FakeSource, *, policy: RefreshPolicy = POLICY, rng: Iterator[float] | None = None
+    clock: ManualClock,
+    source: FakeSource,
+    *,
+    policy: RefreshPolicy = POLICY,
+    rng: Iterator[float] | None = None,
+    events: Reported | None = None,
 ) -> tuple[Refresher, Metrics]:
     metrics = Metrics(CollectorRegistry())
     values = rng or itertools.repeat(0.5)
@@ -86,6 +101,7 @@ def make(
         metrics=metrics.for_route("r", region="eastus", kind=source.kind),
         clock=clock,
         rng=lambda: next(values),
+        events=events or Reported(),
     )
     return refresher, metrics
 
@@ -330,13 +346,19 @@ async def test_keys_fail_over_before_refetching() -> None:
             return Token(value=f"p{n}", secondary=f"s{n}", expires_at=None, refresh_at=self.clock.time() + 3600)
 
     source = Keys(clock)
-    refresher, _ = make(clock, source)
+    reported = Reported()
+    refresher, metrics = make(clock, source, events=reported)
     await refresher.start()
     primary = refresher.current
     assert primary is not None and primary.value == "Bearer p1"
     await clock.advance(2)
     secondary = await refresher.unauthorized(primary)
     assert secondary is not None and secondary.value == "Bearer s1" and len(source.calls) == 1
+    # Reported as for key files: the failover counter and a KeyFailover Event.
+    assert sample(metrics, "aml_auth_proxy_key_failovers_total", route="r") == 1
+    assert reported.events == [
+        (True, "KeyFailover", "route r: upstream refused the primary key (401), using the secondary key")
+    ]
     refetched = await refresher.unauthorized(secondary)
     assert refetched is not None and refetched.value == "Bearer p2" and len(source.calls) == 2
     assert refresher.details()["expires_in"] is None

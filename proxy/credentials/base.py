@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from proxy.events import KEY_FAILOVER, EventSink
+from proxy.logs import event
+from proxy.metrics import RouteMetrics
+
+log = logging.getLogger("aml_auth_proxy.credentials")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -55,3 +62,16 @@ class CredentialProvider(Protocol):
 
     async def close(self) -> None:
         """Release what start() acquired."""
+
+
+def report_failover(*, route: str, to: str, metrics: RouteMetrics, events: EventSink) -> None:
+    """A 401 moved `route` to its `to` key ("primary" or "secondary"): counted, logged and reported as a
+    KeyFailover Event, the same for every kind with two keys (key files, Secrets, aml-keys)."""
+    metrics.failovers.inc()
+    event(log, logging.WARNING, "key_failover", route=route, to=to)
+    other = "primary" if to == "secondary" else "secondary"
+    events.emit(
+        warning=True,
+        reason=KEY_FAILOVER,
+        message=f"route {route}: upstream refused the {other} key (401), using the {to} key",
+    )

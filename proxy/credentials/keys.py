@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 from proxy.config import Auth
-from proxy.credentials.base import Credential
+from proxy.credentials.base import Credential, report_failover
 from proxy.credentials.files import FileSignature, SecretFileError, file_signature, read_secret_file
-from proxy.events import KEY_FAILOVER, NO_EVENTS, EventSink
+from proxy.events import NO_EVENTS, EventSink
 from proxy.headers import render_credential
 from proxy.logs import REDACTOR, event
 from proxy.metrics import RouteMetrics
@@ -63,13 +63,7 @@ class KeyPair:
             return None
         self._active = other
         self._current = cred
-        self._metrics.failovers.inc()
-        event(log, logging.WARNING, "key_failover", route=self._route, to=other)
-        self._events.emit(
-            warning=True,
-            reason=KEY_FAILOVER,
-            message=f"route {self._route}: upstream refused the {self._other(other)} key (401), using the {other} key",
-        )
+        report_failover(route=self._route, to=other, metrics=self._metrics, events=self._events)
         return cred
 
     @staticmethod

@@ -16,8 +16,8 @@ MUTANTS = [
     Mutant(
         name="the failover log line names the key it switched to",
         path="proxy/credentials/keys.py",
-        old='event(log, logging.WARNING, "key_failover", route=self._route, to=other)',
-        new='event(log, logging.WARNING, "key_failover", route=self._route, to=other, value=cred.value)',
+        old="report_failover(route=self._route, to=other, metrics=self._metrics, events=self._events)",
+        new="report_failover(route=self._route, to=cred.value, metrics=self._metrics, events=self._events)",
         tests=_ALL_PATHS,
     ),
     Mutant(
