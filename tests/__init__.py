@@ -1,5 +1,5 @@
 """The test suite. Importing it first checks that no compiled module is older than its source."""
 
-from tests.compiled import check_not_stale
+from tests.support.compiled import check_not_stale
 
 check_not_stale()

@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on 127.0.0.1, kubelet-style key directories, and the session log scan.
+"""Shared fixtures and session hooks: real servers on 127.0.0.1, kubelet-style key directories, the session log
+scan. What tests import as a library lives in tests/support/.
 
 Every credential a test creates is remembered; at the end of the session every log line written by the code
 under test (in-process, captured without redaction, and by every proxy subprocess) is scanned for them.
@@ -7,8 +8,6 @@ under test (in-process, captured without redaction, and by every proxy subproces
 from __future__ import annotations
 
 import logging
-import secrets
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,10 @@ from proxy.config import parse
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.logs import JsonFormatter
-from tests.compiled import describe
-from tests.logscan import scan_logs
-
-LOG_DIR = Path(tempfile.mkdtemp(prefix="aml-auth-proxy-test-logs-"))
-SESSION_SECRETS: set[str] = set()
-SESSION_DIGESTS: set[str] = set()  # SHA-256 hex of tokens only the emulator saw
-
-
-def remember(*values: str) -> None:
-    """Register credential values that must never appear in a log."""
-    SESSION_SECRETS.update(v for v in values if v)
-
-
-def new_key(label: str = "key") -> str:
-    value = f"{label}-{secrets.token_urlsafe(24)}"
-    remember(value)
-    return value
+from tests.support.compiled import describe
+from tests.support.logscan import scan_logs
+from tests.support.servers import KUBE_NS, ProxyFactory, start_app
+from tests.support.session import LOG_DIR, SESSION_DIGESTS, SESSION_SECRETS, remember
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -72,11 +58,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def subprocess_log(name: str) -> Path:
-    """A file for a subprocess's stdout/stderr that the session scan will read."""
-    return LOG_DIR / f"{name}-{secrets.token_hex(4)}.log"
-
-
 @pytest.fixture
 def key_dir(tmp_path: Path) -> Callable[..., dict[str, str]]:
     """Write primary/secondary keys the way kubelet mounts a Secret; returns the key paths."""
@@ -94,11 +75,6 @@ def key_dir(tmp_path: Path) -> Callable[..., dict[str, str]]:
     return write
 
 
-# The Kubernetes API stand-in (proxy/emulator/kube.py): its namespace and the proxy's service account user there.
-KUBE_NS = "ml"
-KUBE_SA = f"system:serviceaccount:{KUBE_NS}:aml-auth-proxy"
-
-
 @pytest.fixture
 async def kube() -> AsyncIterator[RunningKubeApi]:
     """The Kubernetes API stand-in on 127.0.0.1, namespace KUBE_NS, a watch bookmark every 0.2 s."""
@@ -107,9 +83,6 @@ async def kube() -> AsyncIterator[RunningKubeApi]:
         yield server
     finally:
         await server.close()
-
-
-ProxyFactory = Callable[..., Awaitable[ProxyService]]
 
 
 @pytest.fixture
@@ -132,18 +105,6 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
     yield factory
     for service in started:
         await service.stop()
-
-
-async def start_app(app: web.Application, *, host: str = "127.0.0.1", **site_kw: Any) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, 0, **site_kw)
-    await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    scheme = "https" if site_kw.get("ssl_context") else "http"
-    return runner, f"{scheme}://127.0.0.1:{port}"
 
 
 @pytest.fixture

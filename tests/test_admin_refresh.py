@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from proxy.config import parse
 from proxy.health import AdminHandler, Lifecycle
 from proxy.metrics import Metrics
-from tests.conftest import ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 
 class FakeTransport:

@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.tools import ROOT, tool
+from tests.support.tools import ROOT, tool
 
 CHART = ROOT / "charts" / "aml-auth-proxy"
 CI_DIR = CHART / "ci"

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from proxy.config import ROUTE_LEAVES, TOP_LEAVES, ConfigError, Leaf, Settings, parse
+from tests.support.tools import ROOT
 from tests.test_chart import BASE, CHART, KUBE_VERSION, NAMESPACE, RELEASE, helm, parse_manifests, proxy_config
-from tests.tools import ROOT
 
 SCRIPT = ROOT / "scripts" / "chart_schema.py"
 SCHEMA_FILE = CHART / "values.schema.json"

@@ -17,8 +17,8 @@ import aiohttp
 import yaml
 
 from proxy.config import load
-from tests.conftest import remember
-from tests.procs import ProxyProcess, start_emulator_process
+from tests.support.procs import ProxyProcess, start_emulator_process
+from tests.support.session import remember
 
 PASSWORD = "dev-loop-mls-password-0123456789"
 # The route each emulated service gets, and its credential kind.

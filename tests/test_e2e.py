@@ -17,8 +17,9 @@ from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.echo import create_echo_app, expected_download_sha256
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.secretdir import write_secret_dir
-from tests.conftest import SESSION_SECRETS, remember, start_app
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.servers import start_app
+from tests.support.session import SESSION_SECRETS, remember
 
 SUB = "00000000-0000-0000-0000-000000000000"
 WS = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws"

@@ -23,9 +23,9 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Rule
-from tests.conftest import KUBE_NS as NS
-from tests.conftest import KUBE_SA as SA
-from tests.conftest import remember
+from tests.support.servers import KUBE_NS as NS
+from tests.support.servers import KUBE_SA as SA
+from tests.support.session import remember
 
 
 def api_client(kube: RunningKubeApi, user: str = SUPERUSER, *, token: str | None = None) -> client.ApiClient:

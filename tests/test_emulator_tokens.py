@@ -33,7 +33,7 @@ from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
 from proxy.emulator.state import SERVICE_ACCOUNT_ISSUER
 from proxy.emulator.tls import make_local_tls
 from proxy.emulator.tokens import token_digest
-from tests.conftest import remember
+from tests.support.session import remember
 
 REPO = Path(__file__).resolve().parent.parent
 SUB = "00000000-0000-0000-0000-000000000000"

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from proxy.emulator.echo import create_echo_app
 from proxy.logs import AccessLog
-from tests.conftest import LOG_DIR, ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import LOG_DIR, new_key
 
 Serve = Callable[..., Awaitable[str]]
 KeyDir = Callable[..., dict[str, str]]

@@ -18,8 +18,9 @@ import yaml
 
 from proxy.emulator.echo import create_echo_app
 from proxy.emulator.secretdir import write_secret_dir
-from tests.conftest import remember, start_app, subprocess_log
-from tests.tools import ROOT
+from tests.support.servers import start_app
+from tests.support.session import remember, subprocess_log
+from tests.support.tools import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -20,7 +20,8 @@ from proxy.credentials.files import SecretFileError, read_secret_file
 from proxy.credentials.keys import SETTLE_SECONDS, KeyFileProvider
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.metrics import Metrics
-from tests.conftest import ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 Serve = Callable[..., Awaitable[str]]
 

@@ -19,9 +19,9 @@ from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Rule, resource_by_name
-from tests.conftest import KUBE_NS as NS
-from tests.conftest import KUBE_SA as SA
-from tests.conftest import new_key
+from tests.support.servers import KUBE_NS as NS
+from tests.support.servers import KUBE_SA as SA
+from tests.support.session import new_key
 
 SECRETS = resource_by_name("secrets")
 KUBE = {"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.3}

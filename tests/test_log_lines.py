@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from proxy.logs import LibraryRepeats
-from tests.logsetup import logging_as_run
+from tests.support.logsetup import logging_as_run
 
 
 def test_libraries_write_warnings_only_and_every_record_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:

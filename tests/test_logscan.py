@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tests.logscan import scan_logs
+from tests.support.logscan import scan_logs
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0xyzxyzxy.c2lnbmF0dXJlc2lnbmF0dXJl"
 

@@ -24,9 +24,9 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.conftest import remember, subprocess_log
-from tests.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
-from tests.tools import ROOT, tool
+from tests.support.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.session import remember, subprocess_log
+from tests.support.tools import ROOT, tool
 
 CHART = ROOT / "charts" / "aml-auth-proxy"
 # The chart's smallest valid install (one route); the monitoring flags are set on top of it.

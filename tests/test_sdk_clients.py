@@ -27,7 +27,8 @@ import pytest
 
 from proxy.emulator.runner import DEFAULT_SUBSCRIPTION, RunningEmulator, start_emulator
 from proxy.emulator.state import Service
-from tests.conftest import ProxyFactory, remember
+from tests.support.servers import ProxyFactory
+from tests.support.session import remember
 
 ROOT = Path(__file__).resolve().parent.parent
 SDK_DIR = ROOT / "tests" / "sdk"

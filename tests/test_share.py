@@ -29,8 +29,8 @@ from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
 from proxy.kube.lease import Conflict, Elector, LeaseRecord
 from proxy.kube.share import decode, encode
-from tests.conftest import remember
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.session import remember
 
 SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "11111111-1111-1111-1111-111111111111"

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 
 from proxy.metrics import histogram_quantile
-from tests.conftest import LOG_DIR, SESSION_SECRETS, remember
-from tests.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.session import LOG_DIR, SESSION_SECRETS, remember
 
 SOAK_SECONDS = 60.0
 CLIENT = "44444444-4444-4444-4444-444444444444"

@@ -17,8 +17,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import NS
-from tests.conftest import LOG_DIR, remember
-from tests.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.session import LOG_DIR, remember
 
 CONNECTIONS = 16
 BEFORE_SECONDS = 5.0  # steady state before the outage

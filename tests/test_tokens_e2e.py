@@ -18,8 +18,9 @@ import pytest
 from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
-from tests.conftest import SESSION_DIGESTS, ProxyFactory, remember
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.servers import ProxyFactory
+from tests.support.session import SESSION_DIGESTS, remember
 
 SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "11111111-1111-1111-1111-111111111111"

@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
 from proxy.workers import auto_workers, cgroup_cpu_limit
-from tests.conftest import remember, start_app
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.servers import start_app
+from tests.support.session import remember
 from tests.test_tokens_e2e import FAST, client_secret_identity, control_plane
 
 CLIENT = "11111111-1111-1111-1111-111111111111"

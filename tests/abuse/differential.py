@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.secretdir import write_secret_dir
-from tests.logsetup import ErrorRecords
+from tests.support.logsetup import ErrorRecords
 
 # Small limits and timeouts, so that a request that stalls shows within a case's time bound.
 CLIENT_TIMEOUT = 1.5  # limits.client_timeout_seconds

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from proxy.app import ProxyService
 from proxy.server import HttpServer
-from tests.conftest import ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 TIMEOUT = 1.0  # limits.client_timeout_seconds in these tests
 BOUND = 1 << 20  # what one connection may hold in the proxy's write buffer: about one answer past the high-water mark

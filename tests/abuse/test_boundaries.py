@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tests.conftest import ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 
 @pytest.fixture

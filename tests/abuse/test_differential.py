@@ -59,7 +59,7 @@ from tests.abuse.differential import (
     rss_bytes,
     running_rig,
 )
-from tests.conftest import new_key
+from tests.support.session import new_key
 
 FUZZ_EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "")
 EXAMPLES = int(FUZZ_EXAMPLES) if FUZZ_EXAMPLES else 800

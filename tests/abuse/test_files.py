@@ -14,8 +14,8 @@ from proxy.emulator.kube import start_kube_api
 from proxy.emulator.runner import start_emulator
 from proxy.emulator.secretdir import write_private, write_secret_dir
 from proxy.emulator.tls import make_local_tls
-from tests.conftest import new_key
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.session import new_key
 
 
 def mode(path: Path) -> int:

@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from proxy.app import ProxyService
 from proxy.config import parse
 from proxy.emulator.secretdir import write_secret_dir
-from tests.conftest import new_key
-from tests.logsetup import ErrorRecords
+from tests.support.logsetup import ErrorRecords
+from tests.support.session import new_key
 
 DOCUMENTED_4XX = {400, 404, 405, 413, 414, 431}
 # Headers the proxy owns on the way up: the caller's are dropped or replaced (docs/security.md).

@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from proxy.config import ConfigError, parse
-from tests.conftest import ProxyFactory, new_key, remember
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key, remember
 
 INJECTED = "X-Injected"
 

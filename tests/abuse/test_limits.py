@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import LOG_DIR, ProxyFactory, new_key, remember
+from tests.support.servers import ProxyFactory
+from tests.support.session import LOG_DIR, new_key, remember
 
 LIMITS = {
     "max_header_bytes": 4096,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ from proxy.credentials.tokens import Token
 from proxy.emulator.runner import RunningEmulator
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.logs import JsonFormatter
-from tests.conftest import ProxyFactory, new_key, remember
-from tests.logscan import JWT_RE, REDACTED
+from tests.support.logscan import JWT_RE, REDACTED
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key, remember
 from tests.test_tokens_e2e import client_secret_identity, control_plane, emu, route
 
 __all__ = ["emu"]  # the emulator fixture, shared with the token end-to-end tests

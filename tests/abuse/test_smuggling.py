@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import LOG_DIR, ProxyFactory, new_key
+from tests.support.servers import ProxyFactory
+from tests.support.session import LOG_DIR, new_key
 
 HOSTILE = {
     "content-length with transfer-encoding": (

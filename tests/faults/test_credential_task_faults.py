@@ -22,7 +22,8 @@ from proxy.credentials.keys import KeyFileProvider
 from proxy.emulator.kube import RunningKubeApi
 from proxy.emulator.kube_store import SUPERUSER, Selector, resource_by_name
 from proxy.metrics import RouteMetrics
-from tests.conftest import KUBE_NS, new_key
+from tests.support.servers import KUBE_NS
+from tests.support.session import new_key
 
 POD = "scorer-0"
 

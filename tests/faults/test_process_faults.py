@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import new_key
 from tests.faults import upstreams as u
 from tests.faults.upstreams import FaultyUpstream
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.session import new_key
 
 GIB = 1 << 30
 BLOCK = bytes(range(256)) * 4096  # 1 MiB

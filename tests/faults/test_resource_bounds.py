@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import new_key
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.session import new_key
 
 SLOW_CLIENTS = 1000
 # What one slow client may cost the proxy at most: its protocol object, parser state and a partial head.

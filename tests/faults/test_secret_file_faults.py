@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 
 from proxy.emulator.secretdir import write_secret_dir
-from tests.conftest import new_key
-from tests.procs import ProxyProcess
+from tests.support.procs import ProxyProcess
+from tests.support.session import new_key
 
 POLL = 0.05
 NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--") if os.geteuid() == 0 else ()

@@ -30,8 +30,8 @@ from proxy.clock import ManualClock
 from proxy.config import parse
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
-from tests.conftest import SESSION_SECRETS, remember
-from tests.logsetup import logging_as_run
+from tests.support.logsetup import logging_as_run
+from tests.support.session import SESSION_SECRETS, remember
 
 SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "44444444-4444-4444-4444-444444444444"

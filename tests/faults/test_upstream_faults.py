@@ -21,9 +21,10 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from proxy.app import ProxyService
-from tests.conftest import ProxyFactory, new_key
 from tests.faults import upstreams as u
 from tests.faults.upstreams import FaultyUpstream
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 ROUTE = "faulty"
 READ_TIMEOUT = 0.3

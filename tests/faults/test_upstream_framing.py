@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 
 from proxy.app import ProxyService
-from tests.conftest import ProxyFactory, new_key
 from tests.faults import upstreams as u
 from tests.faults.test_upstream_faults import ROUTE, assert_json_error, call, errors, proxy_url, warm_pool
 from tests.faults.upstreams import Behaviour, Exchange, FaultyUpstream
+from tests.support.servers import ProxyFactory
+from tests.support.session import new_key
 
 __all__ = ["proxy", "up"]  # the fixtures, shared with test_upstream_faults
 from tests.faults.test_upstream_faults import proxy, up

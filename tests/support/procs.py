@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.conftest import subprocess_log
+from tests.support.session import subprocess_log
 
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("aml-auth-proxy"))
 
