@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy import __version__
-from proxy.config import ENV_PREFIX, MAX_WORKERS, NOT_CONFIG_ENV, ConfigError, Settings, load, top_default
+from proxy.config import ENV_PREFIX, NOT_CONFIG_ENV, ConfigError, Settings, load, top_default, top_leaf
 from proxy.logs import event
 from proxy.logs import setup as setup_logging
 
@@ -37,6 +37,8 @@ examples:
   aml-auth-proxy demo                               the whole loop in one process, then stop
 
 Configuration reference: docs/configuration.md. Every key can also be set by an AML_AUTH_PROXY_* variable."""
+_WORKERS = top_leaf("workers")  # --workers takes the config key's range
+_WORKERS_MIN, _WORKERS_MAX = int(_WORKERS.minimum or 0), int(_WORKERS.maximum or 0)
 _PROXY_AT = f"{top_default('listen.host')}:{top_default('listen.port')}"
 _ADMIN_AT = f"{top_default('admin.host')}:{top_default('admin.port')}"
 RUN_EXAMPLES = f"""\
@@ -87,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help=f"proxy processes sharing the port, 0 to {MAX_WORKERS} (default: the `workers` key, whose default "
-        "0 means one per CPU the container may use)",
+        help=f"proxy processes sharing the port, {_WORKERS_MIN} to {_WORKERS_MAX} (default: the `workers` key, "
+        f"whose default {_WORKERS.default} means one per CPU the container may use)",
     )
     check = sub.add_parser(
         "check-config",
@@ -204,9 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return EXIT_CONFIG
     if args.workers is not None:
-        if not 0 <= args.workers <= MAX_WORKERS:
+        if not _WORKERS_MIN <= args.workers <= _WORKERS_MAX:
             print(
-                f"config error: --workers: {args.workers} is out of range; expected 0 to {MAX_WORKERS}", file=sys.stderr
+                f"config error: --workers: {args.workers} is out of range; expected {_WORKERS_MIN} to {_WORKERS_MAX}",
+                file=sys.stderr,
             )
             return EXIT_CONFIG
         settings = dataclasses.replace(settings, workers=args.workers)

@@ -138,9 +138,7 @@ class RefreshPolicy:
     backoff_initial_seconds: float
     backoff_max_seconds: float
     timeout_seconds: float
-    # The config's default is in the schema (auth.refresh.expiry_margin_seconds); 0 here serves policies built in
-    # code, which then use a token up to its expiry.
-    expiry_margin_seconds: float = 0.0
+    expiry_margin_seconds: float  # the defaults of all these are the schema's (auth.refresh.*), not written here
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -745,12 +743,17 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
 )
 
 
-def top_default(key: str) -> Any:
-    """The default of a top-level key (`listen.port`), from the schema below: the one place it is written."""
+def top_leaf(key: str) -> Leaf:
+    """A top-level key's schema entry (`workers`): its default, range and doc are written there only."""
     for leaf in TOP_LEAVES:
         if leaf.key == key:
-            return leaf.default
+            return leaf
     raise KeyError(key)
+
+
+def top_default(key: str) -> Any:
+    """The default of a top-level key (`listen.port`), from the schema above: the one place it is written."""
+    return top_leaf(key).default
 
 
 def env_name(key: str, *, route: bool) -> str:

@@ -52,4 +52,18 @@ MUTANTS = [
         new='        p50 = p95 = sample(metrics, DURATION + "_sum", region=region)',
         tests=(f"{DOCS}::test_demo_tells_its_story_in_at_most_60_lines_and_says_what_happened",),
     ),
+    Mutant(
+        name="a dataclass default drifts from the schema's",
+        path="proxy/config.py",
+        old="    max_headers: int = 100\n",
+        new="    max_headers: int = 99\n",
+        tests=(f"{CONFIG}::test_every_default_written_in_a_dataclass_is_the_schemas",),
+    ),
+    Mutant(
+        name="--workers keeps its own range",
+        path="proxy/cli.py",
+        old="        if not _WORKERS_MIN <= args.workers <= _WORKERS_MAX:",
+        new="        if not 0 <= args.workers <= 1000:",
+        tests=(f"{CONFIG}::test_the_cli_takes_workers_in_the_schemas_range",),
+    ),
 ]

@@ -308,3 +308,61 @@ def test_help_is_written_for_users_with_defaults_and_examples() -> None:
         f"{settings.listen.host}:{settings.listen.port}" in run
         and f"{settings.admin.host}:{settings.admin.port}" in run
     )
+
+
+def test_every_default_written_in_a_dataclass_is_the_schemas() -> None:
+    """The schema (TOP_LEAVES, ROUTE_LEAVES) is where a default lives; a settings dataclass that also writes one must
+    write the same value, so code that builds settings without the parser behaves as a config file would."""
+    import dataclasses
+
+    from proxy import config
+
+    sections: list[tuple[type, str, tuple[config.Leaf, ...]]] = [
+        (config.Settings, "", TOP_LEAVES),
+        (config.Limits, "limits.", TOP_LEAVES),
+        (config.Kubernetes, "kubernetes.", TOP_LEAVES),
+        (config.Timeouts, "timeouts.", ROUTE_LEAVES),
+        (config.Pool, "pool.", ROUTE_LEAVES),
+        (config.Tls, "tls.", ROUTE_LEAVES),
+        (config.RefreshPolicy, "auth.refresh.", ROUTE_LEAVES),
+    ]
+    renamed = {"admin_allow_remote_refresh": "admin.allow_remote_refresh"}
+    # kubernetes.events: the schema's None means "decide from the downward API", which the parser resolves.
+    resolved_by_the_parser = {"kubernetes.events"}
+    checked = 0
+    for cls, prefix, leaves in sections:
+        by_key = {leaf.key: leaf for leaf in leaves}
+        for f in dataclasses.fields(cls):
+            key = renamed.get(f.name, prefix + f.name)
+            leaf = by_key.get(key)
+            if leaf is None or f.default is dataclasses.MISSING or key in resolved_by_the_parser:
+                continue
+            assert f.default == leaf.default, (
+                f"{cls.__name__}.{f.name} = {f.default!r}, the schema says {leaf.default!r}"
+            )
+            checked += 1
+    assert checked >= 12
+
+
+def test_the_cli_takes_workers_in_the_schemas_range(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy import cli
+    from proxy.cli import main
+    from proxy.config import top_leaf
+
+    async def served(*_args: object, **_kw: object) -> int:
+        return 0  # were the value taken, `run` would serve: here it returns at once, and the test fails
+
+    monkeypatch.setattr(cli, "serve", served)
+    monkeypatch.setattr(cli, "_install_uvloop", lambda: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda *_a, **_k: None)  # the session's log capture stays
+
+    leaf = top_leaf("workers")
+    config_file = tmp_path / "c.yaml"
+    (tmp_path / "key").write_text("k\n")
+    config_file.write_text(
+        f"routes: [{{name: r, upstream: 'http://127.0.0.1:9', auth: {{primary_file: {tmp_path / 'key'}}}}}]\n"
+    )
+    assert main(["run", "--config", str(config_file), "--workers", str(int(leaf.maximum or 0) + 1)]) == 2
+    assert f"expected {int(leaf.minimum or 0)} to {int(leaf.maximum or 0)}" in capsys.readouterr().err

@@ -32,6 +32,7 @@ POLICY = RefreshPolicy(
     backoff_initial_seconds=1,
     backoff_max_seconds=2,
     timeout_seconds=1,
+    expiry_margin_seconds=0,
 )
 
 

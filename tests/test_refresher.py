@@ -28,6 +28,7 @@ POLICY = RefreshPolicy(
     backoff_initial_seconds=1.0,
     backoff_max_seconds=60.0,
     timeout_seconds=10.0,
+    expiry_margin_seconds=0.0,  # a token is used up to its expiry unless a test says otherwise
 )
 
 
