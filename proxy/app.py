@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import Clock, SystemClock
-from proxy.config import (
-    AAD,
-    AML_ENDPOINT_TOKEN,
-    AML_KEYS,
-    AML_SERVICE_TOKEN,
-    JWT_FILE,
-    KEY_FILE,
-    MLSERVER,
+from proxy.config.settings import (
+    AmlEndpointTokenAuth,
+    AmlKeysAuth,
+    AmlServiceTokenAuth,
+    JwtFileAuth,
+    KeyAuth,
     Listen,
+    MlServerAuth,
     Route,
     Settings,
     placeholder_for,
@@ -97,15 +96,15 @@ def build_provider(
     """The credential provider for one route: key files, or a refresher around the kind's token source (shared
     across replicas through the Kubernetes API when the route has `share`)."""
     auth = route.auth
-    if auth.type == KEY_FILE:
+    if isinstance(auth, KeyAuth):
         if auth.primary_secret_ref is not None and kube_runtime is not None:
             feeds = kube_runtime.feeds(route.name, auth.secret_refs())
             return SecretKeyProvider(route=route.name, auth=auth, metrics=route_metrics, feeds=feeds, events=events)
         return KeyFileProvider(route=route.name, auth=auth, metrics=route_metrics, events=events)
     source: TokenSource
-    if auth.type == MLSERVER:
+    if isinstance(auth, MlServerAuth):
         source = MlServerSource(auth=auth, base_url=auth.url or str(route.upstream.origin()), clock=clock)
-    elif auth.type == JWT_FILE:
+    elif isinstance(auth, JwtFileAuth):
         from proxy.credentials.jwt_file import JwtFileSource  # pyjwt loads cryptography: about 8 MiB, paid here only
 
         source = JwtFileSource(auth=auth)
@@ -114,8 +113,6 @@ def build_provider(
         from proxy.credentials.aml import AadSource, AmlEndpointTokenSource, AmlKeysSource, AmlServiceTokenSource
         from proxy.credentials.identity import AzureIdentity
 
-        assert auth.identity is not None
-        assert auth.refresh is not None
         ref = auth.identity.client_secret_ref
         identity = AzureIdentity(
             config=auth.identity,
@@ -124,14 +121,14 @@ def build_provider(
             timeout=auth.refresh.timeout_seconds,
             secret_feed=kube_runtime.feeds(route.name, [ref])[ref.name] if ref and kube_runtime else None,
         )
-        kinds: dict[str, type[AmlServiceTokenSource | AmlEndpointTokenSource | AmlKeysSource | AadSource]] = {
-            AML_SERVICE_TOKEN: AmlServiceTokenSource,
-            AML_ENDPOINT_TOKEN: AmlEndpointTokenSource,
-            AML_KEYS: AmlKeysSource,
-            AAD: AadSource,
-        }
-        source = kinds[auth.type](auth=auth, identity=identity, clock=clock)
-    assert auth.refresh is not None
+        if isinstance(auth, AmlServiceTokenAuth):
+            source = AmlServiceTokenSource(auth=auth, identity=identity, clock=clock)
+        elif isinstance(auth, AmlEndpointTokenAuth):
+            source = AmlEndpointTokenSource(auth=auth, identity=identity, clock=clock)
+        elif isinstance(auth, AmlKeysAuth):
+            source = AmlKeysSource(auth=auth, identity=identity, clock=clock)
+        else:
+            source = AadSource(auth=auth, identity=identity, clock=clock)
     refresher = Refresher(
         route=route.name,
         source=source,

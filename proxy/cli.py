@@ -16,7 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from proxy import __version__
-from proxy.config import ENV_PREFIX, NOT_CONFIG_ENV, ConfigError, Settings, load, top_default, top_leaf
+from proxy.config.reader import load
+from proxy.config.schema import top_default, top_leaf
+from proxy.config.settings import ENV_PREFIX, NOT_CONFIG_ENV, ConfigError, Settings
 from proxy.logs import event
 from proxy.logs import setup as setup_logging
 

@@ -26,7 +26,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.proxyconfig import build_proxy_config, with_dev_client
 from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator

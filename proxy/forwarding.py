@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 from multidict import CIMultiDict
 
-from proxy.config import Limits, Route
+from proxy.config.settings import Limits, Route
 from proxy.credentials.base import Credential, CredentialProvider
 from proxy.headers import (
     CLIENT_REQUEST_ID,

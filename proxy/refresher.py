@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.clock import Clock
-from proxy.config import RefreshPolicy
+from proxy.config.settings import RefreshPolicy
 from proxy.credentials.base import Credential, report_failover
 from proxy.credentials.tokens import (
     PERMANENT,
@@ -141,20 +141,20 @@ class Refresher:
     def readiness(self) -> tuple[bool, str]:
         if self.current is not None:
             return True, "ok"
-        token = self._token
+        token, auth_type = self._token, self._source.auth_type
         if token is None:
-            return False, f"no {self._source.kind} token yet" + (f": {self._last_reason}" if self._last_reason else "")
+            return False, f"no {auth_type} token yet" + (f": {self._last_reason}" if self._last_reason else "")
         last = f"; last refresh: {self._last_reason}" if self._last_reason else ""
         if token.expires_at is not None and self._clock.time() < token.expires_at:
-            return False, f"{self._source.kind} token is within its {self._margin:g} s expiry margin{last}"
-        return False, f"{self._source.kind} token expired{last}"
+            return False, f"{auth_type} token is within its {self._margin:g} s expiry margin{last}"
+        return False, f"{auth_type} token expired{last}"
 
     def details(self) -> dict[str, Any]:
         now = self._clock.time()
         token = self._token
         expires = None if token is None or token.expires_at is None else round(token.expires_at - now, 3)
         return {
-            "kind": self._source.kind,
+            "kind": self._source.auth_type,
             "expires_in": expires,
             "refresh_in": round(self._next_at - now, 3),
             "last_refresh": self._last_outcome,
@@ -299,7 +299,7 @@ class Refresher:
             level,
             "token_refreshed",
             route=self._route,
-            kind=self._source.kind,
+            kind=self._source.auth_type,
             trigger=reason,
             duration_ms=round(elapsed * 1000, 1),
             expires_in=_round(token.expires_at, now),
@@ -310,7 +310,7 @@ class Refresher:
             self._events.emit(
                 warning=False,
                 reason=TOKEN_REFRESH_RECOVERED,
-                message=f"route {self._route}: {self._source.kind} token refreshed again after failures",
+                message=f"route {self._route}: {self._source.auth_type} token refreshed again after failures",
             )
         self._wake.set()
 
@@ -339,7 +339,7 @@ class Refresher:
                 logging.INFO,
                 "token_restored",
                 route=self._route,
-                kind=self._source.kind,
+                kind=self._source.auth_type,
                 outage_seconds=round(max(0.0, now - self._lost_at), 3),
             )
         self._lost_at = None
@@ -361,7 +361,7 @@ class Refresher:
             logging.WARNING,
             "token_expired",
             route=self._route,
-            kind=self._source.kind,
+            kind=self._source.auth_type,
             expiry_margin_seconds=round(self._margin, 3),
             expires_in=_round(token.expires_at, now),
             last_error=self._last_reason or None,
@@ -373,7 +373,7 @@ class Refresher:
         self._events.emit(
             warning=True,
             reason=TOKEN_EXPIRED,
-            message=f"route {self._route}: the {self._source.kind} token {what} and could not be refreshed; "
+            message=f"route {self._route}: the {self._source.auth_type} token {what} and could not be refreshed; "
             "requests get 503",
         )
 
@@ -416,7 +416,7 @@ class Refresher:
             self._events.emit(
                 warning=True,
                 reason=TOKEN_REFRESH_FAILING,
-                message=f"route {self._route}: {self._source.kind} token refresh failing: {exc.reason}",
+                message=f"route {self._route}: {self._source.auth_type} token refresh failing: {exc.reason}",
             )
         level = logging.ERROR if exc.outcome == PERMANENT else logging.WARNING
         if not changed:
@@ -426,7 +426,7 @@ class Refresher:
             level,
             "token_refresh_failed",
             route=self._route,
-            kind=self._source.kind,
+            kind=self._source.auth_type,
             outcome=exc.outcome,
             reason=exc.reason,
             consecutive_failures=self._failures,

@@ -35,7 +35,7 @@ from typing import Any, Final
 import httptools
 from multidict import CIMultiDict
 
-from proxy.config import Limits
+from proxy.config.settings import Limits
 from proxy.errors import CallerGone
 from proxy.headers import new_request_id
 from proxy.logs import event

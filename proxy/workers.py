@@ -39,7 +39,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from proxy.config import Route
+from proxy.config.settings import KeyAuth, Route
 from proxy.credentials.base import Credential, CredentialProvider
 from proxy.credentials.remote import RemoteCredentialProvider
 from proxy.logs import event
@@ -429,7 +429,7 @@ class WorkerChannel:
         self.reader = reader
         self.writer = writer
         self.timeouts = {
-            r.name: (r.auth.refresh.timeout_seconds + 5.0 if r.auth.refresh is not None else 5.0) for r in routes
+            r.name: (5.0 if isinstance(r.auth, KeyAuth) else r.auth.refresh.timeout_seconds + 5.0) for r in routes
         }
         self.providers = {name: RemoteCredentialProvider(name, self.ask) for name in self.timeouts}
         self._ids = itertools.count(1)

@@ -1,7 +1,7 @@
 """Generate the `config` part of the Helm chart's values.schema.json from the proxy's own schema.
 
 The chart value `config` is the proxy's config file, so its JSON schema is derived from the tables the proxy
-validates with (`TOP_LEAVES` and `ROUTE_LEAVES` in proxy/config.py): one nested object per dotted key prefix,
+validates with (`TOP_LEAVES` and `ROUTE_LEAVES` in proxy/config/schema.py): one nested object per dotted key prefix,
 unknown keys refused at every level (as the proxy refuses them), JSON types from the leaf kinds, enums, ranges
 and descriptions from the leaves. A few differences are the chart's own (CHART_OMITTED, CHART_OVERRIDES). The
 rest of values.schema.json, everything outside `properties.config`, is written by hand and kept as it is.
@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.config import REQUIRED, ROUTE_LEAVES, TOP_LEAVES, Leaf  # noqa: E402
+from proxy.config.schema import REQUIRED, ROUTE_LEAVES, TOP_LEAVES, Leaf  # noqa: E402
 
 SCHEMA_FILE = ROOT / "charts" / "aml-auth-proxy" / "values.schema.json"
 
@@ -62,11 +62,11 @@ _JSON_TYPES = {"str": "string", "enum": "string", "int": "integer", "float": "nu
 
 
 def leaf_schema(leaf: Leaf) -> Schema:
-    """The JSON schema of one value, as `_convert` in proxy/config.py checks it."""
-    nullable = leaf.kind.startswith("opt")
-    base = leaf.kind[3:] if nullable else leaf.kind
+    """The JSON schema of one value, as `_convert` in proxy/config/reader.py checks it."""
+    nullable = leaf.value_type.startswith("opt")
+    base = leaf.value_type[3:] if nullable else leaf.value_type
     if base not in _JSON_TYPES:
-        raise ValueError(f"{leaf.key}: kind {leaf.kind!r} has no JSON type; add it to _JSON_TYPES")
+        raise ValueError(f"{leaf.key}: kind {leaf.value_type!r} has no JSON type; add it to _JSON_TYPES")
     json_type = _JSON_TYPES[base]
     schema: Schema = {"type": [json_type, "null"] if nullable else json_type}
     if base == "enum":
@@ -151,7 +151,7 @@ def render(current: str, config: Schema) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the chart's config schema from proxy/config.py.")
+    parser = argparse.ArgumentParser(description="Generate the chart's config schema from proxy/config/schema.py.")
     parser.add_argument(
         "--check", action="store_true", help="exit 1 when the file differs from what would be written (no write)"
     )
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     name = SCHEMA_FILE.relative_to(ROOT)
     if args.check:
         if current != wanted:
-            print(f"{name} is out of date with proxy/config.py: run python scripts/chart_schema.py", file=sys.stderr)
+            print(f"{name} is out of date with proxy/config/schema.py: run scripts/chart_schema.py", file=sys.stderr)
             return 1
         return 0
     if current != wanted:

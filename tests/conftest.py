@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.logs import JsonFormatter

@@ -54,7 +54,7 @@ MUTANTS = [
     ),
     Mutant(
         name="a dataclass default drifts from the schema's",
-        path="proxy/config.py",
+        path="proxy/config/settings.py",
         old="    max_headers: int = 100\n",
         new="    max_headers: int = 99\n",
         tests=(f"{CONFIG}::test_every_default_written_in_a_dataclass_is_the_schemas",),
@@ -65,5 +65,19 @@ MUTANTS = [
         old="        if not _WORKERS_MIN <= args.workers <= _WORKERS_MAX:",
         new="        if not 0 <= args.workers <= 1000:",
         tests=(f"{CONFIG}::test_the_cli_takes_workers_in_the_schemas_range",),
+    ),
+    Mutant(
+        name="a key the schema gives an auth type is missing from its class",
+        path="proxy/config/settings.py",
+        old="    token_file: str\n    reload_seconds: float\n",
+        new="    token_file: str\n",
+        tests=(f"{CONFIG}::test_each_auth_type_holds_exactly_the_schemas_keys_for_it",),
+    ),
+    Mutant(
+        name="the schema lets a key its class requires be absent",
+        path="proxy/config/schema.py",
+        old="        required_for=(AML_SERVICE_TOKEN,),  # aml-keys needs it with auth.service",
+        new="        # aml-keys needs it with auth.service",
+        tests=(f"{CONFIG}::test_each_auth_type_holds_exactly_the_schemas_keys_for_it",),
     ),
 ]

@@ -52,7 +52,7 @@ MUTANTS = [
     ),
     Mutant(
         name="no_timing_rule",
-        path="proxy/config.py",
+        path="proxy/config/checks.py",
         old="    if isinstance(margin, float) and lease_seconds + renew > margin:",
         new="    if False:",
         tests=(f"{UNIT}::test_share_problems_name_the_key",),

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.health import AdminHandler, Lifecycle
 from proxy.metrics import Metrics
 from tests.support.servers import ProxyFactory

@@ -1,6 +1,6 @@
 """The chart's `config` schema is generated from the proxy's own (scripts/chart_schema.py) and stays so.
 
-The committed values.schema.json must be what the generator writes from proxy/config.py, so a key added to the
+The committed values.schema.json must be what the generator writes from proxy/config/schema.py, so a key added to the
 proxy and not regenerated fails here. Every key of the proxy's config passes through the chart: the documented
 example config pasted under `config:` renders, and what the chart writes into the ConfigMap is that config, which
 the proxy accepts. A value the proxy refuses is refused by `helm template` too, naming the key.
@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import ROUTE_LEAVES, TOP_LEAVES, ConfigError, Leaf, Settings, parse
+from proxy.config.reader import parse
+from proxy.config.schema import ROUTE_LEAVES, TOP_LEAVES, Leaf
+from proxy.config.settings import ConfigError, Settings
 from tests.support.tools import ROOT
 from tests.test_chart import BASE, CHART, KUBE_VERSION, NAMESPACE, RELEASE, helm, parse_manifests, proxy_config
 
@@ -81,7 +83,7 @@ def test_a_key_added_to_the_proxy_but_not_regenerated_fails_the_check(
     committed = committed_config_schema()
     assert generator.config_schema() == committed
     top_leaf = Leaf("tracing.sample_ratio", "float", 0.0, "Share of requests traced.", minimum=0, maximum=1)
-    route_leaf = Leaf("auth.audience", "optstr", None, "Audience of the token.", types=("aad",))
+    route_leaf = Leaf("auth.audience", "optstr", None, "Audience of the token.", auth_types=("aad",))
 
     with_top = generator.config_schema(top_leaves=(*TOP_LEAVES, top_leaf))
     assert with_top != committed

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ROUTE_LEAVES, TOP_LEAVES, ConfigError, env_name, load, parse
+from proxy.config.reader import load, parse
+from proxy.config.schema import ROUTE_LEAVES, TOP_LEAVES, env_name
+from proxy.config.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -315,9 +317,10 @@ def test_every_default_written_in_a_dataclass_is_the_schemas() -> None:
     write the same value, so code that builds settings without the parser behaves as a config file would."""
     import dataclasses
 
-    from proxy import config
+    from proxy.config import settings as config
+    from proxy.config.schema import Leaf
 
-    sections: list[tuple[type, str, tuple[config.Leaf, ...]]] = [
+    sections: list[tuple[type, str, tuple[Leaf, ...]]] = [
         (config.Settings, "", TOP_LEAVES),
         (config.Limits, "limits.", TOP_LEAVES),
         (config.Kubernetes, "kubernetes.", TOP_LEAVES),
@@ -349,7 +352,7 @@ def test_the_cli_takes_workers_in_the_schemas_range(
 ) -> None:
     from proxy import cli
     from proxy.cli import main
-    from proxy.config import top_leaf
+    from proxy.config.schema import top_leaf
 
     async def served(*_args: object, **_kw: object) -> int:
         return 0  # were the value taken, `run` would serve: here it returns at once, and the test fails
@@ -366,3 +369,68 @@ def test_the_cli_takes_workers_in_the_schemas_range(
     )
     assert main(["run", "--config", str(config_file), "--workers", str(int(leaf.maximum or 0) + 1)]) == 2
     assert f"expected {int(leaf.minimum or 0)} to {int(leaf.maximum or 0)}" in capsys.readouterr().err
+
+
+def test_each_auth_type_holds_exactly_the_schemas_keys_for_it() -> None:
+    """One class per auth.type, its fields the auth.* keys the schema gives that type: a key added to the schema
+    for a type, or a field added to its class, without the other fails here. A field that may be None is one the
+    schema lets be absent; one that may not is required for the type or has a default."""
+    import dataclasses
+
+    from proxy.config.settings import AUTH_CLASSES, AUTH_TYPES
+
+    assert sorted(AUTH_CLASSES) == sorted(AUTH_TYPES)
+    for auth_type, cls in AUTH_CLASSES.items():
+        assert cls.type == auth_type
+        leaves = [
+            leaf
+            for leaf in ROUTE_LEAVES
+            if leaf.key.startswith("auth.")
+            and leaf.key != "auth.type"
+            and (leaf.auth_types is None or auth_type in leaf.auth_types)
+        ]
+        schema_fields = {leaf.key.split(".")[1] for leaf in leaves}
+        class_fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(class_fields) == schema_fields, (auth_type, sorted(set(class_fields) ^ schema_fields))
+        for leaf in leaves:
+            name = leaf.key.split(".")[1]
+            if leaf.key != f"auth.{name}" or name == "template":
+                continue  # a section (identity, refresh, *_secret_ref), or the template the parser completes
+            optional = "None" in str(class_fields[name].type)
+            may_be_absent = leaf.default is None and (auth_type not in leaf.required_for or bool(leaf.required_unless))
+            assert optional == may_be_absent, (auth_type, name, class_fields[name].type, leaf.default)
+
+
+def test_a_route_gets_its_auth_types_class_with_every_key_read() -> None:
+    from proxy.config.settings import AmlKeysAuth, KeyAuth
+
+    key = parse(GOOD, {}).routes[0].auth
+    assert isinstance(key, KeyAuth) and key.template == "Bearer {key}" and key.reload_seconds == 1.0
+    raw = {
+        "routes": [
+            {
+                "upstream": "https://example.invalid/score",
+                "auth": {
+                    "type": "aml-keys",
+                    "subscription_id": "s",
+                    "resource_group": "g",
+                    "workspace": "w",
+                    "endpoint": "e",
+                    "refetch_seconds": 120,
+                    "identity": {"type": "managed", "client_id": "c"},
+                    "refresh": {"timeout_seconds": 3},
+                },
+            }
+        ]
+    }
+    auth = parse(raw, {}).routes[0].auth
+    assert isinstance(auth, AmlKeysAuth)
+    assert (auth.subscription_id, auth.resource_group, auth.workspace, auth.endpoint, auth.service) == (
+        "s",
+        "g",
+        "w",
+        "e",
+        None,
+    )
+    assert auth.refetch_seconds == 120.0 and auth.identity.client_id == "c" and auth.refresh.timeout_seconds == 3.0
+    assert auth.template == "Bearer {key}" and auth.secret_refs() == ()

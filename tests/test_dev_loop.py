@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.config import load
+from proxy.config.reader import load
 from tests.support.procs import ProxyProcess, start_emulator_process
 from tests.support.session import remember
 

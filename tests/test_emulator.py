@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 import trustme
 
-from proxy.config import ConfigError
+from proxy.config.settings import ConfigError
 from proxy.emulator.azmlinfsrv import start_azmlinfsrv
 from proxy.emulator.echo import create_echo_app, expected_download_sha256
 from proxy.emulator.main import main

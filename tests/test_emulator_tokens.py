@@ -27,7 +27,7 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential, WorkloadIdentityCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.config import ConfigError
+from proxy.config.settings import ConfigError
 from proxy.emulator.dates import http_date
 from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
 from proxy.emulator.state import SERVICE_ACCOUNT_ISSUER

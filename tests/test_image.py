@@ -53,6 +53,27 @@ def build_stage_env(steps: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
+def build_context(steps: list[tuple[str, str]], into: Path) -> Path:
+    """What the build stage's COPY lines put in its working directory, copied from the checkout into `into`
+    without what git ignores (a stale build/ of setuptools, compiled modules, caches): the image builds from
+    that, never from the checkout as a whole."""
+    import shutil
+
+    froms = [i for i, (word, _) in enumerate(steps) if word == "FROM"]
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
+    for word, args in steps[froms[0] : froms[1]]:
+        if word != "COPY" or args.startswith("--"):
+            continue
+        *sources, target = shlex.split(args)
+        for source in sources:
+            if source.endswith("/"):
+                shutil.copytree(ROOT / source, into / target, ignore=ignore)
+            else:
+                (into / target).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / source, into / target / source)
+    return into
+
+
 def compiled_list() -> list[str]:
     """setup.py's COMPILED list, read without running setup.py."""
     tree = ast.parse((ROOT / "setup.py").read_text())
@@ -126,7 +147,8 @@ async def test_the_entrypoint_from_a_clean_venv_with_only_the_wheel_serves_a_req
     venv = tmp_path / "venv"
     # The Dockerfile's commands, with its paths moved into tmp_path.
     wheel_args = [a if a != "/wheels" else str(wheels) for a in wheel_cmd[4:]]
-    wheel_args = [str(ROOT) if a == "." else a for a in wheel_args]
+    context = build_context(steps, tmp_path / "context")
+    wheel_args = [str(context) if a == "." else a for a in wheel_args]
     build_env = dict(os.environ, **build_stage_env(steps))
     assert build_env["AML_AUTH_PROXY_COMPILE"] == "1"  # the image never ships the pure-Python request path
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", *wheel_args], check=True, timeout=600, env=build_env)

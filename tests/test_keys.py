@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.config import Auth
+from proxy.config.settings import KeyAuth
 from proxy.credentials.files import SecretFileError, read_secret_file
 from proxy.credentials.keys import SETTLE_SECONDS, KeyFileProvider
 from proxy.emulator.secretdir import write_secret_dir
@@ -28,10 +28,11 @@ Serve = Callable[..., Awaitable[str]]
 
 def provider_for(primary: Path, secondary: Path | None = None) -> tuple[KeyFileProvider, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    auth = Auth(
-        type="key",
+    auth = KeyAuth(
         primary_file=str(primary),
         secondary_file=str(secondary) if secondary else None,
+        primary_secret_ref=None,
+        secondary_secret_ref=None,
         header="Authorization",
         template="Bearer {key}",
         reload_seconds=0.05,

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import ManualClock
-from proxy.config import Kubernetes, RefreshPolicy
+from proxy.config.settings import Kubernetes, RefreshPolicy
 from proxy.credentials.tokens import NothingToWatch, Token, TransientError
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Selector, resource_by_name
@@ -49,7 +49,7 @@ async def kube() -> AsyncIterator[RunningKubeApi]:
 
 
 class FlakySource(NothingToWatch):
-    kind = "aml-endpoint-token"
+    auth_type = "aml-endpoint-token"
 
     def __init__(self, clock: ManualClock) -> None:
         self.clock = clock

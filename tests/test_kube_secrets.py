@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Rule, resource_by_name
 from tests.support.servers import KUBE_NS as NS

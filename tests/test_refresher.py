@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import ManualClock
-from proxy.config import RefreshPolicy
+from proxy.config.settings import RefreshPolicy
 from proxy.credentials.tokens import NothingToWatch, PermanentError, RefreshError, Token, TransientError, skew_corrected
 from proxy.logs import GENERATIONS, REDACTED, REDACTOR
 from proxy.metrics import Metrics
@@ -35,7 +35,7 @@ POLICY = RefreshPolicy(
 class FakeSource(NothingToWatch):
     """A token source with a script: each fetch pops the next outcome (a lifetime, or an exception)."""
 
-    kind = "aml-endpoint-token"
+    auth_type = "aml-endpoint-token"
 
     def __init__(self, clock: ManualClock, *, lifetime: float = 3.0, refresh_after: float | None = 2.0) -> None:
         self.clock = clock
@@ -99,7 +99,7 @@ def make(
         template="Bearer {token}",
         placeholder="{token}",
         policy=policy,
-        metrics=metrics.for_route("r", region="eastus", kind=source.kind),
+        metrics=metrics.for_route("r", region="eastus", kind=source.auth_type),
         clock=clock,
         rng=lambda: next(values),
         events=events or Reported(),
@@ -132,7 +132,7 @@ async def test_refreshes_at_the_servers_refresh_time_minus_jitter_never_waiting_
                 "aml_auth_proxy_token_refreshes_total",
                 route="r",
                 region="eastus",
-                kind=source.kind,
+                kind=source.auth_type,
                 outcome="success",
             )
             == 2
@@ -179,7 +179,7 @@ async def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
             "aml_auth_proxy_token_refreshes_total",
             route="r",
             region="eastus",
-            kind=source.kind,
+            kind=source.auth_type,
             outcome="transient_error",
         )
         == 9
@@ -243,7 +243,7 @@ async def test_retry_after_is_honoured_and_permanent_errors_retry_at_the_cap() -
             "aml_auth_proxy_token_refreshes_total",
             route="r",
             region="eastus",
-            kind=source.kind,
+            kind=source.auth_type,
             outcome="permanent_error",
         )
         == 1
@@ -339,7 +339,7 @@ async def test_keys_fail_over_before_refetching() -> None:
     clock = ManualClock()
 
     class Keys(FakeSource):
-        kind = "aml-keys"
+        auth_type = "aml-keys"
 
         async def fetch(self, previous: Token | None) -> Token:
             self.calls.append(self.clock.time())

@@ -22,7 +22,8 @@ import aiohttp
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.config import ConfigError, parse
+from proxy.config.reader import parse
+from proxy.config.settings import ConfigError
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import resource_by_name
 from proxy.emulator.runner import RunningEmulator, start_emulator
@@ -206,7 +207,7 @@ class FakeRefresher:
 def provider(store: FakeLeases, secrets_: FakeSecrets, clock: ManualClock, name: str) -> Any:
     from prometheus_client import CollectorRegistry
 
-    from proxy.config import Share
+    from proxy.config.settings import Share
     from proxy.kube.share import SharedTokenProvider
     from proxy.metrics import Metrics
 

@@ -293,7 +293,7 @@ async def test_mlserver_token_times_are_read_on_the_injected_clock(emu: RunningE
     """The ML Server kind reads its times on the clock the proxy runs on (proxy/clock.py), as every kind does: a
     proxy whose clock is a ManualClock far from the wall clock sees the token's lifetime from that clock."""
     from proxy.clock import ManualClock
-    from proxy.config import parse
+    from proxy.config.reader import parse
     from proxy.credentials.mlserver import MlServerSource
 
     assert emu.mlserver_url is not None

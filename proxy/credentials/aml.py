@@ -7,7 +7,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from proxy.clock import Clock, SystemClock
-from proxy.config import (
+from proxy.config.settings import (
     AAD,
     AML_ENDPOINT_TOKEN,
     AML_KEYS,
@@ -15,7 +15,12 @@ from proxy.config import (
     AML_SERVICE_TOKEN,
     V1_SCOPE,
     V2_SCOPE,
-    Auth,
+    AadAuth,
+    AmlAuth,
+    AmlEndpointTokenAuth,
+    AmlKeysAuth,
+    AmlServiceTokenAuth,
+    IdentityAuth,
 )
 from proxy.credentials.http import CredentialHttp, JsonAnswer, epoch, jwt_times, require
 from proxy.credentials.identity import AzureIdentity
@@ -24,32 +29,35 @@ from proxy.credentials.tokens import NothingToWatch, PermanentError, Token, Tran
 _PROVIDER = "providers/Microsoft.MachineLearningServices"
 
 
-def _workspace_path(auth: Auth) -> str:
+def _workspace_path(auth: AmlAuth) -> str:
     return (
-        f"/subscriptions/{quote(auth.subscription_id or '', safe='')}"
-        f"/resourceGroups/{quote(auth.resource_group or '', safe='')}"
-        f"/{_PROVIDER}/workspaces/{quote(auth.workspace or '', safe='')}"
+        f"/subscriptions/{quote(auth.subscription_id, safe='')}"
+        f"/resourceGroups/{quote(auth.resource_group, safe='')}"
+        f"/{_PROVIDER}/workspaces/{quote(auth.workspace, safe='')}"
     )
 
 
-def v1_service_url(auth: Auth, action: str) -> str:
+def v1_service_url(auth: AmlKeysAuth | AmlServiceTokenAuth, action: str) -> str:
     """`{mms}/modelmanagement/v1.0/subscriptions/.../workspaces/{ws}/services/{name}/{action}`."""
     base = (auth.mms_url or "").rstrip("/")
     return f"{base}/modelmanagement/v1.0{_workspace_path(auth)}/services/{quote(auth.service or '', safe='')}/{action}"
 
 
-def v2_endpoint_url(auth: Auth, action: str) -> str:
+def v2_endpoint_url(auth: AmlKeysAuth | AmlEndpointTokenAuth, action: str) -> str:
     """`{arm}/subscriptions/.../onlineEndpoints/{ep}/{action}?api-version=...`."""
     base = auth.arm_url.rstrip("/")
     endpoint = quote(auth.endpoint or "", safe="")
     return f"{base}{_workspace_path(auth)}/onlineEndpoints/{endpoint}/{action}?api-version={quote(auth.api_version)}"
 
 
-def default_scope(auth: Auth) -> str:
+def default_scope(auth: IdentityAuth) -> str:
+    """The route's `scope`, else its type's: Azure ML for aad, the plane's ARM scope for the AML control planes."""
     if auth.scope:
         return auth.scope
-    if auth.type == AAD:
+    if isinstance(auth, AadAuth):
         return AML_SCOPE
+    if isinstance(auth, AmlEndpointTokenAuth):
+        return V2_SCOPE
     return V1_SCOPE if auth.service else V2_SCOPE
 
 
@@ -70,11 +78,10 @@ def _token_from(
 
 
 class _ControlPlaneSource(NothingToWatch):
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, what: str, clock: Clock | None) -> None:
+    def __init__(self, *, auth: AmlAuth, identity: AzureIdentity, what: str, clock: Clock | None) -> None:
         self.auth = auth
         self.identity = identity
         self.clock = clock or SystemClock()
-        assert auth.refresh is not None
         self.http = CredentialHttp(what=what, ca_file=auth.ca_file, timeout=auth.refresh.timeout_seconds)
         self.scope = default_scope(auth)
 
@@ -110,7 +117,7 @@ class _TokenEndpointSource(_ControlPlaneSource):
     expiry_field = ""
     refresh_field = ""
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, url: str, clock: Clock | None) -> None:
+    def __init__(self, *, auth: AmlAuth, identity: AzureIdentity, url: str, clock: Clock | None) -> None:
         super().__init__(auth=auth, identity=identity, what=self.what, clock=clock)
         self.url = url
 
@@ -131,35 +138,36 @@ class _TokenEndpointSource(_ControlPlaneSource):
 class AmlServiceTokenSource(_TokenEndpointSource):
     """v1 AKS web service token: `POST .../services/{name}/token` → accessToken, refreshAfter, expiryOn."""
 
-    kind = AML_SERVICE_TOKEN
+    auth_type = AML_SERVICE_TOKEN
     what = "AML v1 token endpoint"
     expiry_field = "expiryOn"
     refresh_field = "refreshAfter"
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
+    def __init__(self, *, auth: AmlServiceTokenAuth, identity: AzureIdentity, clock: Clock | None = None) -> None:
         super().__init__(auth=auth, identity=identity, url=v1_service_url(auth, "token"), clock=clock)
 
 
 class AmlEndpointTokenSource(_TokenEndpointSource):
     """v2 online endpoint aml_token: `POST .../onlineEndpoints/{ep}/token` → expiryTimeUtc, refreshAfterTimeUtc."""
 
-    kind = AML_ENDPOINT_TOKEN
+    auth_type = AML_ENDPOINT_TOKEN
     what = "AML v2 token endpoint"
     expiry_field = "expiryTimeUtc"
     refresh_field = "refreshAfterTimeUtc"
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
+    def __init__(self, *, auth: AmlEndpointTokenAuth, identity: AzureIdentity, clock: Clock | None = None) -> None:
         super().__init__(auth=auth, identity=identity, url=v2_endpoint_url(auth, "token"), clock=clock)
 
 
 class AmlKeysSource(_ControlPlaneSource):
     """Keys from v1 `listkeys` or v2 `listKeys`; fetched again periodically and after a 401 with both keys."""
 
-    kind = AML_KEYS
+    auth_type = AML_KEYS
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
+    def __init__(self, *, auth: AmlKeysAuth, identity: AzureIdentity, clock: Clock | None = None) -> None:
         v1 = auth.service is not None
         super().__init__(auth=auth, identity=identity, what="AML v1 listkeys" if v1 else "AML v2 listKeys", clock=clock)
+        self.refetch_seconds = auth.refetch_seconds
         self.url = v1_service_url(auth, "listkeys") if v1 else v2_endpoint_url(auth, "listKeys")
 
     async def fetch(self, previous: Token | None) -> Token:
@@ -174,16 +182,16 @@ class AmlKeysSource(_ControlPlaneSource):
             value=primary,
             secondary=secondary,
             expires_at=None,
-            refresh_at=self.clock.time() + self.auth.refetch_seconds,
+            refresh_at=self.clock.time() + self.refetch_seconds,
         )
 
 
 class AadSource(NothingToWatch):
     """An Entra ID token for `https://ml.azure.com/.default` (managed endpoints in aad_token mode)."""
 
-    kind = AAD
+    auth_type = AAD
 
-    def __init__(self, *, auth: Auth, identity: AzureIdentity, clock: Clock | None = None) -> None:
+    def __init__(self, *, auth: AadAuth, identity: AzureIdentity, clock: Clock | None = None) -> None:
         self.identity = identity
         self.scope = default_scope(auth)
 

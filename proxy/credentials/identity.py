@@ -26,7 +26,7 @@ from azure.identity import CredentialUnavailableError
 from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential, WorkloadIdentityCredential
 from requests.exceptions import RequestException, SSLError
 
-from proxy.config import Identity
+from proxy.config.settings import Identity
 from proxy.credentials.files import SecretFileError, read_secret_file
 from proxy.credentials.http import is_transient_status, parse_retry_after
 from proxy.credentials.secret_keys import SecretFeed
@@ -47,7 +47,7 @@ class AzureIdentity:
         timeout: float = 10.0,
         secret_feed: SecretFeed | None = None,
     ) -> None:
-        self.kind = config.type
+        self.identity_type = config.type
         self._secret_feed = secret_feed  # client_secret_ref: the watched Secret
         self._secret_used: str | None = None
         self._config = config
@@ -129,10 +129,10 @@ class AzureIdentity:
                 info: AccessTokenInfo = await self._credential.get_token_info(scope)
         except CredentialUnavailableError as exc:
             self._count_error()
-            raise PermanentError(f"{self.kind} identity unavailable: {_first_line(exc)}") from exc
+            raise PermanentError(f"{self.identity_type} identity unavailable: {_first_line(exc)}") from exc
         except ClientAuthenticationError as exc:
             self._count_error()
-            raise _classify_refusal(exc, self.kind) from exc
+            raise _classify_refusal(exc, self.identity_type) from exc
         except TimeoutError as exc:
             self._count_error()
             raise TransientError(f"Entra ID did not answer within {self._timeout:g} s") from exc
@@ -144,15 +144,15 @@ class AzureIdentity:
             raise TransientError(_transport_reason(exc)) from exc
         REDACTOR.add(info.token, owner=f"identity:{id(self)}")
         if self._last.get(scope) == info.token:
-            self._metrics.entra_requests.labels(self.kind, "cached").inc()
+            self._metrics.entra_requests.labels(self.identity_type, "cached").inc()
         else:
             self._last[scope] = info.token
-            self._metrics.entra_requests.labels(self.kind, "acquired").inc()
-            self._metrics.entra_duration.labels(self.kind).observe(time.perf_counter() - started)
+            self._metrics.entra_requests.labels(self.identity_type, "acquired").inc()
+            self._metrics.entra_duration.labels(self.identity_type).observe(time.perf_counter() - started)
         return info
 
     def _count_error(self) -> None:
-        self._metrics.entra_requests.labels(self.kind, "error").inc()
+        self._metrics.entra_requests.labels(self.identity_type, "error").inc()
 
     async def reset(self) -> None:
         """Drop azure-identity's cached tokens: the next call acquires a new one (after a control plane's 401)."""

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from proxy.config import JWT_FILE, Auth
+from proxy.config.settings import JWT_FILE, JwtFileAuth
 from proxy.credentials.files import FileSignature, SecretFileError, file_signature, read_secret_file
 from proxy.credentials.tokens import PermanentError, Token, TransientError, jwt_claims
 
 
 class JwtFileSource:
-    kind = JWT_FILE
+    auth_type = JWT_FILE
 
-    def __init__(self, *, auth: Auth) -> None:
-        assert auth.token_file is not None
+    def __init__(self, *, auth: JwtFileAuth) -> None:
         self.path = auth.token_file
         self.poll_seconds = auth.reload_seconds
         self._signature: FileSignature | None = None

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from proxy.config import Auth
+from proxy.config.settings import KeyAuth
 from proxy.credentials.base import Credential, report_failover
 from proxy.credentials.files import FileSignature, SecretFileError, file_signature, read_secret_file
 from proxy.events import NO_EVENTS, EventSink
@@ -34,7 +34,7 @@ class KeyPair:
 
     Subclasses call `_set_key` with each validated key and `_select` after a round of loading."""
 
-    def __init__(self, *, route: str, auth: Auth, metrics: RouteMetrics, events: EventSink = NO_EVENTS) -> None:
+    def __init__(self, *, route: str, auth: KeyAuth, metrics: RouteMetrics, events: EventSink = NO_EVENTS) -> None:
         self._route = route
         self._auth = auth
         self._metrics = metrics
@@ -113,9 +113,9 @@ class KeyPair:
 class KeyFileProvider(KeyPair):
     """Primary/secondary keys from files, with failover on 401."""
 
-    def __init__(self, *, route: str, auth: Auth, metrics: RouteMetrics, events: EventSink = NO_EVENTS) -> None:
+    def __init__(self, *, route: str, auth: KeyAuth, metrics: RouteMetrics, events: EventSink = NO_EVENTS) -> None:
         super().__init__(route=route, auth=auth, metrics=metrics, events=events)
-        assert auth.primary_file is not None  # config requires it for this kind
+        assert auth.primary_file is not None  # build_provider picks this provider when the keys are files
         self._paths: dict[str, str] = {"primary": auth.primary_file}
         if auth.secondary_file:
             self._paths["secondary"] = auth.secondary_file

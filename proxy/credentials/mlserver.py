@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.clock import Clock, SystemClock
-from proxy.config import MLSERVER, Auth
+from proxy.config.settings import MLSERVER, MlServerAuth
 from proxy.credentials.files import SecretFileError, read_secret_file
 from proxy.credentials.http import CredentialHttp, epoch, jwt_times, require
 from proxy.credentials.tokens import NothingToWatch, PermanentError, Token, skew_corrected
@@ -22,17 +22,15 @@ def _plus_one(iat: float | None) -> float | None:
 
 
 class MlServerSource(NothingToWatch):
-    kind = MLSERVER
+    auth_type = MLSERVER
 
-    def __init__(self, *, auth: Auth, base_url: str, clock: Clock | None = None) -> None:
-        assert auth.refresh is not None and auth.username_file and auth.password_file
+    def __init__(self, *, auth: MlServerAuth, base_url: str, clock: Clock | None = None) -> None:
         self.auth = auth
         self.clock = clock or SystemClock()
         self.base = base_url.rstrip("/")
         self.http = CredentialHttp(what="ML Server login", ca_file=auth.ca_file, timeout=auth.refresh.timeout_seconds)
 
     def _credentials(self) -> dict[str, str]:
-        assert self.auth.username_file and self.auth.password_file
         try:
             username = read_secret_file(self.auth.username_file)
             password = read_secret_file(self.auth.password_file)

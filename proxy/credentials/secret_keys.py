@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.config import Auth, SecretRef
+from proxy.config.settings import KeyAuth, SecretRef
 from proxy.credentials.files import SecretFileError, validate_secret
 from proxy.credentials.keys import KeyPair
 from proxy.events import NO_EVENTS, EventSink
@@ -67,7 +67,7 @@ class SecretKeyProvider(KeyPair):
         self,
         *,
         route: str,
-        auth: Auth,
+        auth: KeyAuth,
         metrics: RouteMetrics,
         feeds: Mapping[str, SecretFeed],
         events: EventSink = NO_EVENTS,

@@ -54,7 +54,7 @@ class PermanentError(RefreshError):
 class TokenSource(Protocol):
     """How to get one kind of token; proxy/refresher.py decides when."""
 
-    kind: str
+    auth_type: str  # the route's auth.type
 
     async def fetch(self, previous: Token | None) -> Token:
         """Fetch a new token (or keys). Raise TransientError or PermanentError."""

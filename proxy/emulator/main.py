@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from proxy.config import ConfigError
+from proxy.config.settings import ConfigError
 from proxy.emulator.proxyconfig import with_dev_client, write_proxy_config
 from proxy.emulator.runner import (
     ECHO_BACKEND,

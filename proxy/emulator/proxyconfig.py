@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import yaml
 
-from proxy.config import top_default
+from proxy.config.schema import top_default
 from proxy.emulator.secretdir import write_secret_dir
 
 if TYPE_CHECKING:

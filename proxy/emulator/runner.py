@@ -63,7 +63,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
-from proxy.config import ConfigError
+from proxy.config.settings import ConfigError
 from proxy.emulator.control import create_control_app
 from proxy.emulator.echo import create_echo_app
 from proxy.emulator.entra import create_entra_app, create_imds_app

@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from proxy.config import Kubernetes
+from proxy.config.settings import Kubernetes
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Iterable
 
 from proxy.clock import Clock
-from proxy.config import SecretRef, Settings
+from proxy.config.settings import SecretRef, Settings
 from proxy.events import NO_EVENTS, EventSink
 from proxy.kube.client import KubeApi
 from proxy.kube.events import EventRecorder

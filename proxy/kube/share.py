@@ -9,7 +9,7 @@ path) and plays one of three roles, shown in /readyz and metrics:
 - follower: the refresher does not fetch; tokens from the Secret (list + watch, relist on 410) are adopted.
 - fallback: not the leader and the shared token is missing, stale (past its refresh time + lease_seconds),
   malformed or was refused by the upstream (401): fetch our own, until a usable shared token arrives.
-Not here: how to build the API client (proxy/kube/client.py) or the timing rule (config.py checks it).
+Not here: how to build the API client (proxy/kube/client.py) or the timing rule (proxy/config/checks.py checks it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import kubernetes.client as k8s
 from kubernetes.watch.watch import iter_resp_lines
 
 from proxy.clock import Clock
-from proxy.config import Share
+from proxy.config.settings import Share
 from proxy.credentials.base import Credential
 from proxy.credentials.tokens import Token
 from proxy.kube.client import KubeApi, WorkerThread, api_error, call, post

@@ -34,7 +34,7 @@ import h11
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.emulator.secretdir import write_secret_dir
 from tests.support.logsetup import ErrorRecords
 

@@ -26,7 +26,7 @@ MUTANTS = [
     ),
     Mutant(
         name="config strings may hold CR, LF or NUL",
-        path="proxy/config.py",
+        path="proxy/config/reader.py",
         old=r'        if any(ch in value for ch in "\r\n\x00"):',
         new="        if False:",
         tests=("tests/abuse/test_header_injection.py",),

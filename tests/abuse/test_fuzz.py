@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.emulator.secretdir import write_secret_dir
 from tests.support.logsetup import ErrorRecords
 from tests.support.session import new_key

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.config import ConfigError, parse
+from proxy.config.reader import parse
+from proxy.config.settings import ConfigError
 from tests.support.servers import ProxyFactory
 from tests.support.session import new_key, remember
 

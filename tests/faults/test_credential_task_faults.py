@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
 from proxy.clock import ManualClock
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.credentials.base import Credential
 from proxy.credentials.keys import KeyFileProvider
 from proxy.emulator.kube import RunningKubeApi

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyService
 from proxy.clock import ManualClock
-from proxy.config import parse
+from proxy.config.reader import parse
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
 from tests.support.logsetup import logging_as_run
