@@ -39,7 +39,7 @@ from aiohttp import web
 
 from proxy.emulator import faults
 from proxy.emulator.dates import use_clock_for_date
-from proxy.emulator.state import EmulatorState, Fault, KeyType, Service
+from proxy.emulator.state import EmulatorState, Fault, KeyType, Operation, Service
 from proxy.emulator.tokens import ARM_AUDIENCES, TokenRejected
 
 Plane = Literal["v1", "v2"]
@@ -160,6 +160,14 @@ def _check_api_version(request: web.Request) -> web.Response | None:
     return None
 
 
+def _check_call(request: web.Request, plane: Plane) -> web.Response | None:
+    """The plane's refusal of an unauthorised call (and of a v2 call without its api-version), or None."""
+    denied = _check_token(request, plane)
+    if denied is None and plane == "v2":
+        denied = _check_api_version(request)
+    return denied
+
+
 def _find_service(request: web.Request, plane: Plane) -> Service | None:
     info = request.match_info
     service = request.app[STATE].services.get(info["name"])
@@ -173,6 +181,20 @@ def _find_service(request: web.Request, plane: Plane) -> Service | None:
 def _not_found(plane: Plane, what: str) -> web.Response:
     code = "NotFound" if plane == "v1" else "ResourceNotFound"
     return _error(plane, 404, code, f"{what} was not found.")
+
+
+_SERVICE_NOUN = {"v1": "Service", "v2": "Online endpoint"}
+
+
+def _resolve(request: web.Request, plane: Plane) -> Service | web.Response:
+    """The service the path names, once the call is authorised; else the plane's refusal or 404."""
+    denied = _check_call(request, plane)
+    if denied is not None:
+        return denied
+    service = _find_service(request, plane)
+    if service is None:
+        return _not_found(plane, f"{_SERVICE_NOUN[plane]} {request.match_info['name']!r}")
+    return service
 
 
 def _base_url(request: web.Request) -> str:
@@ -195,10 +217,45 @@ async def _serve(
     early = await _fault_then_latency(request, plane, service, fault)
     if early is not None:
         return early
-    response = await work()
-    if fault is not None and faults.is_body_fault(fault):
-        return await faults.send_slowly(request, response, fault)
-    return response
+    return await faults.finish(request, await work(), fault)
+
+
+async def _describe(
+    request: web.Request, plane: Plane, service: Service, body: Callable[[Service], dict[str, Any]]
+) -> web.StreamResponse:
+    """Serve `body` of the service as it stands once faults and latency have played out."""
+
+    async def describe() -> web.Response:
+        return web.json_response(body(request.app[STATE].services[service.name]))
+
+    return await _serve(request, plane, service, describe)
+
+
+async def _serve_operation(
+    request: web.Request, plane: Plane, answer: Callable[[Operation, Service], web.Response]
+) -> web.StreamResponse:
+    """A poll of the operation the path names (a v1 path names its service's workspace, a v2 path only the
+    subscription): `answer(op, service)`, once the call is authorised, with its service's faults and latency."""
+    denied = _check_call(request, plane)
+    if denied is not None:
+        return denied
+    state = request.app[STATE]
+    info = request.match_info
+    op = state.operations.get(info["op"])
+    service = state.services.get(op.service) if op is not None else None
+    if op is None or service is None:
+        return _not_found(plane, f"Operation {info['op']!r}")
+    if plane == "v1":
+        here = service.in_workspace(subscription=info["sub"], resource_group=info["rg"], workspace=info["ws"])
+    else:
+        here = service.subscription.lower() == info["sub"].lower()
+    if not here:
+        return _not_found(plane, f"Operation {info['op']!r}")
+
+    async def work() -> web.Response:
+        return answer(op, service)
+
+    return await _serve(request, plane, service, work)
 
 
 async def _fault_then_latency(
@@ -247,19 +304,67 @@ async def _serve_token(request: web.Request, plane: Plane, service: Service) -> 
             "tokenType": "Bearer",
         }
     response = web.json_response(faults.without_fields(payload, fault, ["accessToken"]))
-    if fault is not None and faults.is_body_fault(fault):
-        return await faults.send_slowly(request, response, fault)
-    return response
+    return await faults.finish(request, response, fault)
+
+
+async def _service_action(request: web.Request, plane: Plane) -> web.StreamResponse:
+    """listKeys, regenerateKeys and token (case-insensitive) on a v1 service or a v2 online endpoint."""
+    found = _resolve(request, plane)
+    if isinstance(found, web.Response):
+        return found
+    service = found
+    action = request.match_info["action"].lower()
+    state = request.app[STATE]
+
+    async def list_keys() -> web.Response:
+        return web.json_response(_keys_body(state.services[service.name]))
+
+    async def regenerate() -> web.Response:
+        parsed = await _read_regenerate_body(request)
+        if isinstance(parsed, str):
+            return _error(plane, 400, "BadRequest", parsed)
+        key_type, key_value = parsed
+        return _regenerate_accepted(request, plane, state.regenerate_key(service.name, key_type, key_value))
+
+    if action == "listkeys":
+        return await _serve(request, plane, service, list_keys)
+    if action == "regeneratekeys":
+        return await _serve(request, plane, service, regenerate)
+    if action == "token":
+        return await _serve_token(request, plane, service)
+    return _not_found(plane, f"{'Operation' if plane == 'v1' else 'Action'} {request.match_info['action']!r}")
+
+
+def _regenerate_accepted(request: web.Request, plane: Plane, service: Service) -> web.Response:
+    """The 202 of a regenerateKeys, pointing at where to poll: an MMS operation (v1) or an ARM operation result
+    (v2, Location polling, with the call's api-version)."""
+    state = request.app[STATE]
+    if plane == "v1":
+        op = state.record_operation(service=service.name, operation_type="Service")
+        location = (
+            _base_url(request)
+            + V1_WORKSPACE.format(sub=service.subscription, rg=service.resource_group, ws=service.workspace)
+            + f"/operations/{op.id}"
+        )
+        return web.Response(status=202, headers={"Operation-Location": location})
+    op = state.record_operation(service=service.name, operation_type="RegenerateKeys")
+    location = (
+        _base_url(request)
+        + V2_OPERATION.format(sub=service.subscription, region=service.region, op=op.id)
+        + f"?api-version={request.query['api-version']}"
+    )
+    return web.Response(status=202, headers={"Location": location, "Retry-After": "1"})
 
 
 async def _read_regenerate_body(request: web.Request) -> tuple[KeyType, str | None] | str:
     """(keyType, keyValue) from a regenerateKeys body, or the reason it is unusable."""
-    try:
-        body: Any = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError):
-        return "The request body is not valid JSON."
-    if not isinstance(body, dict):
-        return "The request body must be a JSON object with keyType and keyValue."
+    body = await _read_object(
+        request,
+        invalid="The request body is not valid JSON.",
+        not_object="The request body must be a JSON object with keyType and keyValue.",
+    )
+    if isinstance(body, str):
+        return body
     key_type = body.get("keyType")
     canonical: KeyType
     if isinstance(key_type, str) and key_type.lower() == "primary":
@@ -272,6 +377,22 @@ async def _read_regenerate_body(request: web.Request) -> tuple[KeyType, str | No
     if key_value is not None and (not isinstance(key_value, str) or not key_value):
         return "keyValue must be a non-empty string or null."
     return canonical, key_value
+
+
+async def _read_object(
+    request: web.Request,
+    *,
+    invalid: str = "the request body is not valid JSON",
+    not_object: str = "the request body must be a JSON object",
+) -> dict[str, Any] | str:
+    """The JSON object in the body (no body reads as null), or the reason it is unusable."""
+    try:
+        body: Any = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return invalid
+    if not isinstance(body, dict):
+        return not_object
+    return body
 
 
 def _keys_body(service: Service) -> dict[str, str]:
@@ -319,17 +440,10 @@ async def _discovery(request: web.Request) -> web.Response:
 
 
 async def _v1_service_object(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v1")
-    if denied is not None:
-        return denied
-    service = _find_service(request, "v1")
-    if service is None:
-        return _not_found("v1", f"Service {request.match_info['name']!r}")
-
-    async def describe() -> web.Response:
-        return web.json_response(_v1_service_body(request, request.app[STATE].services[service.name]))
-
-    return await _serve(request, "v1", service, describe)
+    found = _resolve(request, "v1")
+    if isinstance(found, web.Response):
+        return found
+    return await _describe(request, "v1", found, lambda current: _v1_service_body(request, current))
 
 
 def _v1_service_body(request: web.Request, service: Service) -> dict[str, Any]:
@@ -396,57 +510,11 @@ def _v1_service_body(request: web.Request, service: Service) -> dict[str, Any]:
 
 
 async def _v1_service_action(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v1")
-    if denied is not None:
-        return denied
-    service = _find_service(request, "v1")
-    if service is None:
-        return _not_found("v1", f"Service {request.match_info['name']!r}")
-    action = request.match_info["action"].lower()
-    state = request.app[STATE]
-
-    async def list_keys() -> web.Response:
-        return web.json_response(_keys_body(state.services[service.name]))
-
-    async def regenerate() -> web.Response:
-        parsed = await _read_regenerate_body(request)
-        if isinstance(parsed, str):
-            return v1_error(400, "BadRequest", parsed)
-        key_type, key_value = parsed
-        current = state.regenerate_key(service.name, key_type, key_value)
-        op = state.record_operation(service=current.name, operation_type="Service")
-        location = (
-            _base_url(request)
-            + V1_WORKSPACE.format(sub=current.subscription, rg=current.resource_group, ws=current.workspace)
-            + f"/operations/{op.id}"
-        )
-        return web.Response(status=202, headers={"Operation-Location": location})
-
-    if action == "listkeys":
-        return await _serve(request, "v1", service, list_keys)
-    if action == "regeneratekeys":
-        return await _serve(request, "v1", service, regenerate)
-    if action == "token":
-        return await _serve_token(request, "v1", service)
-    return _not_found("v1", f"Operation {request.match_info['action']!r}")
+    return await _service_action(request, "v1")
 
 
 async def _v1_operation(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v1")
-    if denied is not None:
-        return denied
-    state = request.app[STATE]
-    info = request.match_info
-    op = state.operations.get(info["op"])
-    service = state.services.get(op.service) if op is not None else None
-    if (
-        op is None
-        or service is None
-        or not service.in_workspace(subscription=info["sub"], resource_group=info["rg"], workspace=info["ws"])
-    ):
-        return _not_found("v1", f"Operation {info['op']!r}")
-
-    async def status() -> web.Response:
+    def status(op: Operation, service: Service) -> web.Response:
         return web.json_response(
             {
                 "id": op.id,
@@ -458,7 +526,7 @@ async def _v1_operation(request: web.Request) -> web.StreamResponse:
             }
         )
 
-    return await _serve(request, "v1", service, status)
+    return await _serve_operation(request, "v1", status)
 
 
 # -- v2 ARM ------------------------------------------------------------------------------------------------------
@@ -558,104 +626,43 @@ def _v2_deployment_body(request: web.Request, service: Service, deployment: str)
 
 
 async def _v2_endpoint_object(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v2") or _check_api_version(request)
-    if denied is not None:
-        return denied
-    service = _find_service(request, "v2")
-    if service is None:
-        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
-
-    async def describe() -> web.Response:
-        return web.json_response(_v2_endpoint_body(request, request.app[STATE].services[service.name]))
-
-    return await _serve(request, "v2", service, describe)
+    found = _resolve(request, "v2")
+    if isinstance(found, web.Response):
+        return found
+    return await _describe(request, "v2", found, lambda current: _v2_endpoint_body(request, current))
 
 
 async def _v2_deployment_list(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v2") or _check_api_version(request)
-    if denied is not None:
-        return denied
-    service = _find_service(request, "v2")
-    if service is None:
-        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
+    found = _resolve(request, "v2")
+    if isinstance(found, web.Response):
+        return found
 
-    async def listing() -> web.Response:
-        current = request.app[STATE].services[service.name]
-        return web.json_response({"value": [_v2_deployment_body(request, current, d) for d in current.deployments]})
+    def listing(current: Service) -> dict[str, Any]:
+        return {"value": [_v2_deployment_body(request, current, d) for d in current.deployments]}
 
-    return await _serve(request, "v2", service, listing)
+    return await _describe(request, "v2", found, listing)
 
 
 async def _v2_deployment_object(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v2") or _check_api_version(request)
-    if denied is not None:
-        return denied
-    service = _find_service(request, "v2")
-    if service is None:
-        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
+    found = _resolve(request, "v2")
+    if isinstance(found, web.Response):
+        return found
     deployment = request.match_info["deployment"]
-    if deployment not in service.deployments:
-        return _not_found("v2", f"Deployment {deployment!r} of online endpoint {service.name!r}")
-
-    async def describe() -> web.Response:
-        return web.json_response(_v2_deployment_body(request, request.app[STATE].services[service.name], deployment))
-
-    return await _serve(request, "v2", service, describe)
+    if deployment not in found.deployments:
+        return _not_found("v2", f"Deployment {deployment!r} of online endpoint {found.name!r}")
+    return await _describe(request, "v2", found, lambda current: _v2_deployment_body(request, current, deployment))
 
 
 async def _v2_endpoint_action(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v2") or _check_api_version(request)
-    if denied is not None:
-        return denied
-    service = _find_service(request, "v2")
-    if service is None:
-        return _not_found("v2", f"Online endpoint {request.match_info['name']!r}")
-    action = request.match_info["action"].lower()
-    state = request.app[STATE]
-    api_version = request.query["api-version"]
-
-    async def list_keys() -> web.Response:
-        return web.json_response(_keys_body(state.services[service.name]))
-
-    async def regenerate() -> web.Response:
-        parsed = await _read_regenerate_body(request)
-        if isinstance(parsed, str):
-            return v2_error(400, "BadRequest", parsed)
-        key_type, key_value = parsed
-        current = state.regenerate_key(service.name, key_type, key_value)
-        op = state.record_operation(service=current.name, operation_type="RegenerateKeys")
-        location = (
-            _base_url(request)
-            + V2_OPERATION.format(sub=current.subscription, region=current.region, op=op.id)
-            + f"?api-version={api_version}"
-        )
-        return web.Response(status=202, headers={"Location": location, "Retry-After": "1"})
-
-    if action == "listkeys":
-        return await _serve(request, "v2", service, list_keys)
-    if action == "regeneratekeys":
-        return await _serve(request, "v2", service, regenerate)
-    if action == "token":
-        return await _serve_token(request, "v2", service)
-    return _not_found("v2", f"Action {request.match_info['action']!r}")
+    return await _service_action(request, "v2")
 
 
 async def _v2_operation(request: web.Request) -> web.StreamResponse:
-    denied = _check_token(request, "v2") or _check_api_version(request)
-    if denied is not None:
-        return denied
-    state = request.app[STATE]
-    info = request.match_info
-    op = state.operations.get(info["op"])
-    service = state.services.get(op.service) if op is not None else None
-    if op is None or service is None or service.subscription.lower() != info["sub"].lower():
-        return _not_found("v2", f"Operation {info['op']!r}")
-
-    async def done() -> web.Response:
+    def done(op: Operation, service: Service) -> web.Response:
         # ARM's Location polling: 202 means running, 200 means finished; regenerateKeys has no result body.
         return web.Response(status=200)
 
-    return await _serve(request, "v2", service, done)
+    return await _serve_operation(request, "v2", done)
 
 
 # -- admin API ---------------------------------------------------------------------------------------------------
@@ -663,16 +670,6 @@ async def _v2_operation(request: web.Request) -> web.StreamResponse:
 
 def _admin_error(status: int, text: str) -> web.Response:
     return web.json_response({"message": text}, status=status)
-
-
-async def _read_object(request: web.Request) -> dict[str, Any] | str:
-    try:
-        body: Any = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError):
-        return "the request body is not valid JSON"
-    if not isinstance(body, dict):
-        return "the request body must be a JSON object"
-    return body
 
 
 async def _add_fault(request: web.Request) -> web.Response:

@@ -208,9 +208,7 @@ async def _token(request: web.Request) -> web.StreamResponse:
         "access_token": token.access_token,
     }
     response = web.json_response(faults.without_fields(payload, fault, ["access_token"]), headers=_NO_CACHE)
-    if faults.is_body_fault(fault) and fault is not None:
-        return await faults.send_slowly(request, response, fault)
-    return response
+    return await faults.finish(request, response, fault)
 
 
 def _assertion_error(
@@ -318,6 +316,4 @@ async def _imds_token(request: web.Request) -> web.StreamResponse:
         "token_type": "Bearer",
     }
     response = web.json_response(faults.without_fields(payload, fault, ["access_token"]))
-    if faults.is_body_fault(fault) and fault is not None:
-        return await faults.send_slowly(request, response, fault)
-    return response
+    return await faults.finish(request, response, fault)

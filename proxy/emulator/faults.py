@@ -100,6 +100,13 @@ async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
+async def finish(request: web.Request, response: web.Response, fault: Fault | None) -> web.StreamResponse:
+    """`response` as it is, or sent slowly when `fault` is a body-time fault (the handlers' last step)."""
+    if fault is not None and is_body_fault(fault):
+        return await send_slowly(request, response, fault)
+    return response
+
+
 def without_fields(payload: dict[str, Any], fault: Fault | None, fields: Iterable[str]) -> dict[str, Any]:
     """`payload` minus `fields` when `fault` is a `missing_fields` fault; else `payload` itself."""
     if fault is None or fault.action != "missing_fields":

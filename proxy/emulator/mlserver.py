@@ -13,7 +13,7 @@ Sessions live in `identities.MLServerSessions`, expiry by the emulator's clock. 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -86,46 +86,47 @@ def _pair_response(pair: IssuedPair, fault: Fault | None) -> web.Response:
     return web.json_response(faults.without_fields(payload, fault, ["access_token"]))
 
 
-async def _finish(request: web.Request, response: web.Response, fault: Fault | None) -> web.StreamResponse:
-    if fault is not None and faults.is_body_fault(fault):
-        return await faults.send_slowly(request, response, fault)
-    return response
+async def _issue(
+    request: web.Request, call: str, pair_for: Callable[[dict[str, Any] | None], IssuedPair | web.Response]
+) -> web.StreamResponse:
+    """Login and refresh: count the call, play out an `mlserver` fault, then answer the token pair that
+    `pair_for(JSON body)` issues (None for a body that is not a JSON object), or the error it returns."""
+    state = request.app[STATE]
+    state.mlserver_calls[call] += 1
+    fault = state.take_fault("mlserver", None)
+    early = await faults.before_handler(request, fault, _fault_error)
+    if early is not None:
+        return early
+    pair = pair_for(await _json_object(request))
+    if isinstance(pair, web.Response):
+        return pair
+    return await faults.finish(request, _pair_response(pair, fault), fault)
 
 
 async def _login(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    state.mlserver_calls["login"] += 1
-    fault = state.take_fault("mlserver", None)
-    early = await faults.before_handler(request, fault, _fault_error)
-    if early is not None:
-        return early
-    body = await _json_object(request)
-    username = body.get("username") if body is not None else None
-    password = body.get("password") if body is not None else None
-    if not isinstance(username, str) or not isinstance(password, str):
-        return mlserver_error(400, 'The body must be JSON {"username": ..., "password": ...}.', "ArgumentException")
     sessions = request.app[SESSIONS]
-    if not sessions.check_password(username, password):
-        return mlserver_error(401, INVALID_CREDENTIALS)
-    pair = sessions.login(username, now=state.now())
-    return await _finish(request, _pair_response(pair, fault), fault)
+
+    def login(body: dict[str, Any] | None) -> IssuedPair | web.Response:
+        username = body.get("username") if body is not None else None
+        password = body.get("password") if body is not None else None
+        if not isinstance(username, str) or not isinstance(password, str):
+            return mlserver_error(400, 'The body must be JSON {"username": ..., "password": ...}.', "ArgumentException")
+        if not sessions.check_password(username, password):
+            return mlserver_error(401, INVALID_CREDENTIALS)
+        return sessions.login(username, now=request.app[STATE].now())
+
+    return await _issue(request, "login", login)
 
 
 async def _refresh(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    state.mlserver_calls["refresh"] += 1
-    fault = state.take_fault("mlserver", None)
-    early = await faults.before_handler(request, fault, _fault_error)
-    if early is not None:
-        return early
-    body = await _json_object(request)
-    refresh_token = body.get("refreshToken") if body is not None else None
-    if not isinstance(refresh_token, str) or not refresh_token:
-        return mlserver_error(400, 'The body must be JSON {"refreshToken": ...}.', "ArgumentException")
-    pair = request.app[SESSIONS].refresh(refresh_token, now=state.now())
-    if pair is None:
-        return mlserver_error(401, INVALID_REFRESH)
-    return await _finish(request, _pair_response(pair, fault), fault)
+    def refresh(body: dict[str, Any] | None) -> IssuedPair | web.Response:
+        refresh_token = body.get("refreshToken") if body is not None else None
+        if not isinstance(refresh_token, str) or not refresh_token:
+            return mlserver_error(400, 'The body must be JSON {"refreshToken": ...}.', "ArgumentException")
+        pair = request.app[SESSIONS].refresh(refresh_token, now=request.app[STATE].now())
+        return mlserver_error(401, INVALID_REFRESH) if pair is None else pair
+
+    return await _issue(request, "refresh", refresh)
 
 
 async def _revoke(request: web.Request) -> web.Response:

@@ -225,6 +225,20 @@ def _seconds(
     return value
 
 
+def _unknown_keys(problems: list[str], prefix: str, raw: Mapping[Any, Any], allowed: frozenset[str]) -> None:
+    for key in sorted(set(raw) - allowed, key=str):
+        problems.append(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _is_section(problems: list[str], where: str, raw: Any, allowed: frozenset[str]) -> bool:
+    """Whether `raw` is a mapping (a problem when not); each of its keys outside `allowed` is a problem."""
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
+        return False
+    _unknown_keys(problems, f"{where}.", raw, allowed)
+    return True
+
+
 def _string_map(problems: list[str], where: str, value: Any, *, what: str, secret: bool) -> dict[str, str]:
     """A mapping of non-empty strings to non-empty strings; secret values are never quoted in a problem."""
     if value is None:
@@ -247,11 +261,8 @@ def _string_map(problems: list[str], where: str, value: Any, *, what: str, secre
 def _parse_entra(raw: Any, problems: list[str]) -> EntraDirectory:
     if raw is None:
         return EntraDirectory()
-    if not isinstance(raw, Mapping):
-        problems.append(f"entra: must be a mapping, got {type(raw).__name__}")
+    if not _is_section(problems, "entra", raw, _ENTRA_KEYS):
         return EntraDirectory()
-    for key in sorted(set(raw) - _ENTRA_KEYS, key=str):
-        problems.append(f"entra.{key}: unknown key; allowed: {', '.join(sorted(_ENTRA_KEYS))}")
     tenant = _text(problems, "entra.tenant", raw.get("tenant"), DEFAULT_TENANT)
     if "/" in tenant or any(c.isspace() for c in tenant):
         problems.append(f"entra.tenant: must not contain '/' or spaces, got {tenant!r}")
@@ -285,11 +296,8 @@ def _parse_entra(raw: Any, problems: list[str]) -> EntraDirectory:
 def _parse_mlserver(raw: Any, problems: list[str]) -> MLServerConfig | None:
     if raw is None:
         return None
-    if not isinstance(raw, Mapping):
-        problems.append(f"mlserver: must be a mapping, got {type(raw).__name__}")
+    if not _is_section(problems, "mlserver", raw, _MLSERVER_KEYS):
         return None
-    for key in sorted(set(raw) - _MLSERVER_KEYS, key=str):
-        problems.append(f"mlserver.{key}: unknown key; allowed: {', '.join(sorted(_MLSERVER_KEYS))}")
     start = len(problems)
     users_raw = raw.get("users")
     if not isinstance(users_raw, Mapping) or not users_raw:
@@ -328,11 +336,8 @@ def _parse_mlserver(raw: Any, problems: list[str]) -> MLServerConfig | None:
 
 def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig | None:
     where = f"services[{index}]"
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
+    if not _is_section(problems, where, raw, _SERVICE_KEYS):
         return None
-    for key in sorted(set(raw) - _SERVICE_KEYS, key=str):
-        problems.append(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(_SERVICE_KEYS))}")
     start = len(problems)
     name = raw.get("name")
     if not isinstance(name, str) or not name or "/" in name:
@@ -419,8 +424,7 @@ def parse_config(raw: Any) -> EmulatorConfig:
     problems: list[str] = []
     if not isinstance(raw, Mapping):
         raise ConfigError([f"config: must be a mapping at the top level, got {type(raw).__name__}"])
-    for key in sorted(set(raw) - _TOP_KEYS, key=str):
-        problems.append(f"{key}: unknown key; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    _unknown_keys(problems, "", raw, _TOP_KEYS)
 
     tokens_raw = raw.get("control_plane_tokens") or []
     tokens: list[str] = []
@@ -476,11 +480,7 @@ def parse_config(raw: Any) -> EmulatorConfig:
     listen = raw.get("listen") or {}
     host = "127.0.0.1"
     ports = dict.fromkeys(("scoring_port", "control_port", "entra_port", "imds_port", "mlserver_port"), 0)
-    if not isinstance(listen, Mapping):
-        problems.append(f"listen: must be a mapping, got {type(listen).__name__}")
-    else:
-        for key in sorted(set(listen) - _LISTEN_KEYS, key=str):
-            problems.append(f"listen.{key}: unknown key; allowed: {', '.join(sorted(_LISTEN_KEYS))}")
+    if _is_section(problems, "listen", listen, _LISTEN_KEYS):
         host = _text(problems, "listen.host", listen.get("host"), host)
         for key in ports:
             port = listen.get(key, 0)

@@ -18,7 +18,7 @@ import json
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 # The kubernetes package is untyped (pyproject.toml lets mypy take it as Any): this package's functions are its
@@ -29,6 +29,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
+from kubernetes.watch.watch import iter_resp_lines
 
 from proxy.config.settings import Kubernetes
 
@@ -175,6 +176,56 @@ class KubeApi:
                 with contextlib.suppress(Exception):  # closing a pool at shutdown must never raise
                     self._client.close()
                 self._client = None
+
+
+def list_secret(core: Any, namespace: str, name: str, *, request_timeout: Any) -> tuple[Any, str]:
+    """LIST one Secret by name, as client-go's reflector starts: `fieldSelector=metadata.name=NAME` (which RBAC
+    allows with `resourceNames`, and which answers an empty list for a missing Secret instead of a 404).
+    Returns the Secret (a V1Secret, None when there is none) and the list's resourceVersion, to watch from."""
+    listed = core.list_namespaced_secret(
+        namespace, field_selector=f"metadata.name={name}", _request_timeout=request_timeout
+    )
+    return (listed.items[0] if listed.items else None), listed.metadata.resource_version
+
+
+@contextlib.contextmanager
+def watch_secret(
+    worker: WorkerThread,
+    core: Any,
+    namespace: str,
+    name: str,
+    resource_version: str,
+    *,
+    timeout_seconds: int,
+    request_timeout: Any,
+) -> Iterator[Iterator[tuple[Any, dict[str, Any]]]]:
+    """WATCH one Secret by name from `resource_version`, with bookmarks, for the thread of `worker` (which can
+    interrupt the read). Yields the events as (type, object) until the server ends the stream or the worker
+    stops; the connection is released when the block ends."""
+    response = core.list_namespaced_secret(
+        namespace,
+        field_selector=f"metadata.name={name}",
+        resource_version=resource_version,
+        allow_watch_bookmarks=True,
+        watch=True,
+        timeout_seconds=timeout_seconds,
+        _preload_content=False,
+        _request_timeout=request_timeout,
+    )
+    worker.track(response)
+    try:
+        yield _watch_events(worker, response)
+    finally:
+        worker.track(None)
+        response.release_conn()
+
+
+def _watch_events(worker: WorkerThread, response: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    for line in iter_resp_lines(response):
+        if worker.stopping:
+            return
+        doc = json.loads(line)
+        yield doc.get("type"), doc.get("object") or {}
 
 
 async def call(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -62,6 +62,34 @@ class KubeUnavailable(Exception):
         self.reason = reason
 
 
+async def store_call(
+    api: Callable[[], Any],
+    kube: KubeApi,
+    *,
+    verb: str,
+    what: str,
+    seconds: float,
+    func: Callable[[Any, str, float], Any],
+) -> Any:
+    """One call of a store over the official client: `func(api(), namespace, seconds)` (the request's timeout) in
+    a thread, given up a second later. A 409 raises Conflict, a 404 of a get answers None, any other failure raises
+    KubeUnavailable naming `what`."""
+
+    def run() -> Any:
+        return func(api(), kube.namespace, seconds)
+
+    try:
+        async with asyncio.timeout(seconds + 1):
+            return await call(run)
+    except Exception as exc:
+        error = api_error(exc, verb=verb, what=what)
+        if error.status == 409:
+            raise Conflict(error.reason) from None
+        if error.status == 404 and verb == "get":
+            return None
+        raise KubeUnavailable(error.reason) from None
+
+
 class LeaseStore(Protocol):
     async def get(self) -> LeaseRecord | None:
         """The Lease, or None when there is none."""
@@ -221,21 +249,15 @@ class KubeLeaseStore:
         self._timeout = timeout
 
     async def _call(self, verb: str, func: Callable[[Any, str, float], Any]) -> Any:
-        kube, timeout = self._kube, self._timeout
-
-        def run() -> Any:
-            return func(k8s.CoordinationV1Api(kube.api_client()), kube.namespace, timeout)
-
-        try:
-            async with asyncio.timeout(timeout + 1):
-                return await call(run)
-        except Exception as exc:
-            error = api_error(exc, verb=verb, what=f"lease {self._name}")
-            if error.status == 409:
-                raise Conflict(error.reason) from None
-            if error.status == 404 and verb == "get":
-                return None
-            raise KubeUnavailable(error.reason) from None
+        kube = self._kube
+        return await store_call(
+            lambda: k8s.CoordinationV1Api(kube.api_client()),
+            kube,
+            verb=verb,
+            what=f"lease {self._name}",
+            seconds=self._timeout,
+            func=func,
+        )
 
     def _record(self, obj: Any) -> LeaseRecord:
         spec = obj.spec

@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
-
-from kubernetes.watch.watch import iter_resp_lines
 
 from proxy.credentials.secret_keys import SecretState
 from proxy.events import NO_EVENTS, SECRET_UNAVAILABLE, EventSink
@@ -35,6 +32,8 @@ from proxy.kube.client import (
     WorkerThread,
     api_error,
     backoff_delay,
+    list_secret,
+    watch_secret,
 )
 from proxy.kube.client import post as post_to_loop
 from proxy.logs import event
@@ -119,16 +118,14 @@ class SecretWatch:
             try:
                 core = self._api.core()
                 namespace = self._api.namespace
-                selector = f"metadata.name={self.name}"
                 if rv is None:
-                    listed = core.list_namespaced_secret(
-                        namespace, field_selector=selector, _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
+                    secret, rv = list_secret(
+                        core, namespace, self.name, request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
                     )
-                    rv = listed.metadata.resource_version
-                    self._publish(_state_of(listed.items[0].data if listed.items else None, namespace, self.name))
+                    self._publish(_state_of(secret.data if secret is not None else None, namespace, self.name))
                     attempt = 0
                 verb = "watch"
-                rv = self._watch(worker, core, namespace, selector, rv)
+                rv = self._watch(worker, core, namespace, rv)
                 self._on_restart("closed")
             except _Expired:
                 rv = None
@@ -156,25 +153,13 @@ class SecretWatch:
         except Exception:  # no client config yet: the reason says so already
             return "?"
 
-    def _watch(self, worker: WorkerThread, core: Any, namespace: str, selector: str, rv: str) -> str:
+    def _watch(self, worker: WorkerThread, core: Any, namespace: str, rv: str) -> str:
         """Stream watch events from `rv`; return the last resourceVersion seen when the stream ends normally."""
-        response = core.list_namespaced_secret(
-            namespace,
-            field_selector=selector,
-            resource_version=rv,
-            allow_watch_bookmarks=True,
-            watch=True,
-            timeout_seconds=WATCH_SECONDS,
-            _preload_content=False,
-            _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-        )
-        worker.track(response)
-        try:
-            for line in iter_resp_lines(response):
-                if worker.stopping:
-                    break
-                doc = json.loads(line)
-                kind, obj = doc.get("type"), doc.get("object") or {}
+        timeouts = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        with watch_secret(
+            worker, core, namespace, self.name, rv, timeout_seconds=WATCH_SECONDS, request_timeout=timeouts
+        ) as events:
+            for kind, obj in events:
                 if kind == "ERROR":
                     if obj.get("code") == 410:
                         raise _Expired()
@@ -184,9 +169,6 @@ class SecretWatch:
                     self._publish(_state_of(obj.get("data") or {}, namespace, self.name))
                 elif kind == "DELETED":
                     self._publish(_state_of(None, namespace, self.name))
-        finally:
-            worker.track(None)
-            response.release_conn()
         return rv
 
     def _publish(self, state: SecretState) -> None:

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import math
 import os
@@ -28,14 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import kubernetes.client as k8s
-from kubernetes.watch.watch import iter_resp_lines
 
 from proxy.clock import Clock
 from proxy.config.settings import Share
 from proxy.credentials.base import Credential
 from proxy.credentials.tokens import Token
-from proxy.kube.client import KubeApi, WorkerThread, api_error, call, post
-from proxy.kube.lease import Conflict, Elector, KubeLeaseStore, KubeUnavailable
+from proxy.kube.client import KubeApi, WorkerThread, api_error, list_secret, post, watch_secret
+from proxy.kube.lease import Conflict, Elector, KubeLeaseStore, KubeUnavailable, store_call
 from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.refresher import Refresher
@@ -374,21 +372,10 @@ class KubeSecretStore:
         self._worker: WorkerThread | None = None
 
     async def _call(self, verb: str, func: Callable[[Any, str, float], Any]) -> Any:
-        kube, timeout = self._kube, self._timeout
-
-        def run() -> Any:
-            return func(kube.core(), kube.namespace, timeout)
-
-        try:
-            async with asyncio.timeout(timeout + 1):
-                return await call(run)
-        except Exception as exc:
-            error = api_error(exc, verb=verb, what=f"secret {self._name}")
-            if error.status == 409:
-                raise Conflict(error.reason) from None
-            if error.status == 404 and verb == "get":
-                return None
-            raise KubeUnavailable(error.reason) from None
+        kube = self._kube
+        return await store_call(
+            kube.core, kube, verb=verb, what=f"secret {self._name}", seconds=self._timeout, func=func
+        )
 
     async def get(self) -> tuple[Content, str | None]:
         name = self._name
@@ -428,46 +415,32 @@ class KubeSecretStore:
             self._worker = None
 
     def _watch_forever(self, worker: WorkerThread, put: Callable[[Content], object]) -> None:
-        selector = f"metadata.name={self._name}"
         version: str | None = None
         failures = 0
         while not worker.stopping:
             try:
                 core, namespace = self._kube.core(), self._kube.namespace
                 if version is None:  # list: the state now, and where to watch from
-                    listed = core.list_namespaced_secret(
-                        namespace, field_selector=selector, _request_timeout=self._timeout
-                    )
-                    put(decode(listed.items[0].data) if listed.items else None)
-                    version = listed.metadata.resource_version
-                response = core.list_namespaced_secret(
+                    secret, version = list_secret(core, namespace, self._name, request_timeout=self._timeout)
+                    put(decode(secret.data) if secret is not None else None)
+                with watch_secret(
+                    worker,
+                    core,
                     namespace,
-                    field_selector=selector,
-                    resource_version=version,
-                    allow_watch_bookmarks=True,
-                    watch=True,
+                    self._name,
+                    version,
                     timeout_seconds=self._watch_seconds,
-                    _preload_content=False,
-                    _request_timeout=(self._timeout, self._watch_seconds + self._timeout),
-                )
-                worker.track(response)
-                try:
-                    for line in iter_resp_lines(response):
-                        if worker.stopping:
-                            return
-                        change = json.loads(line)
-                        obj = change.get("object") or {}
-                        if change.get("type") == "ERROR":
+                    request_timeout=(self._timeout, self._watch_seconds + self._timeout),
+                ) as events:
+                    for kind, obj in events:
+                        if kind == "ERROR":
                             version = None  # 410 Expired (or worse): relist
                             break
                         version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                        if change.get("type") in ("ADDED", "MODIFIED"):
+                        if kind in ("ADDED", "MODIFIED"):
                             put(decode(obj.get("data")))
-                        elif change.get("type") == "DELETED":
+                        elif kind == "DELETED":
                             put(None)
-                finally:
-                    worker.track(None)
-                    response.release_conn()
                 failures = 0
             except Exception as exc:
                 version = None
