@@ -223,6 +223,28 @@ class _BodyStream:
         return chunk
 
 
+def _count_auth_failure(rt: RouteRuntime, upstream: UpstreamResponse) -> UpstreamResponse:
+    """Every upstream answer passes here once as it arrives (the first, and the retry after a 401): its 401 or 403
+    is counted, whatever the proxy then does with it."""
+    status = upstream.status
+    if status == 401 or status == 403:
+        rt.metrics.auth_failures[str(status)].inc()
+    return upstream
+
+
+def _is_whole(request: Request, upstream: UpstreamResponse) -> bool:
+    """The whole answer came with its head and has a body to send (most scoring answers)."""
+    return upstream.complete and request.method != "HEAD" and upstream.status not in (204, 304)
+
+
+def _answer_whole(request: Request, upstream: UpstreamResponse, rid: str, waited: float) -> _Outcome:
+    """Relay a whole answer in one buffered write, no streaming."""
+    body = upstream.body_now()
+    headers = downstream_response_headers(upstream.raw_headers, rid=rid)
+    request.answer(upstream.status, headers, body, reason=upstream.reason, length=not upstream.has_length)
+    return upstream.status, len(body), waited
+
+
 class ProxyHandler:
     """The single handler of the proxy port (proxy/server.py calls it once per request)."""
 
@@ -440,21 +462,11 @@ class ProxyHandler:
                 self._go_on(x, self._exchange(request, rt, x.rid, x.cred, x.headers, x.url, x.body, resend=False))
                 return None
             return self._upstream_failed(request, rt, x.rid, error)
-        status = upstream.status
-        if status in (401, 403):
-            rt.metrics.auth_failures[str(status)].inc()
-        waited = time.perf_counter() - x.start
-        if (
-            upstream.complete
-            and request.method != "HEAD"
-            and status not in (204, 304)
-            and (status != 401 or _sends_callers_credential(rt, x.cred, request))
-        ):
-            headers = downstream_response_headers(upstream.raw_headers, rid=x.rid)
-            body = upstream.body_now()
-            request.answer(status, headers, body, reason=upstream.reason, length=not upstream.has_length)
+        _count_auth_failure(rt, upstream)
+        if _is_whole(request, upstream) and (upstream.status != 401 or _sends_callers_credential(rt, x.cred, request)):
+            outcome = _answer_whole(request, upstream, x.rid, time.perf_counter() - x.start)
             upstream.release()
-            return status, len(body), waited
+            return outcome
         exchange = self._exchange(request, rt, x.rid, x.cred, x.headers, x.url, x.body, first=upstream, started=x.start)
         self._go_on(x, exchange)
         return None
@@ -538,11 +550,11 @@ class ProxyHandler:
         try:
             if first is None:
                 started = time.perf_counter()
-                upstream = await pool.request(request.method, url, headers, body, resend_if_stale=resend)
-                if upstream.status in (401, 403):
-                    rt.metrics.auth_failures[str(upstream.status)].inc()
+                upstream = _count_auth_failure(
+                    rt, await pool.request(request.method, url, headers, body, resend_if_stale=resend)
+                )
             else:
-                upstream = first  # its 401 or 403 is counted
+                upstream = first  # counted when it arrived
             if upstream.status == 401 and not caller_credential:
                 upstream = await self._after_401(request, rt, upstream, cred, headers, url, body)
         except _BodyTooLarge:
@@ -582,22 +594,17 @@ class ProxyHandler:
         pool = rt.pool
         assert pool is not None
         retried = await pool.request(request.method, url, headers, body)
-        if retried.status in (401, 403):
-            rt.metrics.auth_failures[str(retried.status)].inc()
-        return retried
+        return _count_auth_failure(rt, retried)
 
     async def _relay(
         self, request: Request, rt: RouteRuntime, upstream: UpstreamResponse, rid: str, waited: float
     ) -> _Outcome:
+        if _is_whole(request, upstream):
+            return _answer_whole(request, upstream, rid, waited)
         headers = downstream_response_headers(upstream.raw_headers, rid=rid)
         status = upstream.status
         has_body = request.method != "HEAD" and status not in (204, 304)
         try:
-            if upstream.complete and has_body:
-                # The whole answer came with its head (most scoring answers): one buffered write, no streaming.
-                body = upstream.body_now()
-                request.answer(status, headers, body, reason=upstream.reason, length=not upstream.has_length)
-                return status, len(body), waited
             await request.start(status, headers, reason=upstream.reason, body=has_body, length=upstream.has_length)
         except ConnectionError:
             upstream.close()

@@ -153,8 +153,8 @@ MUTANTS = [
     Mutant(
         name="a 401 on a pooled connection passed to the caller without the retry",
         path=FWD,
-        old="            and (status != 401 or _sends_callers_credential(rt, x.cred, request))\n",
-        new="            and True\n",
+        old="(upstream.status != 401 or _sends_callers_credential(rt, x.cred, request))",
+        new="True",
         tests=(UP + "test_post_is_resent_once_after_a_401_and_never_again[pooled connection]",),
     ),
     Mutant(
@@ -170,5 +170,33 @@ MUTANTS = [
         old="            if error.before_answer and request.method in IDEMPOTENT:\n",
         new="            if error.before_answer:\n",
         tests=(UP + "test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resent",),
+    ),
+    Mutant(
+        name="a 401 answered from a pooled connection's callback is not counted",
+        path=FWD,
+        old="        _count_auth_failure(rt, upstream)\n",
+        new="",
+        tests=(UP + "test_every_401_and_403_the_upstream_sends_is_counted_once[pooled connection]",),
+    ),
+    Mutant(
+        name="a 401 on a new connection is not counted",
+        path=FWD,
+        old="                upstream = _count_auth_failure(\n",
+        new="                upstream = (lambda rt, answer: answer)(\n",
+        tests=(UP + "test_every_401_and_403_the_upstream_sends_is_counted_once[new connection]",),
+    ),
+    Mutant(
+        name="the retry's 401 is not counted",
+        path=FWD,
+        old="        return _count_auth_failure(rt, retried)\n",
+        new="        return retried\n",
+        tests=(UP + "test_every_401_and_403_the_upstream_sends_is_counted_once",),
+    ),
+    Mutant(
+        name="a 403 is not counted",
+        path=FWD,
+        old="    if status == 401 or status == 403:\n",
+        new="    if status == 401:\n",
+        tests=(UP + "test_every_401_and_403_the_upstream_sends_is_counted_once",),
     ),
 ]

@@ -277,6 +277,32 @@ async def test_post_is_resent_once_after_a_401_and_never_again(
     await assert_recovers(proxy, up)
 
 
+@POOLED
+async def test_every_401_and_403_the_upstream_sends_is_counted_once(
+    up: FaultyUpstream, proxy: ProxyService, pooled: bool
+) -> None:
+    """The first answer (on a pooled connection it is answered from the connection's callback, on a new one in a
+    task) and the retry with the other key after a 401 are each counted as they arrive."""
+
+    def failures(code: str) -> float:
+        value = proxy.metrics.registry.get_sample_value(
+            "aml_auth_proxy_upstream_auth_failures_total", {"route": ROUTE, "code": code}
+        )
+        return value or 0.0
+
+    if pooled:
+        await warm_pool(proxy, up)
+    up.script(u.status(401, b'{"message": "key expired"}'), u.status(401, b'{"message": "key expired"}'))
+    assert (await call(proxy, "POST", b"score me")).status == 401
+    assert (failures("401"), failures("403")) == (2.0, 0.0)
+    if pooled:
+        await warm_pool(proxy, up)
+    up.script(u.status(403, b'{"message": "not allowed"}'))
+    assert (await call(proxy)).status == 403
+    assert (failures("401"), failures("403")) == (2.0, 1.0)
+    await assert_recovers(proxy, up)
+
+
 # ---- keep-alive connections the upstream closes -----------------------------------------------------------------
 
 
