@@ -80,4 +80,11 @@ MUTANTS = [
         new="        # aml-keys needs it with auth.service",
         tests=(f"{CONFIG}::test_each_auth_type_holds_exactly_the_schemas_keys_for_it",),
     ),
+    Mutant(
+        name="a key's doc changed in the schema, the docs table not regenerated",
+        path="proxy/config/schema.py",
+        old='"Address the proxy port binds to."',
+        new='"Address the proxy port listens on."',
+        tests=(f"{CONFIG}::test_the_key_tables_of_configuration_md_are_generated_from_the_schema",),
+    ),
 ]

@@ -55,6 +55,8 @@ class Leaf:
     auth_types: tuple[str, ...] | None = None  # auth types that use this key; None = every route
     required_for: tuple[str, ...] = ()  # auth types for which the key has no default
     required_unless: str | None = None  # a sibling section whose presence makes this key optional
+    doc_default: str | None = None  # the default as docs/configuration.md says it, where the parser decides it
+    see: str | None = None  # a link to the section of docs/configuration.md that says more
 
 
 TOP_LEAVES: tuple[Leaf, ...] = (
@@ -89,6 +91,7 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         "int",
         0,
         "Proxy processes sharing the proxy port; 0 = one per CPU the container may use (cgroup quota, affinity).",
+        see="[Workers](#workers)",
         minimum=0,
         maximum=MAX_WORKERS,
     ),
@@ -129,8 +132,8 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         "kubernetes.namespace",
         "optstr",
         None,
-        "Namespace of the Secrets named by *_secret_ref (default: the service account's namespace file, else "
-        "POD_NAMESPACE, else the kubeconfig context's).",
+        "Namespace of the Secrets named by `*_secret_ref` (default: the service account's namespace file, else "
+        "POD_NAMESPACE, else the kubeconfig context's, else `default`).",
     ),
     Leaf(
         "kubernetes.kubeconfig",
@@ -148,7 +151,8 @@ TOP_LEAVES: tuple[Leaf, ...] = (
         "kubernetes.events",
         "optbool",
         None,
-        "Emit Kubernetes Events about the pod (default: true when POD_NAME and POD_NAMESPACE are set).",
+        "Emit Kubernetes Events about the pod (auto: true when POD_NAME and POD_NAMESPACE are set).",
+        doc_default="auto",
     ),
     Leaf(
         "kubernetes.backoff_initial_seconds",
@@ -240,8 +244,9 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "auth.primary_secret_ref.name",
         "optstr",
         None,
-        "Kubernetes Secret holding the primary key, read and watched through the API (instead of primary_file).",
+        "Kubernetes Secret holding the primary key, read and watched through the API (instead of `primary_file`).",
         auth_types=(KEY_FILE,),
+        see="[Kubernetes](#kubernetes)",
     ),
     Leaf(
         "auth.primary_secret_ref.key", "optstr", None, "Key of the primary key in that Secret.", auth_types=(KEY_FILE,)
@@ -250,7 +255,7 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "auth.secondary_secret_ref.name",
         "optstr",
         None,
-        "Kubernetes Secret holding the secondary key (instead of secondary_file).",
+        "Kubernetes Secret holding the secondary key (instead of `secondary_file`).",
         auth_types=(KEY_FILE,),
     ),
     Leaf(
@@ -419,7 +424,8 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "auth.identity.client_secret_ref.name",
         "optstr",
         None,
-        "client_secret: Kubernetes Secret holding the client secret, watched through the API (instead of the file).",
+        "client_secret: Kubernetes Secret holding the client secret, watched through the API (instead of "
+        "`client_secret_file`).",
         auth_types=IDENTITY_TYPES,
     ),
     Leaf(
@@ -458,8 +464,9 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "float",
         5.0,
         "Never send a token in its last this-many seconds (at most 10% of its lifetime): the route answers 503 "
-        "with Retry-After instead, as for an expired token.",
+        "with `Retry-After` instead, as for an expired token.",
         minimum=0,
+        see="[the refresh schedule](#token-and-fetched-key-kinds)",
         auth_types=REFRESHED_TYPES,
     ),
     Leaf(
@@ -507,21 +514,24 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "share.lease",
         "optstr",
         None,
-        "Lease that elects the one replica that fetches this route's token for all; unset: each fetches its own.",
+        "Lease that elects the one replica that fetches this route's token for all; unset: each replica fetches "
+        "its own.",
+        see="[Sharing a token across replicas](#sharing-a-token-across-replicas)",
         auth_types=SHARED_TYPES,
     ),
     Leaf(
         "share.secret",
         "optstr",
         None,
-        "Secret the elected replica writes the token to and the others watch. Default: <share.lease>-token.",
+        "Secret the elected replica writes the token to and the others watch.",
+        doc_default="`<share.lease>-token`",
         auth_types=SHARED_TYPES,
     ),
     Leaf(
         "share.lease_seconds",
         "int",
         15,
-        "Lease duration: a leader not heard of this long is replaced.",
+        "Lease duration (whole seconds): a leader not heard of this long is replaced.",
         minimum=1,
         maximum=3600,
         auth_types=SHARED_TYPES,
@@ -530,7 +540,7 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         "share.renew_seconds",
         "float",
         5.0,
-        "How often the leader renews the Lease and the others try to take it.",
+        "How often the leader renews the Lease and the others try to take it; below `lease_seconds`.",
         minimum=0.1,
         maximum=3600,
         auth_types=SHARED_TYPES,
