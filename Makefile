@@ -71,7 +71,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy tests bench scripts setup.py
 	$(BIN)/ruff format --check proxy tests bench scripts setup.py
 	$(BIN)/mypy
-	$(BIN)/mypy bench scripts
+	$(BIN)/mypy --explicit-package-bases bench scripts
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/hadolint Dockerfile
 

@@ -12,7 +12,6 @@ rest of values.schema.json, everything outside `properties.config`, is written b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from proxy.config.schema import REQUIRED, ROUTE_LEAVES, TOP_LEAVES, Leaf  # noqa: E402
+from scripts import generated  # noqa: E402
 
 SCHEMA_FILE = ROOT / "charts" / "aml-auth-proxy" / "values.schema.json"
 
@@ -151,23 +151,9 @@ def render(current: str, config: Schema) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the chart's config schema from proxy/config/schema.py.")
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 when the file differs from what would be written (no write)"
+    return generated.main(
+        SCHEMA_FILE, lambda current: render(current, config_schema()), script="scripts/chart_schema.py", argv=argv
     )
-    args = parser.parse_args(argv)
-    current = SCHEMA_FILE.read_text(encoding="utf-8")
-    wanted = render(current, config_schema())
-    name = SCHEMA_FILE.relative_to(ROOT)
-    if args.check:
-        if current != wanted:
-            print(f"{name} is out of date with proxy/config/schema.py: run scripts/chart_schema.py", file=sys.stderr)
-            return 1
-        return 0
-    if current != wanted:
-        SCHEMA_FILE.write_text(wanted, encoding="utf-8")
-        print(f"wrote {name}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and a link to the section that says more.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from proxy.config.schema import REQUIRED, ROUTE_LEAVES, TOP_LEAVES, Leaf, env_name  # noqa: E402
+from scripts import generated  # noqa: E402
 
 DOC_FILE = ROOT / "docs" / "configuration.md"
 _TABLE = re.compile(r"(<!-- config-table:(top|routes) -->\n)(.*?)(<!-- /config-table -->)", re.S)
@@ -49,6 +49,8 @@ def meaning(leaf: Leaf) -> str:
 
 
 def table(section: str) -> str:
+    lines: list[str]
+    row: tuple[str, ...]
     if section == "top":
         lines = ["| key | default | environment variable | meaning |", "|---|---|---|---|"]
         for leaf in TOP_LEAVES:
@@ -81,21 +83,7 @@ def render(current: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/configuration.md's key tables from the schema.")
-    parser.add_argument("--check", action="store_true", help="exit 1 when the page differs (no write)")
-    args = parser.parse_args(argv)
-    current = DOC_FILE.read_text(encoding="utf-8")
-    wanted = render(current)
-    name = DOC_FILE.relative_to(ROOT)
-    if args.check:
-        if current != wanted:
-            print(f"{name} is out of date with proxy/config/schema.py: run scripts/config_doc.py", file=sys.stderr)
-            return 1
-        return 0
-    if current != wanted:
-        DOC_FILE.write_text(wanted, encoding="utf-8")
-        print(f"wrote {name}")
-    return 0
+    return generated.main(DOC_FILE, render, script="scripts/config_doc.py", argv=argv)
 
 
 if __name__ == "__main__":
