@@ -35,6 +35,7 @@ from bench.profile import py_spy_argv, record, summarise, summarise_inclusive
 from bench.report import NGINX_PROXY, Row, render
 from proxy.emulator.secretdir import write_secret_dir
 from proxy.workers import auto_workers
+from tests.support.emulated import control_plane_auth
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -153,17 +154,7 @@ def token_auth(ready: dict[str, Any], endpoint: str, secret: Path) -> dict[str, 
         "type": "aml-endpoint-token",
         "endpoint": endpoint,
         "arm_url": ready["control_url"],
-        "subscription_id": "00000000-0000-0000-0000-000000000000",
-        "resource_group": "rg",
-        "workspace": "ws",
-        "ca_file": ready["ca_file"],
-        "identity": {
-            "type": "client_secret",
-            "client_id": CLIENT_ID,
-            "tenant_id": ready["tenant"],
-            "authority_host": ready["entra_url"],
-            "client_secret_file": str(secret),
-        },
+        **control_plane_auth(ready, CLIENT_ID, secret),
         "refresh": {"jitter_seconds": 0.1, "min_interval_seconds": 0.5},
     }
 

@@ -17,19 +17,29 @@ from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.echo import create_echo_app, expected_download_sha256
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.secretdir import write_secret_dir
+from tests.support.emulated import API, V1_WS, V2_WS
 from tests.support.procs import ProxyProcess
 from tests.support.servers import start_app
 from tests.support.session import SESSION_SECRETS, remember
-
-SUB = "00000000-0000-0000-0000-000000000000"
-WS = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws"
-V1 = "/modelmanagement/v1.0" + WS
-V2 = WS
 
 
 def remember_emulator_keys(emu: RunningEmulator) -> None:
     for service in emu.state.services.values():
         remember(service.primary_key, service.secondary_key)
+
+
+async def keyed_proxy(
+    tmp_path: Path, upstream: str, key: str, route: dict[str, Any] | None = None, **top: Any
+) -> ProxyProcess:
+    """The proxy in a process with one route to `upstream` (more of the route in `route`, more of the config in
+    `top`), sending `key` from a kubelet-style key file."""
+    keys = tmp_path / "k"
+    write_secret_dir(keys, {"primary": key})
+    remember(key)
+    auth = {"primary_file": str(keys / "primary")}
+    return await ProxyProcess.start(
+        {**top, "routes": [{"upstream": upstream, **(route or {}), "auth": auth}]}, tmp_path
+    )
 
 
 @pytest.fixture
@@ -87,7 +97,7 @@ async def _regenerate(
     auth = {"Authorization": f"Bearer {emu.control_plane_token}"}
     if api == "v1":
         async with client.post(
-            f"{emu.control_url}{V1}/services/{name}/regenerateKeys",
+            f"{emu.control_url}{V1_WS}/services/{name}/regenerateKeys",
             json={"keyType": key_type, "keyValue": None},
             headers=auth,
         ) as resp:
@@ -99,7 +109,7 @@ async def _regenerate(
                     return
             await asyncio.sleep(0.1)
     else:
-        url = f"{emu.control_url}{V2}/onlineEndpoints/{name}/regenerateKeys?api-version=2025-12-01"
+        url = f"{emu.control_url}{V2_WS}/onlineEndpoints/{name}/regenerateKeys?{API}"
         async with client.post(url, json={"keyType": key_type}, headers=auth) as resp:
             assert resp.status in (200, 202)
             location = resp.headers.get("Location")
@@ -116,9 +126,9 @@ async def _regenerate(
 async def _list_keys(client: aiohttp.ClientSession, emu: RunningEmulator, *, api: str, name: str) -> dict[str, str]:
     auth = {"Authorization": f"Bearer {emu.control_plane_token}"}
     if api == "v1":
-        url = f"{emu.control_url}{V1}/services/{name}/listkeys"
+        url = f"{emu.control_url}{V1_WS}/services/{name}/listkeys"
     else:
-        url = f"{emu.control_url}{V2}/onlineEndpoints/{name}/listKeys?api-version=2025-12-01"
+        url = f"{emu.control_url}{V2_WS}/onlineEndpoints/{name}/listKeys?{API}"
     async with client.post(url, headers=auth) as resp:
         assert resp.status == 200
         keys: dict[str, str] = await resp.json()
@@ -213,16 +223,7 @@ async def test_key_rotation_under_load_fails_no_request(tmp_path: Path) -> None:
 
 async def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(tmp_path: Path) -> None:
     runner, upstream = await start_app(create_echo_app())
-    keys = tmp_path / "k"
-    write_secret_dir(keys, {"primary": "sigterm-test-key-0001"})
-    remember("sigterm-test-key-0001")
-    proxy = await ProxyProcess.start(
-        {
-            "shutdown_grace_seconds": 15,
-            "routes": [{"upstream": upstream, "auth": {"primary_file": str(keys / "primary")}}],
-        },
-        tmp_path,
-    )
+    proxy = await keyed_proxy(tmp_path, upstream, "sigterm-test-key-0001", shutdown_grace_seconds=15)
     try:
         async with aiohttp.ClientSession() as client:
 
@@ -256,16 +257,7 @@ async def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(tmp_p
 
 async def test_requests_beyond_the_grace_period_are_cut_and_the_process_still_exits_0(tmp_path: Path) -> None:
     runner, upstream = await start_app(create_echo_app())
-    keys = tmp_path / "k"
-    write_secret_dir(keys, {"primary": "grace-test-key-0001"})
-    remember("grace-test-key-0001")
-    proxy = await ProxyProcess.start(
-        {
-            "shutdown_grace_seconds": 1,
-            "routes": [{"upstream": upstream, "auth": {"primary_file": str(keys / "primary")}}],
-        },
-        tmp_path,
-    )
+    proxy = await keyed_proxy(tmp_path, upstream, "grace-test-key-0001", shutdown_grace_seconds=1)
     try:
         async with aiohttp.ClientSession() as client:
             call = asyncio.create_task(client.get(proxy.proxy_url + "/sleep?seconds=6"))
@@ -283,17 +275,8 @@ async def test_requests_beyond_the_grace_period_are_cut_and_the_process_still_ex
 async def test_one_gib_each_way_streams_with_bounded_memory(tmp_path: Path) -> None:
     gib = 1 << 30
     runner, upstream = await start_app(create_echo_app())
-    keys = tmp_path / "k"
-    write_secret_dir(keys, {"primary": "stream-test-key-0001"})
-    remember("stream-test-key-0001")
-    proxy = await ProxyProcess.start(
-        {
-            "access_log": True,
-            "routes": [
-                {"upstream": upstream, "timeouts": {"read": 120}, "auth": {"primary_file": str(keys / "primary")}}
-            ],
-        },
-        tmp_path,
+    proxy = await keyed_proxy(
+        tmp_path, upstream, "stream-test-key-0001", route={"timeouts": {"read": 120}}, access_log=True
     )
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as client:
@@ -352,12 +335,7 @@ async def test_truncated_upload_is_never_passed_upstream_as_complete(tmp_path: P
     app = web.Application(client_max_size=1 << 30)
     app.router.add_post("/{t:.*}", sink)
     runner, upstream = await start_app(app)
-    keys = tmp_path / "k"
-    write_secret_dir(keys, {"primary": "truncation-test-key-01"})
-    remember("truncation-test-key-01")
-    proxy = await ProxyProcess.start(
-        {"routes": [{"upstream": upstream, "auth": {"primary_file": str(keys / "primary")}}]}, tmp_path
-    )
+    proxy = await keyed_proxy(tmp_path, upstream, "truncation-test-key-01")
     try:
         for declared in (100, 5_000_000):  # under and over the retry buffer
             _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)

@@ -10,10 +10,7 @@ import hashlib
 import json
 import os
 import resource
-import signal
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,19 +20,16 @@ import aiohttp
 import pytest
 import trustme
 
-from proxy.config.settings import ConfigError
 from proxy.emulator.azmlinfsrv import start_azmlinfsrv
 from proxy.emulator.echo import create_echo_app, expected_download_sha256
 from proxy.emulator.main import main
-from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
+from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.secretdir import write_secret_dir
+from tests.support.emulated import API, PROVIDER, SUBSCRIPTION, V1_WS, V2_WS
+from tests.support.emulator_checks import config_problems
+from tests.support.procs import emulator_main, first_line, sigterm
 
 REPO = Path(__file__).resolve().parent.parent
-SUB = "00000000-0000-0000-0000-000000000000"
-PROVIDER = "providers/Microsoft.MachineLearningServices"
-V1_WS = f"/modelmanagement/v1.0/subscriptions/{SUB}/resourceGroups/rg/{PROVIDER}/workspaces/ws"
-V2_WS = f"/subscriptions/{SUB}/resourceGroups/rg/{PROVIDER}/workspaces/ws"
-API = "api-version=2025-12-01"
 TOKEN = "dev-control-token"
 V1_PRIMARY, V1_SECONDARY = "v1-primary-key-value", "v1-secondary-key-value"
 V2_PRIMARY = "v2-primary-key-value"
@@ -87,6 +81,14 @@ async def score(http: aiohttp.ClientSession, emu: RunningEmulator, key: str, ser
     async with http.post(emu.service_urls[service] + "/score", json={"data": [1]}, headers=bearer(key)) as resp:
         await resp.read()
         return resp.status
+
+
+async def control_post(http: aiohttp.ClientSession, url: str, status: int, headers: dict[str, str] = CP) -> Any:
+    """POST to a control plane `url` (with the control-plane token unless `headers` say otherwise): the answer has
+    `status`; returns its JSON."""
+    async with http.post(url, headers=headers) as resp:
+        assert resp.status == status
+        return await resp.json()
 
 
 # -- scoring front end -------------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ async def test_v2_regenerate_keys_202_location_polls_200(emu: RunningEmulator, h
         assert resp.status == 202
         assert resp.headers["Retry-After"] == "1"
         location = resp.headers["Location"]
-    assert location.startswith(f"{emu.control_url}/subscriptions/{SUB}/{PROVIDER}/locations/westeurope/")
+    assert location.startswith(f"{emu.control_url}/subscriptions/{SUBSCRIPTION}/{PROVIDER}/locations/westeurope/")
     assert location.endswith(f"?{API}")
     async with http.get(location, headers=CP) as resp:
         assert resp.status == 200
@@ -334,48 +336,32 @@ async def test_v2_without_api_version_is_400_in_arm_shape(emu: RunningEmulator, 
 async def test_control_planes_require_a_known_bearer_token(
     emu: RunningEmulator, http: aiohttp.ClientSession, headers: dict[str, str]
 ) -> None:
-    async with http.post(emu.control_url + V1_WS + "/services/demo/listkeys", headers=headers) as resp:
-        assert resp.status == 401
-        v1 = await resp.json()
+    v1 = await control_post(http, emu.control_url + V1_WS + "/services/demo/listkeys", 401, headers)
     assert set(v1) == {"code", "statusCode", "message", "details"} and v1["statusCode"] == 401
-    async with http.post(f"{emu.control_url}{V2_WS}/onlineEndpoints/ep/listKeys?{API}", headers=headers) as resp:
-        assert resp.status == 401
-        v2 = await resp.json()
+    v2 = await control_post(http, f"{emu.control_url}{V2_WS}/onlineEndpoints/ep/listKeys?{API}", 401, headers)
     assert set(v2) == {"error"} and set(v2["error"]) == {"code", "message"}
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("plane", "path"),
     [
-        V1_WS + "/services/nope/listkeys",
-        V1_WS + "/services/ep/listkeys",  # a v2 endpoint is not a v1 service
-        V1_WS.replace("/ws", "/other") + "/services/demo/listkeys",
+        ("v1", V1_WS + "/services/nope/listkeys"),
+        ("v1", V1_WS + "/services/ep/listkeys"),  # a v2 endpoint is not a v1 service
+        ("v1", V1_WS.replace("/ws", "/other") + "/services/demo/listkeys"),
+        ("v2", V2_WS + "/onlineEndpoints/nope/listKeys"),
+        ("v2", V2_WS + "/onlineEndpoints/demo/listKeys"),  # a v1 service is not an online endpoint
+        ("v2", V2_WS.replace("/rg/", "/other-rg/") + "/onlineEndpoints/ep/listKeys"),
     ],
 )
-async def test_v1_unknown_service_or_workspace_is_404_in_mms_shape(
-    emu: RunningEmulator, http: aiohttp.ClientSession, path: str
+async def test_an_unknown_service_endpoint_or_workspace_is_404_in_its_planes_shape(
+    emu: RunningEmulator, http: aiohttp.ClientSession, plane: str, path: str
 ) -> None:
-    async with http.post(emu.control_url + path, headers=CP) as resp:
-        assert resp.status == 404
-        err = await resp.json()
-    assert err["statusCode"] == 404 and err["details"] == [] and err["code"]
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        V2_WS + "/onlineEndpoints/nope/listKeys",
-        V2_WS + "/onlineEndpoints/demo/listKeys",  # a v1 service is not an online endpoint
-        V2_WS.replace("/rg/", "/other-rg/") + "/onlineEndpoints/ep/listKeys",
-    ],
-)
-async def test_v2_unknown_endpoint_or_workspace_is_404_in_arm_shape(
-    emu: RunningEmulator, http: aiohttp.ClientSession, path: str
-) -> None:
-    async with http.post(f"{emu.control_url}{path}?{API}", headers=CP) as resp:
-        assert resp.status == 404
-        err = await resp.json()
-    assert err["error"]["code"] == "ResourceNotFound"
+    if plane == "v1":  # MMS's shape
+        err = await control_post(http, emu.control_url + path, 404)
+        assert err["statusCode"] == 404 and err["details"] == [] and err["code"]
+    else:  # ARM's, to a call with its api-version
+        err = await control_post(http, f"{emu.control_url}{path}?{API}", 404)
+        assert err["error"]["code"] == "ResourceNotFound"
 
 
 async def test_region_latency_delays_only_that_regions_control_calls(
@@ -640,10 +626,8 @@ def test_parse_config_names_every_bad_key() -> None:
         "latency": {"eastus": "slow"},
         "colour": "red",
     }
-    with pytest.raises(ConfigError) as info:
-        parse_config(raw)
-    text = "\n".join(info.value.problems)
-    for fragment in (
+    config_problems(
+        raw,
         "services[0] (a).api",
         "services[0] (a).deployments.x",
         "services[1] (b).default_deployment",
@@ -652,8 +636,7 @@ def test_parse_config_names_every_bad_key() -> None:
         "listen.scoring_port",
         "latency.eastus",
         "colour: unknown key",
-    ):
-        assert fragment in text
+    )
 
 
 def test_example_config_is_valid() -> None:
@@ -714,16 +697,8 @@ async def test_tls_serves_both_planes_over_https(tmp_path: Path) -> None:
 
 async def test_cli_prints_one_ready_line_without_keys_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = "import sys; from proxy.emulator.main import main; sys.exit(main(sys.argv[1:]))"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "--keys-dir", str(keys_dir),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        async with asyncio.timeout(15):
-            first = await proc.stdout.readline()
+    async with emulator_main("--keys-dir", str(keys_dir), cwd=tmp_path) as proc:
+        first = await first_line(proc)
         ready = json.loads(first)
         assert ready["event"] == "emulator_ready" and ready["services"] == ["demo"]
         assert ready["scoring_url"].startswith("http://127.0.0.1:")
@@ -736,14 +711,8 @@ async def test_cli_prints_one_ready_line_without_keys_and_exits_0_on_sigterm(tmp
                                  headers=bearer(keys["primaryKey"])) as resp:  # fmt: skip
                 assert await resp.json() == {"result": [10]}
         assert (keys_dir / "demo" / "primary").read_text() == keys["primaryKey"]
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            rest, err = await proc.communicate()
+        rest, err = await sigterm(proc)
         assert proc.returncode == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     output = (first + rest + err).decode()
     assert rest.strip() == b""  # exactly one line on stdout
     for secret in keys.values():

@@ -7,13 +7,8 @@ azure-identity, which uses the real clock, stays happy) and that tests move forw
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
@@ -27,20 +22,16 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity.aio import ClientSecretCredential, ManagedIdentityCredential, WorkloadIdentityCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.config.settings import ConfigError
 from proxy.emulator.dates import http_date
-from proxy.emulator.runner import RunningEmulator, parse_config, start_emulator
+from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.state import SERVICE_ACCOUNT_ISSUER
 from proxy.emulator.tls import make_local_tls
 from proxy.emulator.tokens import token_digest
+from tests.support.emulated import API, V1_WS, V2_WS, emulated_service
+from tests.support.emulator_checks import config_problems
+from tests.support.procs import emulator_main, first_line, sigterm
 from tests.support.session import remember
 
-REPO = Path(__file__).resolve().parent.parent
-SUB = "00000000-0000-0000-0000-000000000000"
-PROVIDER = "providers/Microsoft.MachineLearningServices"
-V1_WS = f"/modelmanagement/v1.0/subscriptions/{SUB}/resourceGroups/rg/{PROVIDER}/workspaces/ws"
-V2_WS = f"/subscriptions/{SUB}/resourceGroups/rg/{PROVIDER}/workspaces/ws"
-API = "api-version=2025-12-01"
 STATIC = "dev-control-token"
 APP, SECRET = "app-secret-client", "entra-client-secret-value-1"
 WI_APP, WI_SUBJECT = "wi-client", "system:serviceaccount:ml:scorer"
@@ -75,32 +66,18 @@ def config(**overrides: Any) -> dict[str, Any]:
         },
         "mlserver": {"users": {ML_USER: ML_PASSWORD}, "access_token_lifetime_seconds": 600, "backend": "echo"},
         "services": [
-            {
-                "name": "tok1",
-                "api": "v1",
-                "region": "eastus",
-                "auth_mode": "aml_token",
-                "token_lifetime_seconds": 3600,
-                "token_refresh_after_seconds": 1800,
-                "deployments": {"blue": "echo"},
-            },
-            {
-                "name": "tok2",
-                "api": "v2",
-                "region": "westeurope",
-                "auth_mode": "aml_token",
-                "token_lifetime_seconds": 600,
-                "deployments": {"blue": "echo"},
-            },
-            {
-                "name": "aad",
-                "api": "v2",
-                "region": "westeurope",
-                "auth_mode": "aad_token",
-                "deployments": {"b": "echo"},
-            },
-            {"name": "keyed", "api": "v1", "region": "eastus", "deployments": {"blue": "echo"}},
-            {"name": "keyed2", "api": "v2", "region": "westeurope", "deployments": {"blue": "echo"}},
+            emulated_service(
+                "tok1",
+                "v1",
+                "eastus",
+                auth_mode="aml_token",
+                token_lifetime_seconds=3600,
+                token_refresh_after_seconds=1800,
+            ),
+            emulated_service("tok2", "v2", "westeurope", auth_mode="aml_token", token_lifetime_seconds=600),
+            emulated_service("aad", "v2", "westeurope", auth_mode="aad_token", deployments={"b": "echo"}),
+            emulated_service("keyed", "v1", "eastus"),
+            emulated_service("keyed2", "v2", "westeurope"),
         ],
     }
     cfg.update(overrides)
@@ -215,6 +192,18 @@ async def test_client_secret_credential_gets_an_arm_token_with_entra_claims(
     assert status == 200 and body["accessToken"]
 
 
+def workload_credential(emu: RunningEmulator, token_file: Path) -> WorkloadIdentityCredential:
+    """azure-identity's WorkloadIdentityCredential for WI_APP with the service-account token in `token_file`,
+    against the emulator's Entra ID."""
+    return WorkloadIdentityCredential(
+        tenant_id=emu.tenant,
+        client_id=WI_APP,
+        token_file_path=str(token_file),
+        authority=emu.entra_url,
+        connection_verify=emu.ca_file,
+    )
+
+
 @pytest.mark.parametrize(
     ("scope", "audience"),
     [
@@ -231,13 +220,7 @@ async def test_workload_identity_credential_sends_the_kubelet_token_file(
     sa_claims = claims_of(text.strip())
     assert sa_claims["sub"] == WI_SUBJECT and sa_claims["aud"] == ["api://AzureADTokenExchange"]
     assert sa_claims["iss"] == SERVICE_ACCOUNT_ISSUER and sa_claims["exp"] - sa_claims["iat"] == 3600
-    async with WorkloadIdentityCredential(
-        tenant_id=emu.tenant,
-        client_id=WI_APP,
-        token_file_path=str(path),
-        authority=emu.entra_url,
-        connection_verify=emu.ca_file,
-    ) as cred:
+    async with workload_credential(emu, path) as cred:
         token = await cred.get_token(scope)
     remember(token.token)
     assert claims_of(token.token)["aud"] == audience
@@ -335,13 +318,7 @@ async def test_workload_identity_credential_with_an_expired_token_file_fails(
 ) -> None:
     path = emu.write_service_account_token(WI_APP, tmp_path / "token")
     clock.advance(3601)
-    async with WorkloadIdentityCredential(
-        tenant_id=emu.tenant,
-        client_id=WI_APP,
-        token_file_path=str(path),
-        authority=emu.entra_url,
-        connection_verify=emu.ca_file,
-    ) as cred:
+    async with workload_credential(emu, path) as cred:
         with pytest.raises(ClientAuthenticationError, match="AADSTS700024"):
             await cred.get_token(f"{ARM}/.default")
 
@@ -877,10 +854,8 @@ def test_parse_config_names_every_bad_token_key() -> None:
     cfg["services"][3]["auth_mode"] = "aad_token"  # a v1 service
     cfg["services"][0]["token_refresh_after_seconds"] = 4000  # more than its lifetime
     cfg["services"][1]["token_lifetime_seconds"] = "long"
-    with pytest.raises(ConfigError) as info:
-        parse_config(cfg)
-    text = "\n".join(info.value.problems)
-    for fragment in (
+    text = config_problems(
+        cfg,
         "clock_offset_seconds:",
         "entra.tenant:",
         "entra.token_lifetime_seconds:",
@@ -896,8 +871,7 @@ def test_parse_config_names_every_bad_token_key() -> None:
         "services[3] (keyed).auth_mode: aad_token is only for v2",
         "services[0] (tok1).token_refresh_after_seconds:",
         "services[1] (tok2).token_lifetime_seconds:",
-    ):
-        assert fragment in text, fragment
+    )
     assert SECRET not in text and ML_PASSWORD not in text
 
 
@@ -941,16 +915,8 @@ async def test_given_ssl_context_is_used_for_every_https_listener(tmp_path: Path
 async def test_cli_ready_line_names_the_new_listeners_without_secrets(tmp_path: Path) -> None:
     cfg_path = tmp_path / "emulator.yaml"
     cfg_path.write_text(json.dumps(config()))  # JSON is YAML
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = "import sys; from proxy.emulator.main import main; sys.exit(main(sys.argv[1:]))"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "--config", str(cfg_path),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(15):
-            first = await proc.stdout.readline()
+    async with emulator_main("--config", str(cfg_path), cwd=tmp_path) as proc:
+        first = await first_line(proc)
         ready = json.loads(first)
         assert ready["entra_url"].startswith("https://127.0.0.1:") and ready["imds_url"].startswith("http://")
         assert ready["mlserver_url"].startswith("http://127.0.0.1:") and ready["tenant"] == ready["tenant"].strip()
@@ -968,14 +934,8 @@ async def test_cli_ready_line_names_the_new_listeners_without_secrets(tmp_path: 
             ) as r:
                 assert r.status == 200
                 remember((await r.json())["access_token"])
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            rest, err = await proc.communicate()
+        rest, err = await sigterm(proc)
         assert proc.returncode == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     output = (first + rest + err).decode()
     assert SECRET not in output and ML_PASSWORD not in output
     assert not Path(ready["ca_file"]).exists()  # removed on shutdown

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,26 @@ async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes
     return b"".join(chunks)
 
 
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: bytes, heads: list[bytes] | None = None) -> AsyncIterator[str]:
+    """An upstream on 127.0.0.1 that reads each request's head (kept in `heads`), writes `answer` and closes the
+    connection; yields its URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if heads is not None:
+            heads.append(head)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
 @pytest.fixture
 async def echo(serve: Serve) -> str:
     return await serve(create_echo_app())
@@ -84,27 +105,15 @@ async def test_forwards_method_path_query_and_body_to_the_route_upstream(proxy: 
 
 
 async def test_request_target_reaches_the_upstream_byte_for_byte(make_proxy: ProxyFactory, key_dir: KeyDir) -> None:
-    seen: list[bytes] = []
-
-    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        seen.append(head.split(b"\r\n", 1)[0])
-        writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(record, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        svc = await make_proxy({"upstream": f"http://127.0.0.1:{port}/api/v1/service/x", "auth": key_dir(new_key("p"))})
+    heads: list[bytes] = []
+    async with raw_upstream(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n", heads) as upstream:
+        svc = await make_proxy({"upstream": f"{upstream}/api/v1/service/x", "auth": key_dir(new_key("p"))})
         target = "/score/a%2Fb%20c;p=1?x=1&y=%2F&z=%E2%82%AC&&w"
         raw = await raw_exchange(
             svc.proxy_port, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
         )
         assert raw.startswith(b"HTTP/1.1 204")
-        assert seen == [f"GET /api/v1/service/x{target} HTTP/1.1".encode()]
-    finally:
-        server.close()
+        assert [head.split(b"\r\n", 1)[0] for head in heads] == [f"GET /api/v1/service/x{target} HTTP/1.1".encode()]
 
 
 async def test_sets_host_to_the_upstream_and_injects_the_key(proxy: Any, echo: str) -> None:
@@ -245,20 +254,16 @@ async def test_connect_refused_upstream_gives_502(make_proxy: ProxyFactory, key_
     assert metric(svc, "aml_auth_proxy_upstream_errors_total", route="down", kind="connect") == 1
 
 
-async def test_read_timeout_gives_504(make_proxy: ProxyFactory, echo: str, key_dir: KeyDir) -> None:
+@pytest.mark.parametrize("timeouts", [{"read": 0.2}, {"total": 0.3}], ids=["read", "total"])
+async def test_an_upstream_timeout_gives_504(
+    make_proxy: ProxyFactory, echo: str, key_dir: KeyDir, timeouts: dict[str, float]
+) -> None:
     keys = key_dir(new_key("p"))
-    svc = await make_proxy({"name": "slow", "upstream": echo, "timeouts": {"read": 0.2}, "auth": keys})
+    svc = await make_proxy({"name": "slow", "upstream": echo, "timeouts": timeouts, "auth": keys})
     async with aiohttp.ClientSession() as client, client.get(url(svc, "/sleep?seconds=3")) as resp:
         assert resp.status == 504
         assert (await resp.json())["error"] == "upstream timed out"
     assert metric(svc, "aml_auth_proxy_upstream_errors_total", route="slow", kind="timeout") == 1
-
-
-async def test_total_timeout_gives_504(make_proxy: ProxyFactory, echo: str, key_dir: KeyDir) -> None:
-    keys = key_dir(new_key("p"))
-    svc = await make_proxy({"name": "slow", "upstream": echo, "timeouts": {"total": 0.3}, "auth": keys})
-    async with aiohttp.ClientSession() as client, client.get(url(svc, "/sleep?seconds=3")) as resp:
-        assert resp.status == 504
 
 
 async def _reset_handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -303,21 +308,11 @@ async def test_upstream_failure_mid_response_cuts_the_callers_connection(
 
 
 async def test_malformed_upstream_response_gives_502(make_proxy: ProxyFactory, key_dir: KeyDir) -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 abc nonsense\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        svc = await make_proxy({"name": "g", "upstream": f"http://127.0.0.1:{port}", "auth": key_dir(new_key("p"))})
+    async with raw_upstream(b"HTTP/1.1 abc nonsense\r\n\r\n") as upstream:
+        svc = await make_proxy({"name": "g", "upstream": upstream, "auth": key_dir(new_key("p"))})
         async with aiohttp.ClientSession() as client, client.get(url(svc, "/x")) as resp:
             assert resp.status == 502
             assert (await resp.json())["route"] == "g"
-    finally:
-        server.close()
 
 
 async def test_client_disconnect_closes_the_upstream_request_and_logs_at_debug(

@@ -12,28 +12,18 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import ManualClock
-from proxy.config.settings import Kubernetes, RefreshPolicy
+from proxy.config.settings import Kubernetes
 from proxy.credentials.tokens import NothingToWatch, Token, TransientError
 from proxy.emulator.kube import RunningKubeApi, start_kube_api
 from proxy.emulator.kube_store import SUPERUSER, Selector, resource_by_name
 from proxy.kube.client import KubeApi
 from proxy.kube.events import BURST, REFILL_SECONDS, EventRecorder
 from proxy.metrics import Metrics
-from proxy.refresher import Refresher
+from tests.support.refresh import bearer_refresher, manual_policy
 
 NS = "ml"
 POD = "scorer-0"
-POLICY = RefreshPolicy(
-    margin_seconds=0,
-    jitter_seconds=0,
-    safety_seconds=5,
-    fraction=0.8,
-    min_interval_seconds=1,
-    backoff_initial_seconds=1,
-    backoff_max_seconds=2,
-    timeout_seconds=1,
-    expiry_margin_seconds=0,
-)
+POLICY = manual_policy(jitter_seconds=0, safety_seconds=5, backoff_max_seconds=2, timeout_seconds=1)
 
 
 @pytest.fixture
@@ -93,18 +83,7 @@ async def test_refresh_failure_expiry_and_recovery_become_aggregated_events_on_t
     rec = recorder(kube, tmp_path, clock, metrics)
     sender = asyncio.create_task(rec.run())
     source = FlakySource(clock)
-    refresher = Refresher(
-        route="scoring",
-        source=source,
-        header="Authorization",
-        template="Bearer {token}",
-        placeholder="{token}",
-        policy=POLICY,
-        metrics=metrics.for_route("scoring", kind="aml-endpoint-token"),
-        clock=clock,
-        rng=lambda: 1.0,
-        events=rec,
-    )
+    refresher = bearer_refresher(source, clock, metrics, route="scoring", policy=POLICY, rng=lambda: 1.0, events=rec)
     try:
         await refresher.start()
         for _ in range(2):  # two rounds: fail past expiry, then recover

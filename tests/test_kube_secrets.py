@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ def put_secret(kube: RunningKubeApi, name: str, **data: str) -> None:
         kube.store.create(SECRETS, NS, body, user=SUPERUSER)
 
 
+def seed_key(kube: RunningKubeApi, label: str) -> str:
+    """A new primary key, put in the Secret aml-keys (before the proxy starts)."""
+    key = new_key(label)
+    put_secret(kube, "aml-keys", primary=key)
+    return key
+
+
 async def wait_for(condition: Callable[[], bool], *, what: str, seconds: float = 5.0) -> float:
     """Poll every 10 ms, at most `seconds`; returns the time it took."""
     started = time.monotonic()
@@ -52,19 +60,39 @@ def route(upstream: str, *, secondary: bool = False) -> dict[str, Any]:
     return {"name": "scoring", "upstream": upstream, "auth": auth}
 
 
-async def start_proxy(
-    kube: RunningKubeApi, tmp_path: Path, upstream: str, *, user: str = SA, **kw: Any
-) -> ProxyService:
-    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig", user=user, namespace=NS)
+@contextlib.asynccontextmanager
+async def running_proxy(
+    upstream: str, kubernetes: dict[str, str], environ: dict[str, str] | None = None, **kw: Any
+) -> AsyncIterator[ProxyService]:
+    """A started proxy with one key route (`route`) reading the Secret through the Kubernetes API, which it reaches
+    as `kubernetes` (and `environ`) say; stopped after the block."""
     doc = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
-        "kubernetes": {**KUBE, "kubeconfig": str(kubeconfig)},
+        "kubernetes": {**KUBE, **kubernetes},
         "routes": [route(upstream, **kw)],
     }
-    service = ProxyService(parse(doc, {}), registry=CollectorRegistry())
+    service = ProxyService(parse(doc, environ or {}), registry=CollectorRegistry())
     await service.start()
-    return service
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+def proxy(
+    kube: RunningKubeApi, tmp_path: Path, upstream: str, *, user: str = SA, **kw: Any
+) -> contextlib.AbstractAsyncContextManager[ProxyService]:
+    """`running_proxy` reaching the stand-in through a kubeconfig, as `user`."""
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig", user=user, namespace=NS)
+    return running_proxy(upstream, {"kubeconfig": str(kubeconfig)}, **kw)
+
+
+async def rotate(kube: RunningKubeApi, service: ProxyService, *, after: str, seconds: float) -> None:
+    """Put a new primary key in the Secret and wait until the proxy holds it."""
+    rotated = new_key("b")
+    put_secret(kube, "aml-keys", primary=rotated)
+    await wait_for(lambda: current(service) == rotated, what=f"the rotation after {after}", seconds=seconds)
 
 
 class Upstream:
@@ -112,8 +140,7 @@ async def test_a_rotation_under_a_request_loop_fails_no_request_and_is_used_with
     old, new = new_key("old"), new_key("new")
     up.accepted = {old, new}
     put_secret(kube, "aml-keys", primary=old + "\n")
-    service = await start_proxy(kube, tmp_path, url)
-    try:
+    async with proxy(kube, tmp_path, url) as service:
         assert current(service) == old  # whitespace trimmed
         statuses: list[int] = []
         rotated_at: float | None = None
@@ -135,18 +162,14 @@ async def test_a_rotation_under_a_request_loop_fails_no_request_and_is_used_with
         assert up.seen[up.seen.index(new) :] == [new] * len(up.seen[up.seen.index(new) :])  # never back to old
         assert sample(service, "aml_auth_proxy_credential_reloads_total", route="scoring", outcome="success") == 2
         print(f"rotation pickup: {first_new - rotated_at:.3f} s")
-    finally:
-        await service.stop()
 
 
 async def test_a_bad_update_keeps_the_last_good_key_and_a_good_one_replaces_it(
     kube: RunningKubeApi, tmp_path: Path, upstream: tuple[Upstream, str]
 ) -> None:
     _, url = upstream
-    good, better = new_key("good"), new_key("better")
-    put_secret(kube, "aml-keys", primary=good)
-    service = await start_proxy(kube, tmp_path, url)
-    try:
+    good, better = seed_key(kube, "good"), new_key("better")
+    async with proxy(kube, tmp_path, url) as service:
         put_secret(kube, "aml-keys", primary="bad\x00value")
         await wait_for(
             lambda: sample(service, "aml_auth_proxy_credential_reloads_total", route="scoring", outcome="error") >= 1,
@@ -160,16 +183,13 @@ async def test_a_bad_update_keeps_the_last_good_key_and_a_good_one_replaces_it(
         assert current(service) == good
         put_secret(kube, "aml-keys", primary=better)
         await wait_for(lambda: current(service) == better, what="the good update", seconds=1.0)
-    finally:
-        await service.stop()
 
 
 async def test_a_missing_secret_is_unready_with_a_reason_until_it_is_created(
     kube: RunningKubeApi, tmp_path: Path, upstream: tuple[Upstream, str]
 ) -> None:
     _, url = upstream
-    service = await start_proxy(kube, tmp_path, url, secondary=True)
-    try:
+    async with proxy(kube, tmp_path, url, secondary=True) as service:
         status, body = await readyz(service)
         assert status == 503
         assert "Secret ml/aml-keys not found" in body["not_ready"]["scoring"]
@@ -177,8 +197,6 @@ async def test_a_missing_secret_is_unready_with_a_reason_until_it_is_created(
         put_secret(kube, "aml-keys", primary=primary, secondary=secondary)
         await wait_for(lambda: current(service) == primary, what="the created Secret", seconds=1.0)
         assert (await readyz(service))[0] == 200
-    finally:
-        await service.stop()
 
 
 # -- the watch's failures ----------------------------------------------------------------------------------------
@@ -188,9 +206,8 @@ async def test_an_expired_watch_lists_again_and_sees_the_next_rotation(
     kube: RunningKubeApi, tmp_path: Path, upstream: tuple[Upstream, str]
 ) -> None:
     _, url = upstream
-    put_secret(kube, "aml-keys", primary=new_key("a"))
-    service = await start_proxy(kube, tmp_path, url)
-    try:
+    seed_key(kube, "a")
+    async with proxy(kube, tmp_path, url) as service:
         put_secret(kube, "unrelated", x="y")  # the history moves past the watch's resourceVersion...
         kube.store.compact()  # ...and is compacted
         kube.store.close_watches()  # the watch resumes from its old resourceVersion: 410 Expired
@@ -201,44 +218,32 @@ async def test_an_expired_watch_lists_again_and_sees_the_next_rotation(
             ),
             what="a relist after 410",
         )
-        rotated = new_key("b")
-        put_secret(kube, "aml-keys", primary=rotated)
-        await wait_for(lambda: current(service) == rotated, what="the rotation after the relist", seconds=1.0)
-    finally:
-        await service.stop()
+        await rotate(kube, service, after="the relist", seconds=1.0)
 
 
 async def test_an_api_server_restart_is_survived_with_the_last_key_and_the_watch_comes_back(
     kube: RunningKubeApi, tmp_path: Path, upstream: tuple[Upstream, str]
 ) -> None:
     _, url = upstream
-    first = new_key("a")
-    put_secret(kube, "aml-keys", primary=first)
-    service = await start_proxy(kube, tmp_path, url)
-    try:
+    first = seed_key(kube, "a")
+    async with proxy(kube, tmp_path, url) as service:
         await kube.restart(down_seconds=0.5, compact=True)
         assert current(service) == first and (await readyz(service))[0] == 200
-        rotated = new_key("b")
-        put_secret(kube, "aml-keys", primary=rotated)
-        await wait_for(lambda: current(service) == rotated, what="the rotation after the restart", seconds=3.0)
+        await rotate(kube, service, after="the restart", seconds=3.0)
         restarts = sum(
             sample(service, "aml_auth_proxy_kubernetes_watch_restarts_total", route="scoring", reason=r)
             for r in ("unreachable", "expired", "closed")
         )
         assert restarts >= 1
-    finally:
-        await service.stop()
 
 
 async def test_rbac_denial_is_unready_naming_the_secret_and_verb_and_recovers_when_granted(
     kube: RunningKubeApi, tmp_path: Path, upstream: tuple[Upstream, str]
 ) -> None:
     _, url = upstream
-    key = new_key("k")
-    put_secret(kube, "aml-keys", primary=key)
+    key = seed_key(kube, "k")
     kube.set_rules([Rule(user=SA, verbs=("get",), api_groups=("",), resources=("pods",))])
-    service = await start_proxy(kube, tmp_path, url)
-    try:
+    async with proxy(kube, tmp_path, url) as service:
         status, body = await readyz(service)
         assert status == 503
         reason = body["not_ready"]["scoring"]
@@ -248,8 +253,6 @@ async def test_rbac_denial_is_unready_naming_the_secret_and_verb_and_recovers_wh
         kube.set_rules([Rule(user=SA, verbs=("get",), api_groups=("",), resources=("pods",)), grant])
         await wait_for(lambda: current(service) == key, what="recovery after the grant", seconds=3.0)
         assert (await readyz(service))[0] == 200
-    finally:
-        await service.stop()
 
 
 # -- client configuration ----------------------------------------------------------------------------------------
@@ -260,19 +263,8 @@ async def test_the_in_cluster_service_account_is_used_without_a_kubeconfig(
 ) -> None:
     _, url = upstream
     async with await start_kube_api(tls=True, namespace=NS, directory=tmp_path / "server") as kube:
-        key = new_key("k")
-        put_secret(kube, "aml-keys", primary=key)
+        key = seed_key(kube, "k")
         files = kube.write_incluster(tmp_path / "serviceaccount", user=SA, namespace=NS)
-        doc = {
-            "listen": {"host": "127.0.0.1", "port": 0},
-            "admin": {"host": "127.0.0.1", "port": 0},
-            "kubernetes": {**KUBE, "service_account_dir": str(files.directory)},
-            "routes": [route(url)],
-        }
-        service = ProxyService(parse(doc, files.environ), registry=CollectorRegistry())
-        await service.start()
-        try:
+        async with running_proxy(url, {"service_account_dir": str(files.directory)}, files.environ) as service:
             assert current(service) == key
             assert {c["user"] for c in kube.store.calls} == {SA}
-        finally:
-            await service.stop()

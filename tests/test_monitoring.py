@@ -24,7 +24,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.support.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.emulated import control_plane_auth, short_token_service, token_route
+from tests.support.procs import ProxyProcess, start_emulator_process
 from tests.support.session import remember, subprocess_log
 from tests.support.tools import ROOT, tool
 
@@ -389,19 +390,8 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
         (tmp_path / "secret").write_text(secret + "\n")
         common = control_plane_auth(ready, CLIENT, tmp_path / "secret")
         routes = [
-            {
-                "name": name,
-                "region": region,
-                "match": f"/{name}",
-                "strip_prefix": True,
-                "tls": {"ca_file": ready["ca_file"]},
-                "upstream": ready["service_urls"][name],
-                "auth": {"type": kind, key: name, url_key: ready["control_url"], **common},
-            }
-            for name, region, kind, key, url_key in (
-                ("east", "eastus", "aml-endpoint-token", "endpoint", "arm_url"),
-                ("west", "westeurope", "aml-service-token", "service", "mms_url"),
-            )
+            token_route(ready, "east", "eastus", "aml-endpoint-token", common),
+            token_route(ready, "west", "westeurope", "aml-service-token", common),
         ]
         proxy = await ProxyProcess.start({"routes": routes}, tmp_path, name="monitoring-proxy")
         processes.append(proxy.process)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -18,18 +19,9 @@ from proxy.credentials.tokens import NothingToWatch, PermanentError, RefreshErro
 from proxy.logs import GENERATIONS, REDACTED, REDACTOR
 from proxy.metrics import Metrics
 from proxy.refresher import Refresher
+from tests.support.refresh import bearer_refresher, manual_policy
 
-POLICY = RefreshPolicy(
-    margin_seconds=0.0,
-    jitter_seconds=5.0,
-    safety_seconds=60.0,
-    fraction=0.8,
-    min_interval_seconds=1.0,
-    backoff_initial_seconds=1.0,
-    backoff_max_seconds=60.0,
-    timeout_seconds=10.0,
-    expiry_margin_seconds=0.0,  # a token is used up to its expiry unless a test says otherwise
-)
+POLICY = manual_policy(jitter_seconds=5.0, safety_seconds=60.0, backoff_max_seconds=60.0, timeout_seconds=10.0)
 
 
 class FakeSource(NothingToWatch):
@@ -92,15 +84,13 @@ def make(
 ) -> tuple[Refresher, Metrics]:
     metrics = Metrics(CollectorRegistry())
     values = rng or itertools.repeat(0.5)
-    refresher = Refresher(
+    refresher = bearer_refresher(
+        source,
+        clock,
+        metrics,
         route="r",
-        source=source,
-        header="Authorization",
-        template="Bearer {token}",
-        placeholder="{token}",
+        region="eastus",
         policy=policy,
-        metrics=metrics.for_route("r", region="eastus", kind=source.auth_type),
-        clock=clock,
         rng=lambda: next(values),
         events=events or Reported(),
     )
@@ -111,35 +101,68 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_refreshes_at_the_servers_refresh_time_minus_jitter_never_waiting_on_the_request_path() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3600, refresh_after=1800)
-    refresher, metrics = make(clock, source, rng=itertools.repeat(1.0))  # the largest jitter
-    t0 = clock.time()
+async def started(
+    *,
+    start: float | None = None,
+    lifetime: float = 3.0,
+    refresh_after: float | None = 2.0,
+    script: Sequence[Any] = (),
+    **make_kw: Any,
+) -> tuple[ManualClock, FakeSource, Refresher, Metrics]:
+    """A FakeSource (its first fetches `script`ed, if given) and its Refresher (`make`) on a new ManualClock,
+    started: the first fetch is done."""
+    clock = ManualClock() if start is None else ManualClock(start=start)
+    source = FakeSource(clock, lifetime=lifetime, refresh_after=refresh_after)
+    source.script = list(script)
+    refresher, metrics = make(clock, source, **make_kw)
     await refresher.start()
-    first = refresher.current
-    assert first is not None and first.value == "Bearer token-1"
+    return clock, source, refresher, metrics
+
+
+def refreshes(metrics: Metrics, source: FakeSource, outcome: str) -> float:
+    """aml_auth_proxy_token_refreshes_total of route r with `outcome`."""
+    labels = {"route": "r", "region": "eastus", "kind": source.auth_type, "outcome": outcome}
+    return sample(metrics, "aml_auth_proxy_token_refreshes_total", **labels)
+
+
+@contextlib.asynccontextmanager
+async def running(refresher: Refresher) -> AsyncIterator[None]:
+    """The refresher's schedule runs in a task while the block does; cancelled after it."""
     task = asyncio.create_task(refresher.run())
     try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def run_for(refresher: Refresher, clock: ManualClock, seconds: float) -> None:
+    """Let the refresher's schedule run while the clock moves `seconds` on."""
+    async with running(refresher):
+        await clock.advance(seconds)
+
+
+def gaps(source: FakeSource) -> list[float]:
+    """The times between the source's fetches, to the millisecond."""
+    return [round(b - a, 3) for a, b in itertools.pairwise(source.calls)]
+
+
+async def test_refreshes_at_the_servers_refresh_time_minus_jitter_never_waiting_on_the_request_path() -> None:
+    clock, source, refresher, metrics = await started(
+        lifetime=3600,
+        refresh_after=1800,
+        rng=itertools.repeat(1.0),  # the largest jitter
+    )
+    t0 = clock.time()  # the clock moves only when the test moves it: the first fetch's time
+    first = refresher.current
+    assert first is not None and first.value == "Bearer token-1"
+    async with running(refresher):
         await clock.advance(1794.9)
         assert len(source.calls) == 1  # jitter is at most 5 s: not yet
         await clock.advance(0.2)
         assert source.calls == [t0, t0 + 1795]  # refreshAfter 1800 - 5 s jitter
         assert refresher.current is not None and refresher.current.value == "Bearer token-2"
-        assert (
-            sample(
-                metrics,
-                "aml_auth_proxy_token_refreshes_total",
-                route="r",
-                region="eastus",
-                kind=source.auth_type,
-                outcome="success",
-            )
-            == 2
-        )
+        assert refreshes(metrics, source, "success") == 2
         assert sample(metrics, "aml_auth_proxy_token_remaining_validity_at_refresh_seconds_sum", route="r") == 1805
-    finally:
-        task.cancel()
 
 
 @pytest.mark.parametrize(
@@ -152,38 +175,23 @@ async def test_refreshes_at_the_servers_refresh_time_minus_jitter_never_waiting_
     ],
 )
 async def test_schedule(lifetime: float, refresh_after: float | None, expected: float) -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=lifetime, refresh_after=refresh_after)
-    refresher, _ = make(clock, source, rng=itertools.repeat(1.0))
-    await refresher.start()
+    _clock, _source, refresher, _ = await started(
+        lifetime=lifetime, refresh_after=refresh_after, rng=itertools.repeat(1.0)
+    )
     assert refresher.details()["refresh_in"] == pytest.approx(expected, abs=1e-3)
 
 
 async def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=10_000, refresh_after=5)
-    refresher, metrics = make(clock, source, rng=itertools.repeat(1.0))  # jitter at its ceiling
-    await refresher.start()
-    source.script = [TransientError("HTTP 503")] * 9
-    task = asyncio.create_task(refresher.run())
-    try:
-        await clock.advance(5 + 1 + 2 + 4 + 8 + 16 + 32 + 60 + 60 + 60 + 0.01)
-    finally:
-        task.cancel()
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(source.calls)]
-    assert gaps == [4.5, 1, 2, 4, 8, 16, 32, 60, 60, 60]  # first: refreshAfter 5 minus 10% jitter
-    assert refresher.current is not None and refresher.current.value == "Bearer token-2"  # recovered
-    assert (
-        sample(
-            metrics,
-            "aml_auth_proxy_token_refreshes_total",
-            route="r",
-            region="eastus",
-            kind=source.auth_type,
-            outcome="transient_error",
-        )
-        == 9
+    clock, source, refresher, metrics = await started(
+        lifetime=10_000,
+        refresh_after=5,
+        rng=itertools.repeat(1.0),  # jitter at its ceiling
     )
+    source.script = [TransientError("HTTP 503")] * 9
+    await run_for(refresher, clock, 5 + 1 + 2 + 4 + 8 + 16 + 32 + 60 + 60 + 60 + 0.01)
+    assert gaps(source) == [4.5, 1, 2, 4, 8, 16, 32, 60, 60, 60]  # first: refreshAfter 5 minus 10% jitter
+    assert refresher.current is not None and refresher.current.value == "Bearer token-2"  # recovered
+    assert refreshes(metrics, source, "transient_error") == 9
 
 
 async def test_the_refresher_wakes_when_its_schedule_says_however_many_loop_turns_a_fetch_takes() -> None:
@@ -196,87 +204,50 @@ async def test_the_refresher_wakes_when_its_schedule_says_however_many_loop_turn
         refresher, _ = make(clock, source, rng=itertools.repeat(1.0))
         await refresher.start()
         source.script = [TransientError("HTTP 503")] * 3
-        task = asyncio.create_task(refresher.run())
-        try:
+        async with running(refresher):
             for fetches in (2, 3, 4):
                 await clock.advance(refresher.details()["refresh_in"] + 0.5)  # overshoot every due time
                 assert len(source.calls) == fetches, spins
                 await clock.advance(0)
                 due = clock.time() + refresher.details()["refresh_in"]
                 assert clock.next_deadline == pytest.approx(due, abs=2e-3), spins
-        finally:
-            task.cancel()
 
 
 async def test_full_jitter_draws_below_the_ceiling() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=10_000, refresh_after=5)
-    refresher, _ = make(clock, source, rng=iter([0.0, 0.25, 0.25, 0.25, 0.25]))
-    await refresher.start()
+    clock, source, refresher, _ = await started(
+        lifetime=10_000, refresh_after=5, rng=iter([0.0, 0.25, 0.25, 0.25, 0.25])
+    )
     source.script = [TransientError("x")] * 3
-    task = asyncio.create_task(refresher.run())
-    try:
-        await clock.advance(5.0 + 0.5 + 1.0 + 0.01)
-    finally:
-        task.cancel()
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(source.calls)]
-    assert gaps[1:] == [0.25, 0.5]  # 0.25 * 1, 0.25 * 2
+    await run_for(refresher, clock, 5.0 + 0.5 + 1.0 + 0.01)
+    assert gaps(source)[1:] == [0.25, 0.5]  # 0.25 * 1, 0.25 * 2
 
 
 async def test_retry_after_is_honoured_and_permanent_errors_retry_at_the_cap() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=10_000, refresh_after=5)
-    refresher, metrics = make(clock, source, rng=itertools.repeat(0.0))
-    await refresher.start()
+    clock, source, refresher, metrics = await started(lifetime=10_000, refresh_after=5, rng=itertools.repeat(0.0))
     source.script = [TransientError("HTTP 429", retry_after=30), PermanentError("HTTP 403 (AuthorizationFailed)")]
-    task = asyncio.create_task(refresher.run())
-    try:
-        await clock.advance(5 + 30 + 60 + 0.01)
-    finally:
-        task.cancel()
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(source.calls)]
-    assert gaps == [5, 30, 60]
+    await run_for(refresher, clock, 5 + 30 + 60 + 0.01)
+    assert gaps(source) == [5, 30, 60]
     assert refresher.details()["last_refresh"] == "success"
-    assert (
-        sample(
-            metrics,
-            "aml_auth_proxy_token_refreshes_total",
-            route="r",
-            region="eastus",
-            kind=source.auth_type,
-            outcome="permanent_error",
-        )
-        == 1
-    )
+    assert refreshes(metrics, source, "permanent_error") == 1
 
 
 async def test_outage_shorter_than_the_lifetime_keeps_serving_the_current_token() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=30, refresh_after=10)
-    refresher, _ = make(clock, source, rng=itertools.repeat(0.5))
-    await refresher.start()
+    clock, source, refresher, _ = await started(lifetime=30, refresh_after=10, rng=itertools.repeat(0.5))
     token = refresher.current
     source.script = [TransientError("HTTP 503")] * 4  # attempts at 9.5, 10, 11 and 13 s fail (backoff 0.5, 1, 2, 4)
-    task = asyncio.create_task(refresher.run())
-    try:
+    async with running(refresher):
         for _ in range(16):
             await clock.advance(1)
             assert refresher.current is token and refresher.readiness()[0]
         await clock.advance(1.5)
         assert refresher.current is not None and refresher.current is not token
         assert [round(t - source.calls[0], 3) for t in source.calls[1:]] == [9.5, 10, 11, 13, 17]
-    finally:
-        task.cancel()
 
 
 async def test_outage_past_expiry_makes_the_route_unready_and_it_recovers_by_itself() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=5, refresh_after=3)
-    refresher, metrics = make(clock, source, rng=itertools.repeat(0.5))
-    await refresher.start()
+    clock, source, refresher, metrics = await started(lifetime=5, refresh_after=3, rng=itertools.repeat(0.5))
     source.script = [TransientError("HTTP 503")] * 5
-    task = asyncio.create_task(refresher.run())
-    try:
+    async with running(refresher):
         await clock.advance(5.01)
         assert refresher.current is None
         ready, why = refresher.readiness()
@@ -285,16 +256,12 @@ async def test_outage_past_expiry_makes_the_route_unready_and_it_recovers_by_its
         await clock.advance(30)
         assert refresher.current is not None and refresher.readiness() == (True, "ok")
         assert sample(metrics, "aml_auth_proxy_route_ready", route="r") == 1
-    finally:
-        task.cancel()
 
 
 async def test_first_fetch_failure_leaves_the_route_unready_with_the_reason() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock)
-    source.script = [PermanentError("AML v2 token endpoint: HTTP 403 (AuthorizationFailed)")]
-    refresher, _ = make(clock, source)
-    await refresher.start()
+    _clock, _source, refresher, _ = await started(
+        script=[PermanentError("AML v2 token endpoint: HTTP 403 (AuthorizationFailed)")]
+    )
     assert refresher.current is None
     assert refresher.readiness() == (
         False,
@@ -304,10 +271,7 @@ async def test_first_fetch_failure_leaves_the_route_unready_with_the_reason() ->
 
 
 async def test_concurrent_triggers_make_one_fetch() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3600, refresh_after=1800)
-    refresher, _ = make(clock, source)
-    await refresher.start()
+    clock, source, refresher, _ = await started(lifetime=3600, refresh_after=1800)
     sent = refresher.current
     assert sent is not None
     source.gate = asyncio.Event()
@@ -325,10 +289,7 @@ async def test_concurrent_triggers_make_one_fetch() -> None:
 
 
 async def test_forced_refreshes_are_rate_limited() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3600, refresh_after=1800)
-    refresher, _ = make(clock, source)
-    await refresher.start()
+    _clock, source, refresher, _ = await started(lifetime=3600, refresh_after=1800)
     fresh = refresher.current
     assert fresh is not None
     assert await refresher.unauthorized(fresh) is None  # refused right after a fetch: do not hammer
@@ -366,20 +327,13 @@ async def test_keys_fail_over_before_refetching() -> None:
 
 
 async def test_close_revokes_the_current_token() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock)
-    refresher, _ = make(clock, source)
-    await refresher.start()
+    _clock, source, refresher, _ = await started()
     await refresher.close()
     assert [t.value for t in source.revoked] == ["token-1"]
 
 
 async def test_a_crashing_source_is_a_transient_failure_not_a_dead_refresher() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock)
-    source.script = [KeyError("bug")]
-    refresher, _ = make(clock, source)
-    await refresher.start()
+    _clock, _source, refresher, _ = await started(script=[KeyError("bug")])
     assert refresher.details()["last_refresh"] == "transient_error"
 
 
@@ -400,10 +354,9 @@ def test_refresh_errors_carry_safe_reasons() -> None:
 
 async def test_a_source_that_hangs_is_cut_off_as_a_transient_failure_and_the_refresher_lives_on() -> None:
     """The refresher's own timeout (3x the per-call timeout) is the backstop for a source with no timeout."""
-    clock = ManualClock(start=1000.0)
-    source = FakeSource(clock)
-    refresher, _metrics = make(clock, source, policy=dataclasses.replace(POLICY, timeout_seconds=0.02))
-    await refresher.start()
+    _clock, source, refresher, _metrics = await started(
+        start=1000.0, policy=dataclasses.replace(POLICY, timeout_seconds=0.02)
+    )
     source.gate = asyncio.Event()  # the next fetch never returns by itself
     await refresher.refresh_now("operator")
     assert refresher.details()["last_refresh"] == "transient_error"
@@ -415,10 +368,7 @@ async def test_a_source_that_hangs_is_cut_off_as_a_transient_failure_and_the_ref
 
 @pytest.mark.parametrize("bad", ["tok\r\nX-Injected: yes", "tok\nX", "tok\x00", "tok en", ""])
 async def test_a_credential_that_would_inject_a_header_is_refused_and_never_installed(bad: str) -> None:
-    clock = ManualClock(start=1000.0)
-    source = FakeSource(clock)
-    refresher, _metrics = make(clock, source)
-    await refresher.start()
+    clock, source, refresher, _metrics = await started(start=1000.0)
     good = refresher.current
     assert good is not None
 
@@ -435,17 +385,11 @@ async def test_renewed_tokens_leave_the_redactor_bounded_while_fixed_secrets_sta
     # A token renewed every few seconds for weeks must not make every log line scrub against each token ever seen.
     fixed = "a-fixed-key-" + "k" * 20
     REDACTOR.add(fixed)
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3.0, refresh_after=2.0)
-    refresher, _ = make(clock, source, rng=itertools.repeat(0.0))
-    await refresher.start()
+    clock, source, refresher, _ = await started(lifetime=3.0, refresh_after=2.0, rng=itertools.repeat(0.0))
     held = len(REDACTOR)
-    task = asyncio.create_task(refresher.run())
-    try:
+    async with running(refresher):
         for _ in range(200):
             await clock.advance(refresher.details()["refresh_in"] + 0.01)
-    finally:
-        task.cancel()
     assert len(source.calls) == 201
     assert len(REDACTOR) <= held + GENERATIONS  # not one per renewal: 200 were made
     current = refresher.current
@@ -458,16 +402,12 @@ async def test_renewed_tokens_leave_the_redactor_bounded_while_fixed_secrets_sta
 
 
 async def test_a_token_is_never_handed_out_in_its_last_expiry_margin() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3600, refresh_after=1800)
     policy = dataclasses.replace(POLICY, expiry_margin_seconds=5.0)
-    refresher, metrics = make(clock, source, policy=policy)
-    await refresher.start()
+    clock, source, refresher, metrics = await started(lifetime=3600, refresh_after=1800, policy=policy)
     token = refresher.current
     expiry = clock.time() + 3600
     source.script = [TransientError("HTTP 503")] * 1000  # the token endpoint is down from the refresh time on
-    task = asyncio.create_task(refresher.run())
-    try:
+    async with running(refresher):
         await clock.advance(expiry - 5 - 0.01 - clock.time())
         assert refresher.current is token and refresher.readiness() == (True, "ok")
         await clock.advance(0.01)  # exactly expiry - margin: the token is still valid, but no longer sent
@@ -478,15 +418,14 @@ async def test_a_token_is_never_handed_out_in_its_last_expiry_margin() -> None:
         assert sample(metrics, "aml_auth_proxy_route_ready", route="r") == 0
         await clock.advance(5)
         assert refresher.readiness()[1] == "aml-endpoint-token token expired; last refresh: HTTP 503"
-    finally:
-        task.cancel()
 
 
 async def test_the_expiry_margin_of_a_short_lived_token_is_a_tenth_of_its_life_and_renewal_comes_before_it() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3.0, refresh_after=10.0)  # a refresh time past expiry: expiry rules
-    refresher, _ = make(clock, source, policy=dataclasses.replace(POLICY, expiry_margin_seconds=5.0))
-    await refresher.start()
+    clock, _source, refresher, _ = await started(
+        lifetime=3.0,
+        refresh_after=10.0,  # a refresh time past expiry: expiry rules
+        policy=dataclasses.replace(POLICY, expiry_margin_seconds=5.0),
+    )
     t0 = clock.time()
     # Usable until 2.7 s (a 5 s margin would leave nothing of a 3 s token); renewal at the latest 0.3 s before that.
     assert refresher.details()["refresh_in"] == pytest.approx(2.4 - 0.5 * 0.24, abs=1e-3)
@@ -504,10 +443,11 @@ async def test_without_a_usable_token_retries_come_within_a_second_and_service_r
     # The soak that found it: 3 s tokens and the token endpoint down for 10 s. The backoff had grown to 8 s, then
     # 16 s, so a 10 s outage cost 14 s and more of 503s. Backoff may grow while the token in hand is good; once it
     # is gone, the next attempt is never more than a second away.
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=3.0, refresh_after=2.0)
-    refresher, _ = make(clock, source, rng=itertools.repeat(1.0))  # the longest backoff every time
-    await refresher.start()
+    clock, source, refresher, _ = await started(
+        lifetime=3.0,
+        refresh_after=2.0,
+        rng=itertools.repeat(1.0),  # the longest backoff every time
+    )
     t0 = clock.time()
     healed = t0 + 11.0
     fetch = source.fetch
@@ -519,16 +459,13 @@ async def test_without_a_usable_token_retries_come_within_a_second_and_service_r
         return await fetch(previous)
 
     source.fetch = down_for_ten_seconds  # type: ignore[method-assign]
-    task = asyncio.create_task(refresher.run())
     unusable: list[float] = []
-    try:
+    async with running(refresher):
         while clock.time() < t0 + 20:
             await clock.advance(0.05)
             if refresher.current is None:
                 unusable.append(clock.time() - t0)
                 assert refresher.details()["refresh_in"] <= 1.0
-    finally:
-        task.cancel()
     assert unusable and min(unusable) == pytest.approx(3.0, abs=0.06)  # from the token's expiry...
     assert max(unusable) < 11.0 + 1.0  # ...to at most a second after the endpoint answers again
     failed = [round(t - t0, 3) for t in source.calls[1:] if t < healed]
@@ -538,16 +475,9 @@ async def test_without_a_usable_token_retries_come_within_a_second_and_service_r
 
 
 async def test_a_retry_planned_past_the_tokens_end_is_brought_forward_when_the_token_goes() -> None:
-    clock = ManualClock()
-    source = FakeSource(clock, lifetime=30, refresh_after=10)
-    refresher, _ = make(clock, source, rng=itertools.repeat(1.0))
-    await refresher.start()
+    clock, source, refresher, _ = await started(lifetime=30, refresh_after=10, rng=itertools.repeat(1.0))
     source.script = [TransientError("HTTP 503")] * 6
-    task = asyncio.create_task(refresher.run())
-    try:
-        await clock.advance(40)
-    finally:
-        task.cancel()
+    await run_for(refresher, clock, 40)
     # Backoff 1, 2, 4, 8, 16 s while the token is good: the sixth attempt was due at 40 s, 10 s after the token's end.
     # When the token goes at 30 s the next attempt comes within a second; the one after that, a second later.
     assert [round(t - source.calls[0], 3) for t in source.calls[1:]] == [9, 10, 12, 16, 24, 31, 32]
@@ -580,11 +510,8 @@ async def test_token_expired_marks_when_503s_begin_and_token_restored_says_how_l
         t0 = clock.time()
         http_503, timed_out = TransientError("HTTP 503"), TransientError("timed out")
         source.script = [http_503, http_503, timed_out, http_503, http_503, http_503, http_503, http_503]
-        task = asyncio.create_task(refresher.run())
-        try:
+        async with running(refresher):
             await clock.advance(45)
-        finally:
-            task.cancel()
     finally:
         logger.removeHandler(records)
     # The moment the token expired (30 s), once, whether or not a fetch was failing just then.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -118,27 +118,31 @@ class Conn:
         await self.writer.wait_closed()
 
 
-async def test_expect_100_continue_is_answered_when_the_body_is_read(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+@pytest.fixture
+async def conn(proxy: Any) -> AsyncIterator[Conn]:
+    """A raw connection to the proxy port, closed after the test (if the test has not closed it)."""
+    opened = await Conn.open(proxy.proxy_port)
+    yield opened
+    opened.close()
+
+
+async def test_expect_100_continue_is_answered_when_the_body_is_read(proxy: Any, conn: Conn) -> None:
     await conn.send(b"POST /score HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
     assert (await conn.head())[0] == 100  # the caller may now send the body
     await conn.send(b"hello")
     status, _headers, body = await conn.answer()
     assert (status, body) == (200, b"POST /score 5")
     assert proxy.seen[0]["body"] == b"hello" and "expect" not in proxy.seen[0]["headers"]
-    conn.close()
 
 
-async def test_a_request_refused_before_its_body_gets_no_100_continue(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_a_request_refused_before_its_body_gets_no_100_continue(conn: Conn) -> None:
     await conn.send(b"POST /score HTTP/1.1\r\nHost: a\r\nContent-Length: 9999999\r\nExpect: 100-continue\r\n\r\n")
     status, headers, body = await conn.answer()
     assert status == 413 and headers["connection"] == "close" and json.loads(body)["request_id"]
     assert await conn.closed()
 
 
-async def test_pipelined_requests_are_answered_in_order(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_pipelined_requests_are_answered_in_order(conn: Conn) -> None:
     await conn.send(
         b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
         b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
@@ -146,29 +150,25 @@ async def test_pipelined_requests_are_answered_in_order(proxy: Any) -> None:
     )
     answers = [(await conn.answer())[2] for _ in range(3)]
     assert answers == [b"GET /slow 0", b"POST /b 3", b"GET /c 0"]  # /slow first although it answers last
-    conn.close()
 
 
-async def test_http_1_0_closes_by_default_and_keeps_alive_on_request(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_http_1_0_closes_by_default_and_keeps_alive_on_request(proxy: Any, conn: Conn) -> None:
     await conn.send(b"GET /old HTTP/1.0\r\n\r\n")  # no Host needed in HTTP/1.0
     status, headers, body = await conn.answer()
     assert (status, body) == (200, b"GET /old 0") and headers["connection"] == "close"
     assert await conn.closed()
 
-    conn = await Conn.open(proxy.proxy_port)
-    for path in (b"/k1", b"/k2"):
-        await conn.send(b"GET " + path + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        status, headers, body = await conn.answer()
-        assert (status, body) == (200, b"GET " + path + b" 0") and headers["connection"] == "keep-alive"
-    conn.close()
+    async with await Conn.open(proxy.proxy_port) as again:
+        for path in (b"/k1", b"/k2"):
+            await again.send(b"GET " + path + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, body = await again.answer()
+            assert (status, body) == (200, b"GET " + path + b" 0") and headers["connection"] == "keep-alive"
 
 
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 async def test_an_answer_without_length_is_chunked_for_http_1_1_and_ends_with_the_connection_for_1_0(
-    proxy: Any, version: str
+    conn: Conn, version: str
 ) -> None:
-    conn = await Conn.open(proxy.proxy_port)
     await conn.send(f"GET /stream HTTP/{version}\r\nHost: a\r\n\r\n".encode())
     status, headers, body = await conn.answer()
     assert (status, body) == (200, b"one,two,three")
@@ -177,11 +177,11 @@ async def test_an_answer_without_length_is_chunked_for_http_1_1_and_ends_with_th
     else:
         assert "transfer-encoding" not in headers and headers["connection"] == "close"
         assert await conn.closed()
-    conn.close()
 
 
-async def test_a_request_asking_for_an_upgrade_is_served_as_an_ordinary_one_with_its_body(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_a_request_asking_for_an_upgrade_is_served_as_an_ordinary_one_with_its_body(
+    proxy: Any, conn: Conn
+) -> None:
     await conn.send(
         b"POST /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
         b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 5\r\n\r\nhello"
@@ -191,11 +191,9 @@ async def test_a_request_asking_for_an_upgrade_is_served_as_an_ordinary_one_with
     assert (await conn.answer())[2] == b"GET /after 0"
     assert proxy.seen[0]["body"] == b"hello"
     assert not {"upgrade", "http2-settings", "connection"} & proxy.seen[0]["headers"]
-    conn.close()
 
 
-async def test_a_bad_chunk_in_a_streamed_upload_is_answered_400_at_once(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_a_bad_chunk_in_a_streamed_upload_is_answered_400_at_once(proxy: Any, conn: Conn) -> None:
     good = b"x" * 4096  # past the retry buffer: the upload is already streaming to the upstream
     await conn.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (4096, good))
     await asyncio.sleep(0.1)
@@ -212,8 +210,7 @@ async def test_a_bad_chunk_in_a_streamed_upload_is_answered_400_at_once(proxy: A
     assert bad == 1
 
 
-async def test_an_answer_given_before_the_body_is_read_reaches_the_caller_still_sending(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_an_answer_given_before_the_body_is_read_reaches_the_caller_still_sending(proxy: Any, conn: Conn) -> None:
     await conn.send(b"POST /nothing/../here HTTP/1.1\r\nHost: a\r\nContent-Length: 900000\r\n\r\n" + b"y" * 65536)
     status, _headers, body = await conn.answer()  # refused without reading the body
     assert status == 400 and json.loads(body)["error"] == "dot segments are not allowed in the path"
@@ -223,8 +220,7 @@ async def test_an_answer_given_before_the_body_is_read_reaches_the_caller_still_
     assert proxy.seen == []
 
 
-async def test_a_caller_leaving_mid_upload_never_passes_on_a_complete_body(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_a_caller_leaving_mid_upload_never_passes_on_a_complete_body(proxy: Any, conn: Conn) -> None:
     good = b"x" * 4096  # past the retry buffer: the upload is already streaming to the upstream
     await conn.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (4096, good))
     await asyncio.sleep(0.1)
@@ -239,8 +235,7 @@ async def test_a_caller_leaving_mid_upload_never_passes_on_a_complete_body(proxy
             await asyncio.sleep(0.01)
 
 
-async def test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered(conn: Conn) -> None:
     await conn.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: ")
     answer = asyncio.ensure_future(conn.answer())
     sent = 0
@@ -253,7 +248,6 @@ async def test_endless_trailers_after_a_chunked_body_are_cut_off_not_buffered(pr
         status, _headers, body = await answer
     assert status == 431 and json.loads(body)["error"] == "bad request: chunked body framing or trailers too large"
     assert sent < 1 << 20, sent  # refused at about twice the header limit, not after buffering everything
-    conn.close()
 
 
 async def test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_connection_closes(
@@ -274,15 +268,15 @@ async def test_a_fault_in_the_handler_is_a_json_500_and_one_error_line_and_the_c
     ]
 
 
-async def test_a_head_request_answered_by_the_proxy_itself_gets_no_body_and_the_connection_goes_on(proxy: Any) -> None:
-    conn = await Conn.open(proxy.proxy_port)
+async def test_a_head_request_answered_by_the_proxy_itself_gets_no_body_and_the_connection_goes_on(
+    proxy: Any, conn: Conn
+) -> None:
     await conn.send(b"HEAD /nothing/../here HTTP/1.1\r\nHost: a\r\n\r\n")
     status, headers = await conn.head()  # refused by the proxy: a JSON error's head, without the JSON
     assert status == 400 and int(headers["content-length"]) > 0
     await conn.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
     status, _headers, body = await conn.answer()  # had the body been sent, this would read it as a status line
     assert (status, body) == (200, b"GET /next 0")
-    conn.close()
 
 
 async def test_a_caller_that_half_closes_after_pipelining_gets_every_answer_then_the_close(proxy: Any) -> None:

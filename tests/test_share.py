@@ -30,10 +30,10 @@ from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
 from proxy.kube.lease import Conflict, Elector, LeaseRecord
 from proxy.kube.share import decode, encode
+from tests.support.emulated import control_plane_auth, emulated_service, ready_of
 from tests.support.procs import ProxyProcess
 from tests.support.session import remember
 
-SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "11111111-1111-1111-1111-111111111111"
 NS = "default"
 LEASE = "ep2-share"
@@ -367,15 +367,14 @@ async def emu(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running
     config = {
         "entra": {"clients": {CLIENT: secret}},
         "services": [
-            {
-                "name": "ep2",
-                "api": "v2",
-                "region": "westeurope",
-                "auth_mode": "aml_token",
-                "deployments": {"blue": "echo"},
-                "token_lifetime_seconds": LIFETIME,
-                "token_refresh_after_seconds": REFRESH_AFTER,
-            }
+            emulated_service(
+                "ep2",
+                "v2",
+                "westeurope",
+                auth_mode="aml_token",
+                token_lifetime_seconds=LIFETIME,
+                token_refresh_after_seconds=REFRESH_AFTER,
+            )
         ],
     }
     tls = make_local_tls(tmp_path_factory.mktemp("tls"))
@@ -398,19 +397,9 @@ def proxy_config(emu: RunningEmulator, tmp_path: Path, *, share: bool) -> dict[s
     secret_file.write_text(emu.secret + "\n")  # type: ignore[attr-defined]
     auth = {
         "type": "aml-endpoint-token",
-        "subscription_id": SUB,
-        "resource_group": "rg",
-        "workspace": "ws",
         "endpoint": "ep2",
         "arm_url": emu.control_url,
-        "ca_file": emu.ca_file,
-        "identity": {
-            "type": "client_secret",
-            "client_id": CLIENT,
-            "tenant_id": emu.tenant,
-            "authority_host": emu.entra_url,
-            "client_secret_file": str(secret_file),
-        },
+        **control_plane_auth(ready_of(emu), CLIENT, secret_file),
         "refresh": {
             "margin_seconds": MARGIN,
             "jitter_seconds": 0.05,

@@ -16,7 +16,8 @@ from pathlib import Path
 import aiohttp
 
 from proxy.metrics import histogram_quantile
-from tests.support.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.emulated import control_plane_auth, short_token_service, token_route
+from tests.support.procs import ProxyProcess, start_emulator_process
 from tests.support.session import LOG_DIR, SESSION_SECRETS, remember
 
 SOAK_SECONDS = 60.0
@@ -45,31 +46,14 @@ async def test_soak_two_regions_short_tokens_no_401_no_waiting(tmp_path: Path) -
         (tmp_path / "user").write_text("soak\n")
         (tmp_path / "password").write_text(password + "\n")
         common = control_plane_auth(ready, CLIENT, tmp_path / "secret")
-        tls = {"ca_file": ready["ca_file"]}
         routes = [
-            {
-                "name": "east",
-                "region": "eastus",
-                "match": "/east",
-                "strip_prefix": True,
-                "tls": tls,
-                "upstream": ready["service_urls"]["east"],
-                "auth": {"type": "aml-endpoint-token", "endpoint": "east", "arm_url": ready["control_url"], **common},
-            },
-            {
-                "name": "west",
-                "region": "westeurope",
-                "match": "/west",
-                "strip_prefix": True,
-                "tls": tls,
-                "upstream": ready["service_urls"]["west"],
-                "auth": {"type": "aml-service-token", "service": "west", "mms_url": ready["control_url"], **common},
-            },
+            token_route(ready, "east", "eastus", "aml-endpoint-token", common),
+            token_route(ready, "west", "westeurope", "aml-service-token", common),
             {
                 "name": "mls",
                 "match": "/mls",
                 "strip_prefix": True,
-                "tls": tls,
+                "tls": {"ca_file": ready["ca_file"]},
                 "upstream": ready["mlserver_url"],
                 "auth": {
                     "type": "mlserver",

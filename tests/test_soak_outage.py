@@ -17,7 +17,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import NS
-from tests.support.procs import ProxyProcess, control_plane_auth, short_token_service, start_emulator_process
+from tests.support.emulated import control_plane_auth, short_token_service
+from tests.support.procs import ProxyProcess, start_emulator_process
 from tests.support.session import LOG_DIR, remember
 
 CONNECTIONS = 16

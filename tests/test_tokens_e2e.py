@@ -18,11 +18,11 @@ import pytest
 from proxy.emulator.azmlinfsrv import AzmlinfsrvProcess, start_azmlinfsrv
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
+from tests.support.emulated import WORKSPACE, control_plane_auth, emulated_service, ready_of
 from tests.support.procs import ProxyProcess
 from tests.support.servers import ProxyFactory
 from tests.support.session import SESSION_DIGESTS, remember
 
-SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "11111111-1111-1111-1111-111111111111"
 WORKLOAD = "22222222-2222-2222-2222-222222222222"
 MANAGED = "33333333-3333-3333-3333-333333333333"
@@ -48,28 +48,10 @@ async def emu(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running
         },
         "mlserver": {"users": {"admin": password}, "access_token_lifetime_seconds": 3600, "backend": "echo"},
         "services": [
-            {
-                "name": "svc1",
-                "api": "v1",
-                "region": "eastus",
-                "auth_mode": "aml_token",
-                "deployments": {"blue": "echo"},
-            },
-            {
-                "name": "ep2",
-                "api": "v2",
-                "region": "westeurope",
-                "auth_mode": "aml_token",
-                "deployments": {"blue": "echo"},
-            },
-            {
-                "name": "aad3",
-                "api": "v2",
-                "region": "westeurope",
-                "auth_mode": "aad_token",
-                "deployments": {"blue": "echo"},
-            },
-            {"name": "keys4", "api": "v2", "region": "eastus", "auth_mode": "key", "deployments": {"blue": "echo"}},
+            emulated_service("svc1", "v1", "eastus", auth_mode="aml_token"),
+            emulated_service("ep2", "v2", "westeurope", auth_mode="aml_token"),
+            emulated_service("aad3", "v2", "westeurope", auth_mode="aad_token"),
+            emulated_service("keys4", "v2", "eastus", auth_mode="key"),
         ],
     }
     # Every listener over TLS with a throwaway CA, as the control planes, Entra ID and the endpoints are in Azure.
@@ -106,30 +88,20 @@ async def ep2_proxy(
 
 def ep2_auth(emu: RunningEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:
     """aml-endpoint-token auth for the v2 endpoint ep2, with a client-secret identity."""
-    return control_plane(
-        emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-        **extra,
+    return client_secret_auth(
+        emu, tmp_path, type="aml-endpoint-token", endpoint="ep2", arm_url=emu.control_url, **extra
     )
 
 
 def control_plane(emu: RunningEmulator, **auth: Any) -> dict[str, Any]:
-    return {"subscription_id": SUB, "resource_group": "rg", "workspace": "ws", "ca_file": emu.ca_file, **auth}
+    return {**WORKSPACE, "ca_file": emu.ca_file, **auth}
 
 
-def client_secret_identity(emu: RunningEmulator, tmp_path: Path) -> dict[str, Any]:
+def client_secret_auth(emu: RunningEmulator, tmp_path: Path, **auth: Any) -> dict[str, Any]:
+    """`auth` reaching the emulator's control plane as CLIENT, with its client secret in a file under tmp_path."""
     path = tmp_path / "client-secret"
     path.write_text(emu.secret + "\n")  # type: ignore[attr-defined]
-    return {
-        "type": "client_secret",
-        "client_id": CLIENT,
-        "tenant_id": emu.tenant,
-        "authority_host": emu.entra_url,
-        "client_secret_file": str(path),
-    }
+    return {**control_plane_auth(ready_of(emu), CLIENT, path), **auth}
 
 
 async def score(svc: Any, path: str = "/score", data: Any = None) -> tuple[int, Any]:
@@ -153,13 +125,7 @@ async def test_aml_service_token_v1_with_a_client_secret_reaches_azmlinfsrv(
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path, azmlinfsrv: AzmlinfsrvProcess
 ) -> None:
     emu.state.services["svc1"] = dataclasses.replace(emu.state.services["svc1"], deployments={"blue": azmlinfsrv.url})
-    auth = control_plane(
-        emu,
-        type="aml-service-token",
-        service="svc1",
-        mms_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
-    )
+    auth = client_secret_auth(emu, tmp_path, type="aml-service-token", service="svc1", mms_url=emu.control_url)
     svc = await make_proxy(route(emu, "v1", emu.service_urls["svc1"], auth, region="eastus"))
     assert await score(svc) == (200, {"result": [2, 4, 6]})
     assert emu.state.token_calls["svc1"] == 1
@@ -231,12 +197,12 @@ async def test_without_auth_ca_file_entra_and_the_control_plane_trust_the_system
 async def test_aml_keys_fail_over_then_refetch_after_regeneration(
     emu: RunningEmulator, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
-    auth = control_plane(
+    auth = client_secret_auth(
         emu,
+        tmp_path,
         type="aml-keys",
         endpoint="keys4",
         arm_url=emu.control_url,
-        identity=client_secret_identity(emu, tmp_path),
         refresh={"min_interval_seconds": 0.05},
     )
     svc = await make_proxy(route(emu, "keys", emu.service_urls["keys4"], auth))

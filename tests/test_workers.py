@@ -24,7 +24,7 @@ from proxy.workers import auto_workers, cgroup_cpu_limit
 from tests.support.procs import ProxyProcess
 from tests.support.servers import start_app
 from tests.support.session import remember
-from tests.test_tokens_e2e import FAST, client_secret_identity, control_plane
+from tests.test_tokens_e2e import FAST, ep2_auth
 
 CLIENT = "11111111-1111-1111-1111-111111111111"
 
@@ -90,15 +90,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
 
 def token_route(env: Env, tmp_path: Path) -> dict[str, Any]:
     """An aml-endpoint-token route: the token from the emulator's control plane, the recording upstream."""
-    auth = control_plane(
-        env.emu,
-        type="aml-endpoint-token",
-        endpoint="ep2",
-        arm_url=env.emu.control_url,
-        identity=client_secret_identity(env.emu, tmp_path),
-        refresh=FAST,
-    )
-    return {"name": "ep", "upstream": env.upstream.url, "auth": auth}
+    return {"name": "ep", "upstream": env.upstream.url, "auth": ep2_auth(env.emu, tmp_path, refresh=FAST)}
 
 
 async def start_proxy(env: Env, tmp_path: Path, workers: int = 3, **extra: Any) -> ProxyProcess:

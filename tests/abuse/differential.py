@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,17 @@ class UpstreamConn:
     written: dict[str, int] = field(default_factory=dict)  # bytes of each case's script written
 
 
+def _parsed(h: h11.Connection, transport: asyncio.Transport | None, invalid: Callable[[str], None]) -> Iterator[Any]:
+    """The events h11 can give from what the proxy sent so far, one at a time as they are asked for. When the proxy
+    sent invalid HTTP: `invalid(why)`, then the connection is closed and there are no more events."""
+    try:
+        yield from h11_events(h)
+    except h11.RemoteProtocolError as exc:
+        invalid(f"the proxy sent invalid HTTP: {exc}")
+        if transport is not None:
+            transport.close()
+
+
 class _Recorder(asyncio.Protocol):
     """The recording upstream: one connection."""
 
@@ -122,18 +133,12 @@ class _Recorder(asyncio.Protocol):
         if self.request is not None or leftover:
             self.rig.upstream_faults.append(f"conn {self.id}: an unfinished request: {leftover[:200]!r}")
 
+    def _invalid(self, why: str) -> None:
+        self.rig.upstream_faults.append(f"conn {self.id}: {why}")
+        self.request = None
+
     def _pump(self) -> None:
-        while True:
-            try:
-                event = self.h.next_event()
-            except h11.RemoteProtocolError as exc:
-                self.rig.upstream_faults.append(f"conn {self.id}: the proxy sent invalid HTTP: {exc}")
-                self.request = None
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                return
+        for event in _parsed(self.h, self.transport, self._invalid):
             if isinstance(event, h11.Request):
                 self.request = event
                 self.body = bytearray()
@@ -221,17 +226,13 @@ class _Scripted(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
+    def _invalid(self, why: str) -> None:
+        self.rig.upstream_faults.append(f"scripted conn {self.log.id}: {why}")
+
     def _pump(self) -> None:
-        while self.busy is None:
-            try:
-                event = self.h.next_event()
-            except h11.RemoteProtocolError as exc:
-                self.rig.upstream_faults.append(f"scripted conn {self.log.id}: the proxy sent invalid HTTP: {exc}")
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                return
+        if self.busy is not None:  # the answer's script is being written: the next request waits for it
+            return
+        for event in _parsed(self.h, self.transport, self._invalid):
             if isinstance(event, h11.Request):
                 self.case = dict(event.headers).get(b"x-case", b"?").decode("latin-1")
             elif isinstance(event, h11.EndOfMessage):
@@ -244,6 +245,7 @@ class _Scripted(asyncio.Protocol):
                     script = Script(pieces=[], delays=[], end="close")
                 self.busy = case
                 self.task = self.rig.loop.create_task(self._run(case, script))
+                return
 
     async def _write(self, data: bytes) -> bool:
         transport = self.transport
@@ -491,6 +493,11 @@ def converse(
     ended = "deadline"
     peak = rss_bytes()
     sent_all = True
+
+    def sample() -> None:
+        nonlocal peak
+        peak = max(peak, rss_bytes())
+
     with socket.create_connection(("127.0.0.1", port), timeout=deadline) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -516,17 +523,13 @@ def converse(
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
                 shut = True
-            ready, _, _ = select.select([sock], [], [], 0.005)
-            peak = max(peak, rss_bytes())
-            if not ready:
-                continue
             try:
-                chunk = sock.recv(65536)
-            except BlockingIOError:
-                continue
+                chunk = _poll(sock, sample)
             except ConnectionResetError:
                 ended = "reset"
                 break
+            if chunk is None:
+                continue
             if not chunk:
                 ended = "eof"
                 break
@@ -535,6 +538,19 @@ def converse(
                 ended = "too long"
                 break
     return Conversation(bytes(received), ended, time.monotonic() - started, sent_all, peak)
+
+
+def _poll(sock: socket.socket, sample: Callable[[], None]) -> bytes | None:
+    """Wait up to 5 ms for the proxy, then `sample` (the caller's RSS sample); what it sent meanwhile: None when
+    nothing came, b"" when it closed. A reset raises ConnectionResetError."""
+    ready, _, _ = select.select([sock], [], [], 0.005)
+    sample()
+    if not ready:
+        return None
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
 
 
 def _read_ready(sock: socket.socket) -> bytes:
@@ -900,6 +916,44 @@ def h11_events(conn: h11.Connection) -> Iterator[Any]:
 
 
 @dataclass
+class _ClientRead:
+    """What h11, as the client that sent one request, reads of the answer bytes it is given."""
+
+    interim: list[int] = field(default_factory=list)  # the interim (1xx) answers' statuses
+    response: h11.Response | None = None  # the final answer's head
+    head_bytes: int = 0  # the bytes up to the end of that head (interim answers included)
+    body: bytes = b""
+    complete: bool = False  # the final answer ended
+    error: str = ""  # h11 refused the bytes
+
+
+def _read_as_client(conn: h11.Connection, data: bytes, *, eof: bool) -> _ClientRead:
+    """Give `conn` (a client that sent its request) `data`, then the end of the connection if `eof`; read the
+    answer up to its end."""
+    conn.receive_data(data)
+    if eof:
+        conn.receive_data(b"")
+    read = _ClientRead()
+    body = bytearray()
+    try:
+        for event in h11_events(conn):
+            if isinstance(event, h11.InformationalResponse):
+                read.interim.append(event.status_code)
+            elif isinstance(event, h11.Response):
+                read.response = event
+                read.head_bytes = len(data) - len(conn.trailing_data[0])
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                read.complete = True
+                break
+    except h11.RemoteProtocolError as exc:
+        read.error = str(exc)
+    read.body = bytes(body)
+    return read
+
+
+@dataclass
 class Answer:
     interim: list[int]
     status: int = 0
@@ -936,27 +990,12 @@ def _read_answer(data: bytes, method: bytes, *, eof: bool) -> tuple[Answer, byte
     usable = method if method and all(c in _TOKEN for c in method) else b"GET"
     conn.send(h11.Request(method=usable, target="/", headers=[("Host", "caller")]))
     conn.send(h11.EndOfMessage())
-    conn.receive_data(data)
-    if eof:
-        conn.receive_data(b"")
-    answer = Answer(interim=[], method=usable)
-    body = bytearray()
-    try:
-        for event in h11_events(conn):
-            if isinstance(event, h11.InformationalResponse):
-                answer.interim.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                answer.status = event.status_code
-                answer.reason = event.reason
-                answer.headers = event.headers.raw_items()
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                answer.complete = True
-                break
-    except h11.RemoteProtocolError as exc:
-        answer.error = str(exc)
-    answer.body = bytes(body)
+    read = _read_as_client(conn, data, eof=eof)
+    answer = Answer(interim=read.interim, body=read.body, complete=read.complete, error=read.error, method=usable)
+    if read.response is not None:
+        answer.status = read.response.status_code
+        answer.reason = read.response.reason
+        answer.headers = read.response.headers.raw_items()
     rest = conn.trailing_data[0] if answer.complete else b""
     answer.raw = data[: len(data) - len(rest)]
     return answer, rest
@@ -1206,32 +1245,16 @@ def _judge_h11(method: bytes, body: bytes, data: bytes, *, closes: bool) -> Verd
     if body:
         conn.send(h11.Data(data=body))
     conn.send(h11.EndOfMessage())
-    conn.receive_data(data)
-    if closes:
-        conn.receive_data(b"")
-    verdict = Verdict("unfinished")
-    out = bytearray()
-    response: h11.Response | None = None
-    try:
-        for event in h11_events(conn):
-            if isinstance(event, h11.InformationalResponse):
-                verdict.interim.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                response = event
-                verdict.head = True
-                verdict.head_bytes = len(data) - len(conn.trailing_data[0])
-                verdict.status = event.status_code
-                verdict.reason = event.reason
-                verdict.headers = event.headers.raw_items()
-            elif isinstance(event, h11.Data):
-                out += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                verdict.outcome = "clean"
-                break
-    except h11.RemoteProtocolError as exc:
-        verdict.outcome = "invalid"
-        verdict.error = str(exc)
-    verdict.body = bytes(out)
+    read = _read_as_client(conn, data, eof=closes)
+    outcome = "clean" if read.complete else "invalid" if read.error else "unfinished"
+    verdict = Verdict(outcome, error=read.error, interim=read.interim, body=read.body)
+    response = read.response
+    if response is not None:
+        verdict.head = True
+        verdict.head_bytes = read.head_bytes
+        verdict.status = response.status_code
+        verdict.reason = response.reason
+        verdict.headers = response.headers.raw_items()
     if verdict.outcome == "clean":
         verdict.extra = conn.trailing_data[0]
         verdict.used = len(data) - len(verdict.extra)
@@ -1366,6 +1389,9 @@ class Caller:
             self.sock.close()
             self.sock = None
 
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, rss_bytes())
+
     def ask(self, request: bytes, method: bytes, seconds: float) -> tuple[Answer, str, bytes]:
         """Send `request`, read its answer; returns it, how the exchange ended ("answer", "eof", "reset",
         "too long" or "deadline") and any bytes after the answer."""
@@ -1380,13 +1406,8 @@ class Caller:
             sock.sendall(request)
             sock.setblocking(False)
             while time.monotonic() < limit:
-                ready, _, _ = select.select([sock], [], [], 0.005)
-                self.peak_rss = max(self.peak_rss, rss_bytes())
-                if not ready:
-                    continue
-                try:
-                    chunk = sock.recv(65536)
-                except BlockingIOError:
+                chunk = _poll(sock, self._sample)
+                if chunk is None:
                     continue
                 if not chunk:
                     self.close()

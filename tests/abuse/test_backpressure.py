@@ -59,6 +59,23 @@ async def flood_without_reading(port: int, request: bytes, server: HttpServer, s
     return most, sent, cut
 
 
+async def echo_proxy(
+    serve: Callable[..., Awaitable[str]], make_proxy: ProxyFactory, key_dir: Any, **limits: int
+) -> ProxyService:
+    """A proxy whose upstream answers every request with its body, callers cut off after TIMEOUT (and `limits`)."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    app = web.Application()
+    app.router.add_route("*", "/{t:.*}", echo)
+    upstream = await serve(app)
+    return await make_proxy(
+        {"name": "bp", "upstream": upstream, "auth": key_dir(new_key("bp"))},
+        limits={"client_timeout_seconds": TIMEOUT, **limits},
+    )
+
+
 async def test_a_caller_pipelining_to_the_admin_port_without_reading_is_bounded_and_cut_off(
     make_proxy: ProxyFactory, key_dir: Any
 ) -> None:
@@ -109,16 +126,7 @@ async def test_a_caller_pipelining_proxied_answers_without_reading_is_bounded_an
 async def test_callers_stalled_in_a_request_body_are_cut_off_and_free_their_connections(
     serve: Callable[..., Awaitable[str]], make_proxy: ProxyFactory, key_dir: Any
 ) -> None:
-    async def echo(request: web.Request) -> web.Response:
-        return web.Response(body=await request.read())
-
-    app = web.Application()
-    app.router.add_route("*", "/{t:.*}", echo)
-    upstream = await serve(app)
-    svc = await make_proxy(
-        {"name": "bp", "upstream": upstream, "auth": key_dir(new_key("bp"))},
-        limits={"client_timeout_seconds": TIMEOUT, "max_connections": 5},
-    )
+    svc = await echo_proxy(serve, make_proxy, key_dir, max_connections=5)
     stalled = []
     for _ in range(5):
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.proxy_port)
@@ -144,16 +152,7 @@ async def test_callers_stalled_in_a_request_body_are_cut_off_and_free_their_conn
 async def test_a_slow_but_steady_body_and_a_caller_waiting_for_100_continue_are_not_cut_off(
     serve: Callable[..., Awaitable[str]], make_proxy: ProxyFactory, key_dir: Any
 ) -> None:
-    async def echo(request: web.Request) -> web.Response:
-        return web.Response(body=await request.read())
-
-    app = web.Application()
-    app.router.add_route("*", "/{t:.*}", echo)
-    upstream = await serve(app)
-    svc = await make_proxy(
-        {"name": "bp", "upstream": upstream, "auth": key_dir(new_key("bp"))},
-        limits={"client_timeout_seconds": TIMEOUT},
-    )
+    svc = await echo_proxy(serve, make_proxy, key_dir)
     reader, writer = await asyncio.open_connection("127.0.0.1", svc.proxy_port)
     try:
         writer.write(b"POST /score HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\n")

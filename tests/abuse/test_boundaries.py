@@ -4,7 +4,6 @@ normalise the attack away."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tests.support.servers import ProxyFactory
 from tests.support.session import new_key
+from tests.support.wire import exchange
 
 
 @pytest.fixture
@@ -42,14 +42,9 @@ async def two_routes(serve: Callable[..., Awaitable[str]], make_proxy: ProxyFact
     return svc
 
 
-async def raw(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    async with asyncio.timeout(5):
-        answer = await reader.read()
-    writer.close()
-    return answer
+def get(target: str, host: str = "a") -> bytes:
+    """A GET of `target`, as the request line says it, after which the connection closes."""
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
 
 
 def status(answer: bytes) -> int:
@@ -67,9 +62,7 @@ def status(answer: bytes) -> int:
     ],
 )
 async def test_no_target_reaches_another_host(two_routes: Any, target: str, host: str) -> None:
-    answer = await raw(
-        two_routes.proxy_port, f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-    )
+    answer = await exchange(two_routes.proxy_port, get(target, host))
     assert status(answer) in (400, 404), answer[:120]
     assert two_routes.seen == {"a": [], "b": []}
 
@@ -87,13 +80,13 @@ async def test_non_origin_targets_get_400_even_behind_a_catch_all_route(
     app = web.Application()
     app.router.add_route("*", "/{t:.*}", record)
     svc = await make_proxy({"name": "all", "match": "/", "upstream": await serve(app), "auth": key_dir(new_key("all"))})
-    answer = await raw(svc.proxy_port, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+    answer = await exchange(svc.proxy_port, get(target))
     assert status(answer) == 400, answer[:120]
     assert seen == []
 
 
 async def test_the_host_header_never_picks_the_upstream(two_routes: Any) -> None:
-    answer = await raw(two_routes.proxy_port, b"GET /a/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    answer = await exchange(two_routes.proxy_port, get("/a/x", "evil.example"))
     assert status(answer) == 200 and answer.endswith(b"a")
     ((_method, _path, headers),) = two_routes.seen["a"]
     assert dict(headers)["Host"].startswith("127.0.0.1:")
@@ -113,14 +106,14 @@ async def test_the_host_header_never_picks_the_upstream(two_routes: Any) -> None
     ],
 )
 async def test_traversal_never_escapes_the_route_prefix(two_routes: Any, path: str) -> None:
-    answer = await raw(two_routes.proxy_port, f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+    answer = await exchange(two_routes.proxy_port, get(path))
     assert status(answer) == 400, answer[:120]
     assert two_routes.seen["b"] == [] and two_routes.seen["a"] == []
 
 
 @pytest.mark.parametrize("path", ["/a%2Fb/x", "/a%252Fb/x", "/ab/x", "/A/x", "/%61/x"])
 async def test_encoded_slashes_and_lookalikes_match_no_route(two_routes: Any, path: str) -> None:
-    answer = await raw(two_routes.proxy_port, f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+    answer = await exchange(two_routes.proxy_port, get(path))
     assert status(answer) == 404, answer[:120]
     assert two_routes.seen == {"a": [], "b": []}
 
@@ -130,7 +123,7 @@ async def test_caller_credentials_and_connection_named_headers_are_dropped(two_r
         b"GET /a/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer stolen\r\nProxy-Authorization: Basic c3RvbGVu\r\n"
         b"Connection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nProxy-Connection: keep-alive\r\n\r\n"
     )
-    answer = await raw(two_routes.proxy_port, request)
+    answer = await exchange(two_routes.proxy_port, request)
     assert status(answer) == 200
     ((_method, _path, headers),) = two_routes.seen["a"]
     names = [k.lower() for k, _ in headers]
@@ -190,7 +183,7 @@ async def test_the_admin_port_answers_its_four_paths_and_json_errors_for_anythin
             body = await r.json()
             assert r.status == 404 and body["routes"] == ["a", "b"] and body["request_id"]
     # A request that does not parse gets the JSON refusal, not a traceback, and nothing reaches a handler.
-    answer = await raw(
+    answer = await exchange(
         admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     assert status(answer) == 400

@@ -797,6 +797,16 @@ def one_answer(method: str, answer: bytes, end: str = "keep", flood: int = 0) ->
     return UpstreamCase([Exchange(method, body, answer, cuts=[], delays=[0.0], end=end, flood=flood)])
 
 
+# A whole 200, its connection reusable.
+OK_ANSWER = b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok"
+
+
+def then_ok(case: UpstreamCase) -> UpstreamCase:
+    """`case`, then a GET answered with OK_ANSWER: whether it goes out on the same upstream connection."""
+    case.exchanges += one_answer("GET", OK_ANSWER).exchanges
+    return case
+
+
 def test_regression_a_transfer_encoding_not_exactly_chunked_is_refused(rig: Rig) -> None:
     """Found: the server took `gzip, chunked` (llhttp takes any list ending in chunked) and forwarded the body
     without its gzip coding. h11 refuses it (501); so must the proxy."""
@@ -841,14 +851,12 @@ def test_regression_an_unknown_interim_answer_with_a_body_is_not_relayed(rig: Ri
     the caller ahead of the final answer's body. A 1xx has no body (RFC 9112 6.3): h11 reads the 42 bytes as the
     next answer and refuses them."""
     answer = b"HTTP/1.1 199 X\r\nContent-Length: 42\r\n\r\n" + b"i" * 42
-    answer += b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok"
-    run_upstream_case(rig, one_answer("GET", answer))
+    run_upstream_case(rig, one_answer("GET", answer + OK_ANSWER))
 
 
 def test_regression_an_unknown_interim_answer_with_a_chunked_body_is_not_relayed(rig: Rig) -> None:
     answer = b"HTTP/1.1 199 Interim\r\nTransfer-Encoding: chunked\r\n\r\n5\r\niiiii\r\n0\r\n\r\n"
-    answer += b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok"
-    run_upstream_case(rig, one_answer("GET", answer))
+    run_upstream_case(rig, one_answer("GET", answer + OK_ANSWER))
 
 
 def test_regression_connection_naming_content_length_keeps_the_framing(rig: Rig) -> None:
@@ -861,8 +869,7 @@ def test_regression_connection_naming_content_length_keeps_the_framing(rig: Rig)
 def test_regression_status_000_is_not_an_interim_answer(rig: Rig) -> None:
     """Found: status 000 (below 100) was taken as an interim answer and the next answer relayed; h11 refuses it."""
     answer = b"HTTP/1.1 000 Interim\r\nContent-Length: 0\r\n\r\n"
-    answer += b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok"
-    run_upstream_case(rig, one_answer("GET", answer))
+    run_upstream_case(rig, one_answer("GET", answer + OK_ANSWER))
 
 
 def test_regression_endless_trailers_do_not_grow_memory(rig: Rig) -> None:
@@ -889,10 +896,7 @@ def test_regression_an_http10_answer_with_transfer_encoding_ends_its_connection(
     the pool and carried the next request; RFC 9112 6.1: such framing is faulty and the connection MUST close."""
     first = b"HTTP/1.0 200 OK\r\nX-Script: {case}\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
     first += b"2\r\nok\r\n0\r\n\r\n"
-    second = b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok"
-    case = one_answer("GET", first)
-    case.exchanges += one_answer("GET", second).exchanges
-    run_upstream_case(rig, case)
+    run_upstream_case(rig, then_ok(one_answer("GET", first)))
 
 
 def test_regression_a_request_id_with_trailing_whitespace_is_used_without_it(rig: Rig) -> None:
@@ -914,10 +918,7 @@ def test_regression_an_http10_answer_saying_close_ends_its_connection(rig: Rig) 
     """Found: the same on the upstream side: after an HTTP/1.0 answer with `Connection: close, keep-alive` the
     connection went back to the pool and carried the next request."""
     first = b"HTTP/1.0 200 OK\r\nX-Script: {case}\r\nConnection: close, keep-alive\r\nContent-Length: 2\r\n\r\nok"
-    second = b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok"
-    case = one_answer("GET", first)
-    case.exchanges += one_answer("GET", second).exchanges
-    run_upstream_case(rig, case)
+    run_upstream_case(rig, then_ok(one_answer("GET", first)))
 
 
 def test_regression_an_upstream_head_over_64_kib_is_not_relayed(rig: Rig) -> None:
@@ -944,10 +945,6 @@ def test_regression_a_head_answer_naming_a_coding_is_relayed_without_it(rig: Rig
     relayed, as it should be, while h11 refuses any coding but chunked: the oracle reads it as chunked now. An
     HTTP/1.0 HEAD answer with Transfer-Encoding still ends its connection (RFC 9112 6.1)."""
     head = b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nTransfer-Encoding: gzip\r\n\r\n"
-    case = one_answer("HEAD", head)
-    case.exchanges += one_answer("GET", b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok").exchanges
-    run_upstream_case(rig, case)
+    run_upstream_case(rig, then_ok(one_answer("HEAD", head)))
     old = b"HTTP/1.0 200 OK\r\nX-Script: {case}\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
-    case = one_answer("HEAD", old)
-    case.exchanges += one_answer("GET", b"HTTP/1.1 200 OK\r\nX-Script: {case}\r\nContent-Length: 2\r\n\r\nok").exchanges
-    run_upstream_case(rig, case)
+    run_upstream_case(rig, then_ok(one_answer("HEAD", old)))

@@ -26,7 +26,7 @@ from proxy.logs import JsonFormatter
 from tests.support.logscan import JWT_RE, REDACTED
 from tests.support.servers import ProxyFactory
 from tests.support.session import new_key, remember
-from tests.test_tokens_e2e import client_secret_identity, control_plane, emu, route
+from tests.test_tokens_e2e import emu, ep2_auth, route
 
 __all__ = ["emu"]  # the emulator fixture, shared with the token end-to-end tests
 
@@ -89,9 +89,8 @@ async def test_no_secret_anywhere_with_everything_at_debug_and_every_error_path(
               match="/keys", strip_prefix=True),
         {"name": "badkey", "match": "/badkey", "strip_prefix": True, "upstream": emu.service_urls["keys4"],
          "auth": {"type": "key", "primary_file": str(bad_dir / "primary")}},
-        route(emu, "ep2", emu.service_urls["ep2"], control_plane(
-            emu, type="aml-endpoint-token", endpoint="ep2", arm_url=emu.control_url,
-            identity=client_secret_identity(emu, tmp_path), refresh=fast), match="/ep2", strip_prefix=True),
+        route(emu, "ep2", emu.service_urls["ep2"], ep2_auth(emu, tmp_path, refresh=fast),
+              match="/ep2", strip_prefix=True),
         route(emu, "mls", emu.mlserver_url or "", {
             "type": "mlserver", "username_file": str(tmp_path / "user"), "password_file": str(tmp_path / "password"),
             "ca_file": emu.ca_file, "refresh": fast}, match="/mls", strip_prefix=True),

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from tests.support.servers import ProxyFactory
 from tests.support.session import LOG_DIR, new_key
+from tests.support.wire import exchange
 
 HOSTILE = {
     "content-length with transfer-encoding": (
@@ -62,21 +63,11 @@ async def guarded(serve: Callable[..., Awaitable[str]], make_proxy: ProxyFactory
     return svc
 
 
-async def exchange(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    async with asyncio.timeout(5):
-        answer = await reader.read()  # the proxy closes the connection after the 400
-    writer.close()
-    return answer
-
-
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 async def test_malformed_or_smuggling_requests_get_a_json_400_and_never_reach_the_upstream(
     guarded: Any, case: str
 ) -> None:
-    answer = await exchange(guarded.proxy_port, HOSTILE[case])
+    answer = await exchange(guarded.proxy_port, HOSTILE[case])  # the proxy closes after the 400
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", (case, answer[:200])
     # (reading to EOF above shows the proxy closed the connection)

@@ -22,33 +22,17 @@ from proxy.credentials.keys import KeyFileProvider
 from proxy.emulator.kube import RunningKubeApi
 from proxy.emulator.kube_store import SUPERUSER, Selector, resource_by_name
 from proxy.metrics import RouteMetrics
+from tests.support.logsetup import Captured, captured
 from tests.support.servers import KUBE_NS
 from tests.support.session import new_key
 
 POD = "scorer-0"
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def named(self, name: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if getattr(r, "event", None) == name]
-
-
 @pytest.fixture
-def app_logs() -> Iterator[_Capture]:
-    handler = _Capture()
-    logger = logging.getLogger("aml_auth_proxy.app")
-    logger.addHandler(handler)
-    try:
+def app_logs() -> Iterator[Captured]:
+    with captured("aml_auth_proxy.app") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 async def readyz(svc: ProxyService) -> tuple[int, Any]:
@@ -71,7 +55,7 @@ async def test_a_dying_credential_task_makes_the_route_unready_emits_an_event_an
     key_dir: Callable[..., dict[str, str]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    app_logs: _Capture,
+    app_logs: Captured,
 ) -> None:
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": POD, "namespace": KUBE_NS}}
     pod["spec"] = {"containers": [{"name": "proxy", "image": "aml-auth-proxy"}]}

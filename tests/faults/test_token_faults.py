@@ -30,10 +30,10 @@ from proxy.clock import ManualClock
 from proxy.config.reader import parse
 from proxy.emulator.runner import RunningEmulator, start_emulator
 from proxy.emulator.tls import make_local_tls
-from tests.support.logsetup import logging_as_run
+from tests.support.emulated import control_plane_auth, emulated_service, ready_of
+from tests.support.logsetup import captured, logging_as_run
 from tests.support.session import SESSION_SECRETS, remember
 
-SUB = "00000000-0000-0000-0000-000000000000"
 CLIENT = "44444444-4444-4444-4444-444444444444"
 REGION = "westeurope"
 LIFETIME = 600  # the AML token's lifetime on the emulator
@@ -57,25 +57,11 @@ PLANES = {
 Records = list[logging.LogRecord]
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: Records = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def proxy_logs() -> Iterator[Records]:
     """Every record of the "aml_auth_proxy" loggers during the test."""
-    handler = _Capture()
-    logger = logging.getLogger("aml_auth_proxy")
-    logger.addHandler(handler)
-    try:
+    with captured("aml_auth_proxy") as handler:
         yield handler.records
-    finally:
-        logger.removeHandler(handler)
 
 
 @pytest.fixture
@@ -180,6 +166,24 @@ async def readyz(rig: Rig) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
+async def unready(rig: Rig) -> Any:
+    """/readyz answers 503: the route is unready. Returns the answer's JSON."""
+    status, ready = await readyz(rig)
+    assert status == 503, ready
+    return ready
+
+
+def upstream_401s(rig: Rig) -> float:
+    return rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401")
+
+
+async def heals(rig: Rig) -> None:
+    """Once the emulator's faults are cleared, the next attempt succeeds and the route serves again."""
+    rig.emu.state.clear_faults()
+    await rig.next_attempt()
+    assert (await score(rig))[0] == 200
+
+
 def assert_proxy_503(status: int, headers: Mapping[str, str], body: Any) -> None:
     assert status == 503, (status, body)
     assert int(headers["Retry-After"]) >= 1
@@ -209,15 +213,14 @@ async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy_logs: 
             "tls": True,
             "entra": {"clients": {CLIENT: secret}, "token_lifetime_seconds": ENTRA_LIFETIME},
             "services": [
-                {
-                    "name": info["service"],
-                    "api": name,
-                    "region": REGION,
-                    "auth_mode": "aml_token",
-                    "token_lifetime_seconds": LIFETIME,
-                    "token_refresh_after_seconds": REFRESH_AFTER,
-                    "deployments": {"blue": "echo"},
-                }
+                emulated_service(
+                    info["service"],
+                    name,
+                    REGION,
+                    auth_mode="aml_token",
+                    token_lifetime_seconds=LIFETIME,
+                    token_refresh_after_seconds=REFRESH_AFTER,
+                )
                 for name, info in PLANES.items()
             ],
         }
@@ -237,17 +240,7 @@ async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy_logs: 
         assert emu.ca_file is not None
         auth: dict[str, Any] = {
             "type": PLANES[plane]["kind"],
-            "subscription_id": SUB,
-            "resource_group": "rg",
-            "workspace": "ws",
-            "ca_file": emu.ca_file,
-            "identity": {
-                "type": "client_secret",
-                "client_id": CLIENT,
-                "tenant_id": emu.tenant,
-                "authority_host": emu.entra_url,
-                "client_secret_file": str(secret_file),
-            },
+            **control_plane_auth(ready_of(emu), CLIENT, secret_file),
             "refresh": {**POLICY, **(policy or {})},
         }
         if plane == "v1":
@@ -346,13 +339,12 @@ async def test_token_endpoint_fault_is_classified_logged_once_served_through_the
     # Past the token's expiry the route answers 503 itself (the token is never sent) and goes unready.
     await rig.advance_to(LIFETIME + 1)
     assert_proxy_503(*await score(rig))
-    status, ready = await readyz(rig)
-    assert status == 503
+    ready = await unready(rig)
     why = f"{rig.kind} token expired; last refresh: {rig.what}: {case.reason}"
     assert ready["not_ready"]["r"] == why and ready["routes"]["r"]["reason"] == why
     assert ready["routes"]["r"]["last_refresh"] == case.outcome
     assert rig.metric("aml_auth_proxy_route_ready", route="r") == 0
-    assert rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401") == 0
+    assert upstream_401s(rig) == 0
 
     # One line for the whole outage at WARNING (transient) or ERROR (permanent); every retry at DEBUG.
     failed = rig.events("token_refresh_failed")
@@ -415,12 +407,10 @@ async def test_an_already_expired_token_is_a_transient_error_and_the_current_tok
     # Once the good token runs out: 503 and unready, with the reason.
     await rig.advance_to(LIFETIME + 1)
     assert_proxy_503(*await score(rig))
-    status, ready = await readyz(rig)
-    assert status == 503 and "already expired" in ready["not_ready"]["r"]
-    assert rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401") == 0
-    rig.emu.state.clear_faults()
-    await rig.next_attempt()
-    assert (await score(rig))[0] == 200
+    ready = await unready(rig)
+    assert "already expired" in ready["not_ready"]["r"]
+    assert upstream_401s(rig) == 0
+    await heals(rig)
 
 
 @pytest.mark.parametrize("plane", ["v1", "v2"])
@@ -432,8 +422,8 @@ async def test_an_already_expired_token_at_startup_leaves_the_route_unready_with
 
     rig = await make_rig(plane, before_start=expire)
     assert_proxy_503(*await score(rig))
-    status, ready = await readyz(rig)
-    assert status == 503 and ready["routes"]["r"]["last_refresh"] == "transient_error"
+    ready = await unready(rig)
+    assert ready["routes"]["r"]["last_refresh"] == "transient_error"
     assert "already expired" in ready["not_ready"]["r"]
     # Backoff, not min_interval, and with no usable token never more than a second between calls.
     for _ in range(3):
@@ -441,7 +431,7 @@ async def test_an_already_expired_token_at_startup_leaves_the_route_unready_with
         await rig.next_attempt()
     await rig.clock.advance(rig.details()["refresh_in"] - 0.05)
     assert rig.emu.state.token_calls[rig.service] == 4
-    assert rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401") == 0
+    assert upstream_401s(rig) == 0
     assert len(rig.loud("token_refresh_failed")) == 1
 
 
@@ -469,10 +459,8 @@ async def test_a_jwt_exp_earlier_than_the_reported_expiry_wins_and_is_never_used
     assert_proxy_503(*await score(rig))
     await rig.advance_to(jwt_exp + 0.5)
     assert_proxy_503(*await score(rig))
-    assert rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401") == 0
-    rig.emu.state.clear_faults()
-    await rig.next_attempt()
-    assert (await score(rig))[0] == 200
+    assert upstream_401s(rig) == 0
+    await heals(rig)
     assert rig.details()["expires_in"] > jwt_exp  # a normal token now
 
 
@@ -515,11 +503,9 @@ async def test_entra_fault_on_arm_token_renewal_is_classified_logged_once_and_se
     assert [r.levelno for r in failed] == [level, logging.DEBUG, logging.DEBUG]
     await rig.advance_to(LIFETIME + 1)
     assert_proxy_503(*await score(rig))
-    status, ready = await readyz(rig)
-    assert status == 503 and ready["not_ready"]["r"].startswith(f"{rig.kind} token expired; last refresh: ")
-    rig.emu.state.clear_faults()
-    await rig.next_attempt()
-    assert (await score(rig))[0] == 200
+    ready = await unready(rig)
+    assert ready["not_ready"]["r"].startswith(f"{rig.kind} token expired; last refresh: ")
+    await heals(rig)
     assert len(rig.loud("token_refresh_failed")) == 1
 
 
@@ -545,8 +531,8 @@ async def test_tls_errors_are_classified_transient_not_crashes(
     control, entra = (bad, good) if where == "control_plane" else (good, bad)
     rig = await make_rig("v2", ssl=(control.server_context(), entra.server_context(), str(bundle)))
     assert_proxy_503(*await score(rig))
-    status, ready = await readyz(rig)
-    assert status == 503 and ready["routes"]["r"]["last_refresh"] == "transient_error"
+    ready = await unready(rig)
+    assert ready["routes"]["r"]["last_refresh"] == "transient_error"
     if where == "control_plane":
         assert (
             ready["not_ready"]["r"]
@@ -561,10 +547,6 @@ async def test_tls_errors_are_classified_transient_not_crashes(
 
 
 # -- a token's edges -----------------------------------------------------------------------------------------------
-
-
-def upstream_401s(rig: Rig) -> float:
-    return rig.metric("aml_auth_proxy_upstream_auth_failures_total", route="r", code="401")
 
 
 @pytest.mark.parametrize("plane", ["v1", "v2"])
@@ -592,15 +574,12 @@ async def test_a_token_is_never_sent_in_its_last_seconds_to_a_front_end_whose_cl
     assert upstream_401s(rig) == 0  # the token never reached the front end in its last seconds
     for _, *answer in answers:
         assert_proxy_503(*answer)  # the proxy's own 503 with Retry-After, as for an expired token
-    status, ready = await readyz(rig)
-    assert status == 503
+    ready = await unready(rig)
     assert (
         ready["not_ready"]["r"]
         == f"{rig.kind} token is within its 5 s expiry margin; last refresh: {rig.what}: HTTP 503"
     )
-    rig.emu.state.clear_faults()
-    await rig.next_attempt()
-    assert (await score(rig))[0] == 200
+    await heals(rig)
 
 
 @pytest.mark.parametrize("plane", ["v1", "v2"])

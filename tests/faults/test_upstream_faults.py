@@ -106,9 +106,6 @@ def assert_json_error(answer: Answer, status: int, reason: str) -> None:
     assert answer.headers["x-request-id"] == answer.rid
 
 
-POOLED = pytest.mark.parametrize("pooled", [False, True], ids=["new connection", "pooled connection"])
-
-
 async def warm_pool(svc: ProxyService, up: FaultyUpstream) -> None:
     """One answered request first: the next request finds an idle pooled connection, so the proxy sends it at once
     and answers from the upstream connection's callback (the request path without a task). The warm-up's
@@ -118,8 +115,19 @@ async def warm_pool(svc: ProxyService, up: FaultyUpstream) -> None:
     up.arrivals.clear()
 
 
+@pytest.fixture(params=[False, True], ids=["new connection", "pooled connection"])
+async def pooled(request: pytest.FixtureRequest, up: FaultyUpstream, proxy: ProxyService) -> bool:
+    """A test that asks for it runs twice: its request goes out on a new upstream connection, and on a pooled one
+    (`warm_pool` first). True for the pooled run."""
+    if request.param:
+        await warm_pool(proxy, up)
+    return bool(request.param)
+
+
 async def assert_recovers(svc: ProxyService, up: FaultyUpstream) -> None:
-    """Normal requests through the same route and pool succeed again, GETs and a POST, more than the pool holds."""
+    """Once the upstream answers normally again (its default answer `ok`, as it starts), normal requests through the
+    same route and pool succeed again, GETs and a POST, more than the pool holds."""
+    up.default = u.ok()
     before = len(up.arrivals)
     answers = await asyncio.gather(*(call(svc) for _ in range(6)), call(svc, "POST", b"after the fault"))
     assert [(a.status, a.body) for a in answers] == [(200, b"ok")] * 7
@@ -141,10 +149,7 @@ async def test_connection_refused_gives_json_502_and_the_route_recovers(
     await assert_recovers(proxy, up)
 
 
-@POOLED
 async def test_stall_before_the_headers_gives_json_504(up: FaultyUpstream, proxy: ProxyService, pooled: bool) -> None:
-    if pooled:
-        await warm_pool(proxy, up)
     up.script(u.stall_before_headers(2.0))
     assert_json_error(await call(proxy), 504, "upstream timed out")
     assert all_errors(proxy) == {"timeout": 1}
@@ -161,12 +166,9 @@ async def test_stall_before_the_headers_gives_json_504(up: FaultyUpstream, proxy
         ("nul in a header", b"HTTP/1.1 200 OK\r\nX-A: b\x00c\r\nContent-Length: 2\r\n\r\nok"),
     ],
 )
-@POOLED
 async def test_malformed_response_head_gives_json_502(
     up: FaultyUpstream, proxy: ProxyService, name: str, answer: bytes, pooled: bool
 ) -> None:
-    if pooled:
-        await warm_pool(proxy, up)
     up.script(u.raw(answer))
     assert_json_error(await call(proxy), 502, "upstream sent an invalid response")
     assert all_errors(proxy) == {"protocol": 1}, name
@@ -176,13 +178,10 @@ async def test_malformed_response_head_gives_json_502(
 # ---- after the answer started: the caller's connection is cut ---------------------------------------------------
 
 
-@POOLED
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
 async def test_reset_mid_response_cuts_the_callers_connection(
     up: FaultyUpstream, proxy: ProxyService, chunked: bool, pooled: bool
 ) -> None:
-    if pooled:
-        await warm_pool(proxy, up)
     up.script(u.reset_mid_body(chunked=chunked, sent=4096))
     status, got = await call_cut(proxy)
     assert status == 200 and len(got) <= 4096 + 100
@@ -190,12 +189,9 @@ async def test_reset_mid_response_cuts_the_callers_connection(
     await assert_recovers(proxy, up)
 
 
-@POOLED
 async def test_stall_after_the_headers_cuts_the_callers_connection_as_a_timeout(
     up: FaultyUpstream, proxy: ProxyService, pooled: bool
 ) -> None:
-    if pooled:
-        await warm_pool(proxy, up)
     up.script(u.stall_after_headers(2.0, first=b"first part"))
     status, got = await call_cut(proxy)
     assert (status, got) == (200, b"first part")
@@ -247,12 +243,9 @@ async def test_5xx_burst_is_passed_through_with_its_body_and_never_retried(
     await assert_recovers(proxy, up)
 
 
-@POOLED
 async def test_post_is_not_resent_after_the_upstream_read_its_body_and_reset(
     up: FaultyUpstream, proxy: ProxyService, pooled: bool
 ) -> None:
-    if pooled:
-        await warm_pool(proxy, up)
     body = b"charge the card once" * 100
     up.script(u.reset_now())
     assert_json_error(await call(proxy, "POST", body), 502, "upstream closed the connection")
@@ -262,12 +255,9 @@ async def test_post_is_not_resent_after_the_upstream_read_its_body_and_reset(
     await assert_recovers(proxy, up)
 
 
-@POOLED
 async def test_post_is_resent_once_after_a_401_and_never_again(
     up: FaultyUpstream, proxy: ProxyService, pooled: bool
 ) -> None:
-    if pooled:
-        await warm_pool(proxy, up)
     up.script(u.status(401, b'{"message": "key expired"}'), u.reset_now())
     assert_json_error(await call(proxy, "POST", b"score me"), 502, "upstream closed the connection")
     assert [(a.method, a.body_bytes) for a in up.arrivals] == [("POST", 8), ("POST", 8)]
@@ -277,7 +267,6 @@ async def test_post_is_resent_once_after_a_401_and_never_again(
     await assert_recovers(proxy, up)
 
 
-@POOLED
 async def test_every_401_and_403_the_upstream_sends_is_counted_once(
     up: FaultyUpstream, proxy: ProxyService, pooled: bool
 ) -> None:
@@ -290,8 +279,6 @@ async def test_every_401_and_403_the_upstream_sends_is_counted_once(
         )
         return value or 0.0
 
-    if pooled:
-        await warm_pool(proxy, up)
     up.script(u.status(401, b'{"message": "key expired"}'), u.status(401, b'{"message": "key expired"}'))
     assert (await call(proxy, "POST", b"score me")).status == 401
     assert (failures("401"), failures("403")) == (2.0, 0.0)
@@ -315,7 +302,6 @@ async def test_upstream_closing_after_each_response_without_connection_close_fai
     assert [a.status for a in answers] == [200] * 20
     assert [a.method for a in up.arrivals] == methods  # each exactly once
     assert up.connections == 20 and all_errors(proxy) == {}
-    up.default = u.ok()
     await assert_recovers(proxy, up)
 
 
@@ -328,7 +314,6 @@ async def test_get_on_a_reused_connection_the_upstream_just_closed_succeeds(
     # Requests 2..5 each met a pooled connection the upstream closed as they arrived, and were resent on a new one.
     assert up.dropped == 4 and len(up.arrivals) == 5
     assert all_errors(proxy) == {}
-    up.default = u.ok()
     await assert_recovers(proxy, up)
 
 
@@ -340,5 +325,4 @@ async def test_post_on_a_reused_connection_the_upstream_just_closed_is_not_resen
     assert_json_error(await call(proxy, "POST", b"second"), 502, "upstream closed the connection")
     assert [a.body_bytes for a in up.arrivals] == [5] and up.dropped == 1
     assert all_errors(proxy) == {"reset": 1}
-    up.default = u.ok()
     await assert_recovers(proxy, up)

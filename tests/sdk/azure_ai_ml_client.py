@@ -20,18 +20,15 @@ How MLClient reaches the emulator, with nothing patched:
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sdk_io import Run
+from sdk_io import attributes, sdk_run
 
 
 def main() -> None:
-    run = Run()
-    p = run.params
-    with run.answering():
-        run.out["sdk_version"] = metadata.version("azure-ai-ml")
+    with sdk_run("azure-ai-ml") as run:
+        p = run.params
         from azure.ai.ml import MLClient
         from azure.identity import ClientSecretCredential
 
@@ -62,16 +59,11 @@ def main() -> None:
 
         def describe(name: str) -> dict[str, Any]:
             endpoint = ml.online_endpoints.get(name)
+            read = ("id", "name", "auth_mode", "scoring_uri", "openapi_uri", "location", "provisioning_state")
             return {
                 "class": type(endpoint).__name__,
-                "id": endpoint.id,
-                "name": endpoint.name,
-                "auth_mode": endpoint.auth_mode,
-                "scoring_uri": endpoint.scoring_uri,
-                "openapi_uri": endpoint.openapi_uri,
-                "location": endpoint.location,
+                **attributes(endpoint, *read),
                 "traffic": dict(endpoint.traffic or {}),
-                "provisioning_state": endpoint.provisioning_state,
                 "properties": dict(endpoint.properties or {}),
             }
 

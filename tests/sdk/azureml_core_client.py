@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from importlib import metadata
 from typing import Any
 
-from sdk_io import Run, expect_failure
+from sdk_io import attributes, expect_failure, sdk_run
 
 
 def epoch(moment: datetime) -> int:
@@ -33,21 +32,27 @@ def epoch(moment: datetime) -> int:
     return round(moment.timestamp())
 
 
+# What a Webservice says of itself, read as they are (swagger_uri and the times are read below).
+SERVICE_ATTRIBUTES = (
+    "name",
+    "compute_type",
+    "state",
+    "scoring_uri",
+    "auth_enabled",
+    "token_auth_enabled",
+    "tags",
+    "properties",
+    "description",
+)
+
+
 def describe(service: Any) -> dict[str, Any]:
     return {
         "class": type(service).__name__,
-        "name": service.name,
-        "compute_type": service.compute_type,
-        "state": service.state,
-        "scoring_uri": service.scoring_uri,
+        **attributes(service, *SERVICE_ATTRIBUTES),
         "swagger_uri": getattr(service, "swagger_uri", None),
-        "auth_enabled": service.auth_enabled,
-        "token_auth_enabled": service.token_auth_enabled,
         "created_time": service.created_time.isoformat() if service.created_time else None,
         "updated_time": service.updated_time.isoformat() if service.updated_time else None,
-        "tags": service.tags,
-        "properties": service.properties,
-        "description": service.description,
     }
 
 
@@ -58,23 +63,18 @@ def describe_aks(service: Any) -> dict[str, Any]:
     collection = service.data_collection
     return {
         **describe(service),
-        "compute_name": service.compute_name,
-        "num_replicas": service.num_replicas,
+        **attributes(service, "compute_name", "num_replicas", "scoring_timeout_ms", "namespace"),
         "autoscale_enabled": scaler.autoscale_enabled,
         "cpu": resources.cpu,
         "memory_in_gb": resources.memory_in_gb,
         "liveness_period_seconds": probe.period_seconds,
         "data_collection_storage_enabled": collection.storage_enabled,
-        "scoring_timeout_ms": service.scoring_timeout_ms,
-        "namespace": service.namespace,
     }
 
 
 def main() -> None:
-    run = Run()
-    p = run.params
-    with run.answering():
-        run.out["sdk_version"] = metadata.version("azureml-core")
+    with sdk_run("azureml-core") as run:
+        p = run.params
         from azureml._restclient.service_context import ServiceContext
         from azureml.core import Workspace
         from azureml.core.authentication import TokenAuthentication

@@ -13,6 +13,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from typing import Any
 
 MAX_MESSAGE = 4000
@@ -59,6 +60,15 @@ class _Stop(Exception):
     """A step failed; its failure is already recorded."""
 
 
+@contextlib.contextmanager
+def sdk_run(distribution: str) -> Iterator[Run]:
+    """A Run that answers (`Run.answering`) with the installed version of `distribution` as `sdk_version`."""
+    run = Run()
+    with run.answering():
+        run.out["sdk_version"] = metadata.version(distribution)
+        yield run
+
+
 def expect_failure(work: Callable[[], Any]) -> dict[str, str]:
     """Run `work`, which must raise; returns the exception's type and message (raises if it did not fail)."""
     try:
@@ -66,3 +76,8 @@ def expect_failure(work: Callable[[], Any]) -> dict[str, str]:
     except Exception as exc:
         return {"type": type(exc).__qualname__, "message": str(exc)[:MAX_MESSAGE]}
     raise AssertionError(f"expected the SDK call to fail, it returned {value!r}")
+
+
+def attributes(obj: Any, *names: str) -> dict[str, Any]:
+    """The named attributes of an SDK object, by name."""
+    return {name: getattr(obj, name) for name in names}

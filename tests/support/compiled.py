@@ -2,13 +2,13 @@
 
 A compiled module shadows its .py file, so a test run after editing a source without rebuilding would test the
 old code. The guard (called from tests/__init__.py) stops the session before anything imports the package.
+bench/run.py imports tests.support.emulated, and so runs this guard too: pytest is imported only when there is
+something stale to stop for (the bench would measure the old code as well).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 
@@ -35,6 +35,8 @@ def stale_modules() -> list[str]:
 def check_not_stale() -> None:
     stale = stale_modules()
     if stale:
+        import pytest
+
         pytest.exit(
             f"proxy/{', '.join(stale)}: the compiled module is older than its source; run `make compiled` "
             "(or delete proxy/*.so to test pure Python)",

@@ -45,3 +45,30 @@ class ErrorRecords(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.sink.append(record)
+
+
+class Captured(logging.Handler):
+    """Every record at DEBUG and above, while it is attached (`captured`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def named(self, name: str) -> list[logging.LogRecord]:
+        """The records of the event `name`."""
+        return [r for r in self.records if getattr(r, "event", None) == name]
+
+
+@contextmanager
+def captured(logger_name: str) -> Iterator[Captured]:
+    """The records of the logger `logger_name` and those below it, while the block runs."""
+    handler = Captured()
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import aiohttp
 import yaml
 
 from tests.support.session import subprocess_log
+from tests.support.tools import ROOT
 
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("aml-auth-proxy"))
 
@@ -157,32 +160,33 @@ async def start_emulator_process(
     return process, ready
 
 
-def short_token_service(name: str, api: str, region: str) -> dict[str, Any]:
-    """An emulated endpoint or service with 3 s aml_token tokens to be renewed after 2 s: a soak in seconds."""
-    return {
-        "name": name,
-        "api": api,
-        "region": region,
-        "auth_mode": "aml_token",
-        "token_lifetime_seconds": 3,
-        "token_refresh_after_seconds": 2,
-        "deployments": {"blue": "echo"},
-    }
+@contextlib.asynccontextmanager
+async def emulator_main(*args: str, cwd: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`proxy.emulator.main` with `args`, run by this Python from the checkout (PYTHONPATH) in `cwd`, stdout and
+    stderr piped to the test; killed after the block if it is still running."""
+    code = "import sys; from proxy.emulator.main import main; sys.exit(main(sys.argv[1:]))"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=cwd,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
-def control_plane_auth(ready: dict[str, Any], client_id: str, secret_file: Path) -> dict[str, Any]:
-    """The part of a token route's `auth` that reaches a running emulator's control plane and Entra ID (the
-    emulator's ready line), signing in as `client_id` with the secret in `secret_file`."""
-    return {
-        "subscription_id": "00000000-0000-0000-0000-000000000000",
-        "resource_group": "rg",
-        "workspace": "ws",
-        "ca_file": ready["ca_file"],
-        "identity": {
-            "type": "client_secret",
-            "client_id": client_id,
-            "tenant_id": ready["tenant"],
-            "authority_host": ready["entra_url"],
-            "client_secret_file": str(secret_file),
-        },
-    }
+async def first_line(process: asyncio.subprocess.Process) -> bytes:
+    """The process's first stdout line, within 15 s."""
+    assert process.stdout is not None
+    async with asyncio.timeout(15):
+        return await process.stdout.readline()
+
+
+async def sigterm(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """SIGTERM, then the rest of stdout and stderr once the process has exited, within 15 s."""
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(15):
+        return await process.communicate()
