@@ -14,7 +14,7 @@ AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
 AZURE_AI_ML_VERSION := 1.35.2
 SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python
 
-.PHONY: install tools compiled test lint demo bench bench-ab bench-hostile mutants fuzz clean
+.PHONY: install tools compiled test lint demo bench bench-injector bench-ab bench-hostile mutants fuzz clean
 
 # The editable install is pure Python; `compiled` then builds the request path's C extensions in place.
 $(BIN)/.installed: pyproject.toml setup.py
@@ -84,6 +84,12 @@ demo: $(BIN)/.installed $(AMLVENV)/.installed
 # Side-by-side load test against nginx (see docs/performance.md). Loopback only, bounded in time.
 bench: install
 	scripts/install-bench-tools.sh >/dev/null && PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(MAKE) --no-print-directory bench-injector
+
+# The sidecar injector on one core: reviews per second and p99 latency (bench/injector.py; docs/performance.md,
+# "Injector"). Loopback only, about 25 s; exits 1 below 200 reviews/s or at a p99 of 20 ms or more.
+bench-injector: install
+	PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.injector $(INJECTOR_ARGS)
 
 # Interleaved before/after runs of the request path against commit BEFORE (bench/ab.py): CPU per request.
 BEFORE ?= HEAD~1

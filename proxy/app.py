@@ -59,6 +59,12 @@ RESTART_MAX_SECONDS = 30.0
 RESTART_STABLE_SECONDS = 60.0
 
 
+def _sigterm_self() -> None:
+    """POST /quitquitquit: the process sends itself SIGTERM, so whatever runs the service (proxy/cli.py `serve`)
+    stops it exactly as it does for kubelet's SIGTERM: readiness off, the workers told, the drain, exit 0."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _guard(task: asyncio.Task[None], *, route: str) -> None:
     """The supervisor of a credential task never ends by itself: if it does, that is a bug; say so loudly."""
     if task.cancelled():
@@ -173,7 +179,8 @@ class ProxyService:
         SO_REUSEPORT so worker processes can share it (proxy/workers.py)."""
         self.settings = settings
         self.metrics = Metrics(registry)
-        self.lifecycle = Lifecycle()
+        # Only the process with the admin port (the primary) can be asked to quit; it stops its workers itself.
+        self.lifecycle = Lifecycle(request_stop=_sigterm_self if admin else None)
         self.routes: list[RouteRuntime] = []
         self.clock = clock or SystemClock()
         self._admin = admin

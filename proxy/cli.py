@@ -1,6 +1,7 @@
 """aml-auth-proxy: a sidecar that adds Azure Machine Learning credentials to scoring calls.
 
-The command line: `run`, `check-config`, `emulator` and `demo` (and the hidden `worker`, started by `run`).
+The command line: `run`, `check-config`, `injector`, `emulator` and `demo` (and the hidden `worker`, started by
+`run`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ examples:
   aml-auth-proxy emulator --proxy-config dev/proxy.yaml
                                                     local AML stand-ins, and a proxy config that reaches them
   aml-auth-proxy demo                               the whole loop in one process, then stop
+  aml-auth-proxy injector --tls-cert tls.crt --tls-key tls.key --sidecar-template sidecar.yaml
+                                                    the sidecar injector (a mutating admission webhook)
 
 Configuration reference: docs/configuration.md. Every key can also be set by an AML_AUTH_PROXY_* variable."""
 _WORKERS = top_leaf("workers")  # --workers takes the config key's range
@@ -58,6 +61,17 @@ example:
 
 Exit code 0 and one line naming the routes when the config is valid; 2 and one line per problem otherwise.
 Key files are not read: a missing key makes the route unready at run time instead."""
+INJECTOR_EXAMPLES = """\
+examples:
+  aml-auth-proxy injector --tls-cert /etc/tls/tls.crt --tls-key /etc/tls/tls.key \\
+      --sidecar-template /etc/template/sidecar.yaml          (what the Helm chart runs, with injector.enabled)
+  POD_NAMESPACE=aml-auth-proxy aml-auth-proxy injector ... --native false --failure-policy Ignore
+
+Serves POST /mutate (admission.k8s.io/v1 AdmissionReview), GET /healthz, /readyz and /metrics over HTTPS, and the
+last three over HTTP on --admin. Pods opt in with the label aml-auth-proxy.io/inject: "true"; annotations choose
+the config ConfigMap, the Secret, resources and image (charts/aml-auth-proxy/README.md, "Injection by
+annotation"). The certificate is re-read when its files change. Exit code 2 and one line per problem when an
+option is wrong; 0 after SIGTERM or SIGINT."""
 DEMO_EXAMPLES = """\
 example:
   make demo      (the same, with the real AML scoring server as the model: --azmlinfsrv .tools/...)"""
@@ -107,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run local stand-ins for AML, Entra ID and ML Server (see `emulator --help`)",
         add_help=False,
     )
+    _injector_parser(sub, formatter)
     demo = sub.add_parser(
         "demo",
         help="emulator, proxy and a few scoring calls in one process, then stop",
@@ -125,6 +140,85 @@ def _parser() -> argparse.ArgumentParser:
         help="how long the token part sends requests (default: 8)",
     )
     return parser
+
+
+def _injector_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], formatter: type[argparse.HelpFormatter]
+) -> None:
+    from proxy.injector import CERT_POLL_SECONDS  # the package alone: no aiohttp for the other commands
+
+    injector = sub.add_parser(
+        "injector",
+        help="the sidecar injector: a mutating admission webhook adding the proxy to labelled pods",
+        description="Serve the sidecar injector: a Kubernetes mutating admission webhook over HTTPS that adds the "
+        'proxy to pods labelled aml-auth-proxy.io/inject: "true".',
+        epilog=INJECTOR_EXAMPLES,
+        formatter_class=formatter,
+    )
+    injector.add_argument("--tls-cert", required=True, metavar="FILE", help="serving certificate (PEM; required)")
+    injector.add_argument("--tls-key", required=True, metavar="FILE", help="its private key (PEM; required)")
+    injector.add_argument(
+        "--sidecar-template",
+        required=True,
+        metavar="FILE",
+        help="the chart's sidecar template (ConfigMap <release>-aml-auth-proxy-injector-template, key sidecar.yaml; "
+        "required)",
+    )
+    injector.add_argument(
+        "--listen", default="0.0.0.0:8443", metavar="HOST:PORT", help="HTTPS address (default: %(default)s)"
+    )
+    injector.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="plain-HTTP address for /healthz, /readyz and /metrics (default: none; they are on --listen too)",
+    )
+    injector.add_argument(
+        "--native",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="native sidecars (an init container with restartPolicy: Always): auto asks the API server's version "
+        "once at start and uses them from Kubernetes 1.29 (default: %(default)s)",
+    )
+    injector.add_argument(
+        "--namespace",
+        metavar="NS",
+        help="the injector's own namespace, never injected (default: POD_NAMESPACE)",
+    )
+    injector.add_argument(
+        "--failure-policy",
+        choices=("Fail", "Ignore"),
+        default="Fail",
+        help="the webhook's failurePolicy: with Fail a pod with invalid annotations is refused, with Ignore it "
+        "starts without the proxy (default: %(default)s)",
+    )
+    injector.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="(default: %(default)s)"
+    )
+    injector.add_argument(
+        "--cert-poll-seconds",
+        type=float,
+        default=CERT_POLL_SECONDS,
+        metavar="S",
+        help="how often the certificate files are checked for a change (default: %(default)g)",
+    )
+
+
+def _injector(args: argparse.Namespace) -> int:
+    from proxy.injector.main import Options, run
+
+    options = Options(
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        sidecar_template=args.sidecar_template,
+        listen=args.listen,
+        admin=args.admin,
+        native=args.native,
+        namespace=args.namespace,
+        failure_policy=args.failure_policy,
+        log_level=args.log_level,
+        cert_poll_seconds=args.cert_poll_seconds,
+    )
+    return run(options)
 
 
 def _configured_by_environment() -> bool:
@@ -200,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = ", ".join(f"{r.name} ({r.match} -> {r.upstream})" for r in settings.routes)
         print(f"config ok: {len(settings.routes)} route(s): {names}")
         return 0
+    if args.command == "injector":
+        return _injector(args)
     if args.command == "demo":
         from proxy.demo import main as demo_main
 

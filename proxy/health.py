@@ -1,5 +1,6 @@
 """The admin port: /healthz (the event loop answers), /readyz (every route has a usable credential), /metrics,
-and POST /refresh?route=NAME.
+POST /refresh?route=NAME, and POST /quitquitquit (the graceful shutdown SIGTERM starts, asked for by the app of a
+Job whose proxy is a plain container: kubelet stops only native sidecars by itself).
 
 It runs on the proxy's own HTTP/1.1 server (proxy/server.py), like the proxy port, so the proxy process does not
 load aiohttp's web framework for four fixed paths. Nothing here is per-request data or secret: readiness reasons
@@ -8,8 +9,10 @@ name routes, slots and file problems only; errors are JSON with a request id.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from proxy.forwarding import RouteRuntime
 from proxy.headers import REQUEST_ID, http_date, new_request_id
+from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.server import Request
 
@@ -37,6 +41,8 @@ class WorkerView(Protocol):
     async def stop(self, grace: float) -> None: ...
 
 
+log = logging.getLogger("aml_auth_proxy.health")
+
 _JSON = "application/json; charset=utf-8"
 
 
@@ -48,6 +54,8 @@ class Lifecycle:
     workers: WorkerView | None = None  # the worker processes, when `workers` > 1 (this is the primary)
     # route -> why its credential task is down (proxy/app.py restarts it): the route is unready meanwhile
     failed_tasks: dict[str, str] = field(default_factory=dict)
+    # What POST /quitquitquit calls to start the shutdown (proxy/app.py: the same path as SIGTERM); None: not offered
+    request_stop: Callable[[], None] | None = None
 
 
 def readiness(routes: Sequence[RouteRuntime], lifecycle: Lifecycle) -> tuple[bool, dict[str, object]]:
@@ -104,7 +112,7 @@ def _from_loopback(request: Request) -> bool:
 
 
 class AdminHandler:
-    """The admin port's handler for proxy/server.py's HttpServer: four fixed paths, nothing else."""
+    """The admin port's handler for proxy/server.py's HttpServer: five fixed paths, nothing else."""
 
     def __init__(
         self,
@@ -125,6 +133,7 @@ class AdminHandler:
             "/readyz": (get, self.readyz),
             "/metrics": (get, self.metrics_text),
             "/refresh": (("POST",), self.refresh),
+            "/quitquitquit": (("POST",), self.quitquitquit),
         }
 
     def refusal(self, status: int, reason: str) -> tuple[list[tuple[str, str]], bytes]:
@@ -146,6 +155,10 @@ class AdminHandler:
         if path == "/refresh" and not self.allow_remote_refresh and not _from_loopback(request):
             reason = "POST /refresh is accepted from loopback only; admin.allow_remote_refresh opens it"
             self._send(request, _error(403, reason))
+            return None
+        if path == "/quitquitquit" and not _from_loopback(request):
+            # Always: anyone who can reach the admin port (it listens on 0.0.0.0 for the probes) could stop the proxy.
+            self._send(request, _error(403, "POST /quitquitquit is accepted from loopback only: it stops the proxy"))
             return None
         result = handler(query)
         if isinstance(result, tuple):
@@ -172,6 +185,18 @@ class AdminHandler:
         pool = self.lifecycle.workers
         source = self.metrics.registry if pool is None else pool.collector(self.metrics.registry)  # all processes
         return 200, [("Content-Type", CONTENT_TYPE_LATEST), ("Date", http_date())], generate_latest(source)
+
+    def quitquitquit(self, _query: str) -> AdminAnswer:
+        """Start the graceful shutdown, as SIGTERM does: 202 now, then readiness off, the drain within
+        shutdown_grace_seconds, exit 0. The stop is scheduled after this answer is written."""
+        stop = self.lifecycle.request_stop
+        if stop is None:
+            return _error(503, "POST /quitquitquit is not available in this process (nothing to stop)")
+        rid = new_request_id()
+        event(log, logging.INFO, "quit_requested", request_id=rid)
+        self.lifecycle.shutting_down = True  # unready from this answer on, before the signal is even handled
+        asyncio.get_running_loop().call_soon(stop)
+        return _json(202, {"shutting_down": True, "request_id": rid}, rid=rid)
 
     async def refresh(self, query: str) -> AdminAnswer:
         """Force one refresh of a route's credential (joins one already in flight)."""

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.tools import ROOT, tool
+from tests.support.tools import ROOT, proxy_cli, tool
 
 CHART = ROOT / "charts" / "aml-auth-proxy"
 CI_DIR = CHART / "ci"
@@ -277,22 +276,13 @@ def check_prometheus_operator_object(obj: Obj, where: str) -> None:
 def test_rendered_proxy_config_passes_the_proxys_own_check(ci_file: str, tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(proxy_config(render_ci(ci_file)))
-    # AML_AUTH_PROXY_* variables override the file: keep any from the test environment out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AML_AUTH_PROXY_", "POD_"))}
     # The downward API variables the chart gives the proxy, as kubelet would fill them in.
+    env: dict[str, str] = {}
     for spec in pod_specs_everywhere(render_ci(ci_file)):
         for container in all_containers(spec):
             if container["name"] == "aml-auth-proxy":
                 env.update({e["name"]: f"demo-{e['name'].lower()}" for e in downward_env(container)})
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )
+    result = proxy_cli("check-config", "--config", str(config), env=env)
     assert result.returncode == 0, f"ci/{ci_file}:\n{result.stderr}\n{config.read_text()}"
     assert result.stdout.startswith("config ok:")
 
@@ -323,6 +313,35 @@ def test_notes_render_for_standalone_and_sidecar_mode() -> None:
         assert result.returncode == 0, result.stderr
         notes = result.stdout.split("NOTES:", 1)[1]
         assert expected in notes, notes
+
+
+def install_notes(ci_file: str, *set_values: str) -> str:
+    args = [f"--set={v}" for v in set_values]
+    result = helm("install", "--dry-run=client", RELEASE, str(CHART), "-f", str(CI_DIR / ci_file), *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+QUIT_CALL = f"curl -fsS -X POST http://127.0.0.1:{ADMIN_PORT}/quitquitquit"
+
+
+@pytest.mark.parametrize(
+    ("ci_file", "native", "warned"),
+    [
+        ("sidecar-only-values.yaml", "false", True),  # what `auto` gives before Kubernetes 1.29
+        ("sidecar-only-values.yaml", "true", False),  # kubelet stops a native sidecar after the app
+        ("default-values.yaml", "false", False),  # the chart's own Deployment is no Job
+    ],
+)
+def test_notes_warn_that_a_job_with_a_plain_container_proxy_must_ask_it_to_quit(
+    ci_file: str, native: str, warned: bool
+) -> None:
+    notes = install_notes(ci_file, f"sidecar.native={native}")
+    assert (QUIT_CALL in notes) is warned, notes
+    if warned:
+        assert "Job" in notes and "never completes" in notes
+    moved = install_notes(ci_file, f"sidecar.native={native}", "config.admin.port=9191")
+    assert ("http://127.0.0.1:9191/quitquitquit" in moved) is warned
 
 
 # --- schema and fail messages ----------------------------------------------------------------------------------
@@ -456,6 +475,47 @@ def test_schema_rejects_bad_values_with_a_readable_message(values: Obj, message:
             KUBE_VERSION,
             'names "primaryKey", which is not a key of secrets.data',
         ),
+        # The API server refuses a container whose limit is below its request; the chart says so first.
+        (
+            {"resources": {"limits": {"memory": "64Mi"}}},  # the default request is 96Mi
+            KUBE_VERSION,
+            "resources.limits.memory (64Mi) is below resources.requests.memory (96Mi)",
+        ),
+        (
+            {"resources": {"limits": {"cpu": "40m"}}},  # the default request is 50m
+            KUBE_VERSION,
+            "resources.limits.cpu (40m) is below resources.requests.cpu (50m)",
+        ),
+        (
+            {"resources": {"requests": {"memory": "1Gi"}, "limits": {"memory": "1000Mi"}}},
+            KUBE_VERSION,
+            "resources.limits.memory (1000Mi) is below resources.requests.memory (1Gi)",
+        ),
+        (
+            {"resources": {"requests": {"memory": "1G"}, "limits": {"memory": "999M"}}},
+            KUBE_VERSION,
+            "resources.limits.memory (999M) is below resources.requests.memory (1G)",
+        ),
+        (
+            {"resources": {"requests": {"memory": "2Ki"}, "limits": {"memory": 2047}}},
+            KUBE_VERSION,
+            "resources.limits.memory (2047) is below resources.requests.memory (2Ki)",
+        ),
+        (
+            {"resources": {"requests": {"cpu": 1}, "limits": {"cpu": "999m"}}},
+            KUBE_VERSION,
+            "resources.limits.cpu (999m) is below resources.requests.cpu (1)",
+        ),
+        (
+            {"resources": {"requests": {"cpu": "1500m"}, "limits": {"cpu": 1.25}}},
+            KUBE_VERSION,
+            "resources.limits.cpu (1.25) is below resources.requests.cpu (1500m)",
+        ),
+        (
+            {"resources": {"limits": {"memory": "256 MB"}}},
+            KUBE_VERSION,
+            'resources.limits.memory ("256 MB") is not a Kubernetes quantity',
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_clear_message(values: Obj, kube_version: str, message: str) -> None:
@@ -554,6 +614,64 @@ def test_proxy_container_and_pod_are_hardened(ci_file: str) -> None:
         "limits": {"cpu": "500m", "memory": "256Mi"},
     }
     assert spec["automountServiceAccountToken"] is (ci_file in KUBE_API_FILES)
+
+
+@pytest.mark.parametrize(
+    ("requests", "limits"),
+    [
+        ({"memory": "96Mi"}, {"memory": "96Mi"}),
+        ({"memory": "1G"}, {"memory": "1Gi"}),  # 1e9 < 2^30
+        ({"memory": "100663296"}, {"memory": "96Mi"}),
+        ({"memory": "0.5Gi"}, {"memory": "512Mi"}),
+        ({"memory": "1000M"}, {"memory": "1G"}),
+        ({"memory": "64Mi"}, {"memory": "65536Ki"}),
+        ({"cpu": "500m"}, {"cpu": "0.5"}),
+        ({"cpu": "1"}, {"cpu": "1000m"}),
+        ({"cpu": "250m"}, {"cpu": 1}),
+        ({"cpu": 0.1}, {"cpu": "100m"}),
+        ({"cpu": "50m"}, {}),  # no limit: nothing to compare
+    ],
+)
+def test_limits_at_or_above_their_requests_render(requests: Obj, limits: Obj) -> None:
+    unset = {"cpu": None, "memory": None}  # null removes the chart's default
+    values = deep_merge(BASE, {"resources": {"requests": {**unset, **requests}, "limits": {**unset, **limits}}})
+    objs = render_ok(values)
+    validate_all(objs)
+    resources = proxy_container(pod_spec(objs))["resources"]
+    assert resources["requests"] == requests and resources.get("limits", {}) == limits
+
+
+def workers_of(objs: tuple[Obj, ...] | list[Obj]) -> Any:
+    return yaml.safe_load(proxy_config(objs)).get("workers")
+
+
+@pytest.mark.parametrize(
+    ("cpu_limit", "workers", "expected"),
+    [
+        ("500m", None, 1),  # the default limit
+        ("1", None, 1),
+        ("1001m", None, 2),
+        ("1500m", None, 2),
+        (2, None, 2),
+        ("2.5", None, 3),
+        ("4000m", 0, 4),  # 0 is auto: the chart decides
+        (None, None, 1),  # no CPU limit: one process, not one per CPU of the node
+        (None, 0, 1),
+        ("4", 2, 2),  # the user's own number wins
+        (None, 3, 3),
+    ],
+)
+def test_workers_follow_the_cpu_limit_unless_set(
+    cpu_limit: str | int | None, workers: int | None, expected: int
+) -> None:
+    values = deep_merge(BASE, {"resources": {"limits": {"cpu": cpu_limit}}})
+    if workers is not None:
+        values["config"]["workers"] = workers
+    objs = render_ok(values)
+    assert workers_of(objs) == expected
+    assert proxy_container(pod_spec(objs))["resources"].get("limits", {}).get("cpu") == cpu_limit
+    for ci_file in ("default-values.yaml", "sidecar-only-values.yaml"):
+        assert workers_of(render_ci(ci_file)) == 1  # the default limit, 500m
 
 
 @pytest.mark.parametrize("ci_file", STANDALONE_FILES)
@@ -917,14 +1035,46 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+ADMIN_RULE_PORTS = [{"port": ADMIN_PORT, "protocol": "TCP"}]
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+
+
+def peer_admits(peer: Obj, labels: dict[str, str], namespace: str) -> bool:
+    """A NetworkPolicy peer (in the release namespace) admits a pod with these labels in that namespace. The chart's
+    peers use matchLabels only; a namespace carries its kubernetes.io/metadata.name label."""
+    assert not any("matchExpressions" in s for s in peer.values() if isinstance(s, dict)), peer
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        ns_labels = {"kubernetes.io/metadata.name": namespace}
+        if not all(ns_labels.get(k) == v for k, v in peer["namespaceSelector"].get("matchLabels", {}).items()):
+            return False
+    elif namespace != NAMESPACE:
+        return False  # no namespaceSelector: the policy's own namespace only
+    pod_selector = peer.get("podSelector", {}).get("matchLabels", {})
+    return all(labels.get(k) == v for k, v in pod_selector.items())
+
+
+def admin_rules(policy: Obj) -> list[Obj]:
+    return [rule for rule in policy.get("ingress") or [] if rule.get("ports") == ADMIN_RULE_PORTS]
+
+
+def admits_to_admin(policy: Obj, labels: dict[str, str], namespace: str) -> bool:
+    rules = admin_rules(policy)
+    assert all(rule.get("from") for rule in rules), "an admin rule without `from` admits everyone"
+    return any(peer_admits(peer, labels, namespace) for rule in rules for peer in rule["from"])
+
+
 def test_network_policy_admits_only_configured_peers_to_the_admin_port_and_limits_egress() -> None:
     objs = render_ci("networkpolicy-values.yaml")
     policy = one(objs, "NetworkPolicy")["spec"]
     assert selects(policy["podSelector"]["matchLabels"], pod_labels(objs))
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     admin_rule, app_rule = policy["ingress"]
-    assert admin_rule["ports"] == [{"port": ADMIN_PORT, "protocol": "TCP"}]
-    assert admin_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert admin_rule["ports"] == ADMIN_RULE_PORTS
+    assert {"kubernetes.io/metadata.name": "monitoring"} in [
+        peer.get("namespaceSelector", {}).get("matchLabels") for peer in admin_rule["from"]
+    ]
     assert app_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
     assert app_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "frontend"}
     egress_ports = [(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]]
@@ -932,13 +1082,84 @@ def test_network_policy_admits_only_configured_peers_to_the_admin_port_and_limit
     assert policy["egress"][2]["to"] == [{"ipBlock": {"cidr": "169.254.169.254/32"}}]
 
 
+def test_network_policy_admits_the_helm_test_pod_and_the_scraper_to_the_admin_port() -> None:
+    objs = render_ci("networkpolicy-values.yaml")
+    policy = one(objs, "NetworkPolicy")["spec"]
+    test_pod = one(objs, "Pod")
+    test_labels = test_pod["metadata"]["labels"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    # `helm test` asks /readyz through the metrics Service from the release namespace ...
+    assert admits_to_admin(policy, test_labels, NAMESPACE)
+    # ... and Prometheus scrapes from the monitoring namespace (networkPolicy.ingress.adminFrom).
+    assert admits_to_admin(policy, PROMETHEUS, "monitoring")
+    assert not admits_to_admin(policy, PROMETHEUS, "default")
+    assert not admits_to_admin(policy, test_labels, "default")
+    assert not admits_to_admin(policy, {"app": "other"}, NAMESPACE)
+    # The test pod is not one of the policy's pods: its own egress (to the metrics Service) stays open.
+    assert not selects(policy["podSelector"]["matchLabels"], test_labels)
+
+
 def test_network_policy_without_admin_peers_has_no_open_admin_rule() -> None:
     values = deep_merge(BASE, {"networkPolicy": {"enabled": True, "ingress": {"adminFrom": []}}})
-    policy = one(render_ok(values), "NetworkPolicy")["spec"]
-    # An ingress rule with no `from` admits everyone: the admin port must not get one.
-    assert all(rule["ports"] != [{"port": ADMIN_PORT, "protocol": "TCP"}] for rule in policy["ingress"])
-    sidecar_only = deep_merge(values, {"standalone": {"enabled": False}})
-    assert one(render_ok(sidecar_only), "NetworkPolicy")["spec"]["ingress"] == []
+    objs = render_ok(values)
+    policy = one(objs, "NetworkPolicy")["spec"]
+    # An ingress rule with no `from` admits everyone: the admin port never gets one. The test pod still gets in.
+    assert admits_to_admin(policy, one(objs, "Pod")["metadata"]["labels"], NAMESPACE)
+    assert not admits_to_admin(policy, PROMETHEUS, "monitoring")
+    no_test = one(render_ok(deep_merge(values, {"helmTest": {"enabled": False}})), "NetworkPolicy")["spec"]
+    assert admin_rules(no_test) == []
+
+
+def test_network_policy_never_selects_your_own_pods_in_sidecar_mode() -> None:
+    # Standalone: the policy selects the chart's own Deployment pods, not every pod carrying the proxy's label.
+    standalone = render_ok(deep_merge(BASE, {"networkPolicy": {"enabled": True}}))
+    selector = one(standalone, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+    assert selects(selector, pod_labels(standalone))
+    your_pod = {"app": "scoring-client", "aml-auth-proxy/instance": FULLNAME}  # "aml-auth-proxy.podLabels"
+    assert not selects(selector, your_pod)
+    # Sidecar mode: the pods are yours. A policy selecting them would deny their own ports and egress: none.
+    sidecar = deep_merge(BASE, {"standalone": {"enabled": False}, "networkPolicy": {"enabled": True}})
+    assert not find(render_ok(sidecar), "NetworkPolicy")
+
+
+SHARED_ROUTE = {
+    "name": "shared",
+    "upstream": "https://managed.westeurope.inference.ml.azure.com",
+    "auth": {"type": "aad", "identity": {"type": "managed"}, "refresh": {"margin_seconds": 60}},
+    "share": {"lease": "shared-leader"},
+}
+
+
+@pytest.mark.parametrize(
+    ("values", "api"),
+    [
+        ({}, False),
+        ({"events": {"enabled": True}}, True),
+        ({"rbac": {"extraSecretNames": ["keys"]}}, True),
+        ({"config": {"routes": [SHARED_ROUTE]}}, True),
+        ({"serviceAccount": {"automountToken": True}}, True),
+    ],
+    ids=["no feature", "events", "secret watch", "shared token", "automountToken"],
+)
+def test_network_policy_egress_reaches_the_api_server_when_a_kubernetes_feature_is_on(values: Obj, api: bool) -> None:
+    objs = render_ok(deep_merge(deep_merge(BASE, {"networkPolicy": {"enabled": True}}), values))
+    validate_all(objs)
+    egress = one(objs, "NetworkPolicy")["spec"]["egress"]
+    ports = [[(p["port"], p["protocol"]) for p in rule["ports"]] for rule in egress]
+    assert ports[:2] == [[(53, "UDP"), (53, "TCP")], [(443, "TCP")]]  # DNS and HTTPS, as always
+    api_rules = [rule for rule in egress if {"port": 6443, "protocol": "TCP"} in rule["ports"]]
+    if not api:
+        assert api_rules == []
+        return
+    assert api_rules == [{"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}]
+    moved = {"networkPolicy": {"egress": {"apiServer": {"ports": [6443, 16443], "cidrs": ["10.0.0.1/32"]}}}}
+    objs = render_ok(deep_merge(deep_merge(deep_merge(BASE, {"networkPolicy": {"enabled": True}}), values), moved))
+    validate_all(objs)
+    (api_rule,) = [r for r in one(objs, "NetworkPolicy")["spec"]["egress"] if "to" in r and r not in egress]
+    assert api_rule == {
+        "ports": [{"port": 6443, "protocol": "TCP"}, {"port": 16443, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+    }
 
 
 def test_pod_disruption_budget_selects_the_deployment_pods() -> None:
@@ -953,6 +1174,21 @@ def test_pod_disruption_budget_selects_the_deployment_pods() -> None:
         "selector": deployment["spec"]["selector"],
         "minAvailable": "50%",
     }
+
+
+def test_common_labels_reach_the_standalone_pod_template() -> None:
+    common = {"team": "scoring", "example.com/cost-center": "42"}
+    objs = render_ok(deep_merge(BASE, {"commonLabels": common, "standalone": {"podLabels": {"tier": "backend"}}}))
+    validate_all(objs)
+    labels = pod_labels(objs)
+    assert common.items() <= labels.items()
+    assert labels["tier"] == "backend" and labels["aml-auth-proxy/instance"] == FULLNAME
+    # The selector is immutable: it keeps the chart's two labels whatever commonLabels say.
+    selector = one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert selector == {"app.kubernetes.io/name": "aml-auth-proxy", "app.kubernetes.io/instance": RELEASE}
+    assert selects(selector, labels)
+    for obj in objs:
+        assert common.items() <= obj["metadata"]["labels"].items(), f"{obj['kind']}/{obj['metadata']['name']}"
 
 
 def test_app_service_exposes_the_app_ports_and_selects_the_pods() -> None:
@@ -1023,12 +1259,85 @@ def test_sidecar_only_mode_renders_no_deployment_but_the_proxys_objects() -> Non
 # --- the named template from a parent chart --------------------------------------------------------------------
 
 
-def readme_parent_template() -> str:
-    """The parent chart's Deployment exactly as the chart README shows it."""
+README_PARENT_FILES = ("deployment.yaml", "job.yaml", "networkpolicy.yaml")
+
+
+def readme_parent_templates() -> dict[str, str]:
+    """The parent chart's templates exactly as the chart README shows them (`# templates/NAME of your chart`)."""
     readme = (CHART / "README.md").read_text()
-    found = re.search(r"```yaml\n(# templates/deployment.yaml of your chart\n.*?)```", readme, re.DOTALL)
-    assert found, "the chart README lost its parent-chart example"
-    return found.group(1)
+    found = dict(re.findall(r"```yaml\n(?=# templates/(\S+) of your chart\n)(.*?)```", readme, re.DOTALL))
+    missing = set(README_PARENT_FILES) - set(found)
+    assert not missing, f"the chart README lost its parent-chart examples {sorted(missing)}"
+    return found
+
+
+# Your own workloads of other kinds, with the proxy through the named templates, as the README's Deployment does.
+PARENT_STATEFULSET = """\
+{{- $proxy := index .Subcharts "aml-auth-proxy" }}
+{{- $native := eq (include "aml-auth-proxy.native" $proxy) "true" }}
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: {{ .Release.Name }}-feature-store
+spec:
+  serviceName: feature-store
+  selector:
+    matchLabels:
+      app.kubernetes.io/name: feature-store
+  template:
+    metadata:
+      labels:
+        app.kubernetes.io/name: feature-store
+        {{- include "aml-auth-proxy.podLabels" $proxy | nindent 8 }}
+    spec:
+      serviceAccountName: {{ include "aml-auth-proxy.serviceAccountName" $proxy }}
+      {{- if $native }}
+      initContainers:
+        {{- include "aml-auth-proxy.sidecar" $proxy | nindent 8 }}
+      {{- end }}
+      containers:
+        {{- if not $native }}
+        {{- include "aml-auth-proxy.sidecar" $proxy | nindent 8 }}
+        {{- end }}
+        - name: store
+          image: registry.example.com/feature-store:1.0.0
+      volumes:
+        {{- include "aml-auth-proxy.volumes" $proxy | nindent 8 }}
+"""
+PARENT_CRONJOB = """\
+{{- $proxy := index .Subcharts "aml-auth-proxy" }}
+{{- $native := eq (include "aml-auth-proxy.native" $proxy) "true" }}
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: {{ .Release.Name }}-nightly
+spec:
+  schedule: "0 2 * * *"
+  jobTemplate:
+    spec:
+      template:
+        metadata:
+          labels:
+            app.kubernetes.io/name: nightly
+            {{- include "aml-auth-proxy.podLabels" $proxy | nindent 12 }}
+        spec:
+          restartPolicy: OnFailure
+          serviceAccountName: {{ include "aml-auth-proxy.serviceAccountName" $proxy }}
+          {{- if $native }}
+          initContainers:
+            {{- include "aml-auth-proxy.sidecar" $proxy | nindent 12 }}
+          {{- end }}
+          containers:
+            {{- if not $native }}
+            {{- include "aml-auth-proxy.sidecar" $proxy | nindent 12 }}
+            {{- end }}
+            - name: nightly
+              image: registry.example.com/nightly:1.0.0
+          volumes:
+            {{- include "aml-auth-proxy.volumes" $proxy | nindent 12 }}
+"""
+# The subchart's commonLabels: on the subchart's own objects, never on your pods.
+PARENT_COMMON_LABELS = {"team": "scoring"}
 
 
 @pytest.fixture(scope="module")
@@ -1054,14 +1363,108 @@ def parent_chart() -> Iterator[Path]:
                         "workloadIdentity": {"enabled": True, "clientId": "0b4a3c2d-1e5f-4a6b-8c7d-9e0f1a2b3c4d"},
                         "config": BASE["config"],
                         "secrets": BASE["secrets"],
+                        "commonLabels": PARENT_COMMON_LABELS,
+                        "networkPolicy": {"enabled": True},
                     }
                 }
             )
         )
-        (parent / "templates" / "deployment.yaml").write_text(readme_parent_template())
+        for name, text in readme_parent_templates().items():
+            (parent / "templates" / name).write_text(text)
+        (parent / "templates" / "statefulset.yaml").write_text(PARENT_STATEFULSET)
+        (parent / "templates" / "cronjob.yaml").write_text(PARENT_CRONJOB)
         result = helm("dependency", "update", str(parent))
         assert result.returncode == 0, result.stderr
         yield parent
+
+
+def render_parent(parent: Path, *args: str, kube_version: str = KUBE_VERSION) -> list[Obj]:
+    result = helm("template", "rel", str(parent), "--namespace", NAMESPACE, "--kube-version", kube_version, *args)
+    assert result.returncode == 0, result.stderr
+    objs = parse_manifests(result.stdout)
+    validate_all(objs)
+    return objs
+
+
+def pod_templates(objs: list[Obj]) -> dict[str, Obj]:
+    """kind/name -> the pod template of each of your workloads (not the subchart's objects)."""
+    out: dict[str, Obj] = {}
+    for obj in objs:
+        key = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            out[key] = obj["spec"]["template"]
+        elif obj["kind"] == "CronJob":
+            out[key] = obj["spec"]["jobTemplate"]["spec"]["template"]
+    return out
+
+
+def subchart_objects(objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if o["metadata"].get("labels", {}).get("helm.sh/chart", "").startswith("aml-auth-proxy-")]
+
+
+@pytest.mark.parametrize(("kube_version", "native"), [("1.30.0", True), ("1.27.0", False)])
+def test_your_pods_keep_their_own_labels_and_no_chart_policy_selects_them(
+    parent_chart: Path, kube_version: str, native: bool
+) -> None:
+    objs = render_parent(parent_chart, kube_version=kube_version)
+    templates = pod_templates(objs)
+    assert set(templates) == {
+        "Deployment/rel-scoring-client",
+        "StatefulSet/rel-feature-store",
+        "CronJob/rel-nightly",
+        "Job/rel-batch-scoring",
+    }
+    proxy_labels = {"aml-auth-proxy/instance": "rel-aml-auth-proxy", "azure.workload.identity/use": "true"}
+    chart_policies = [o for o in subchart_objects(objs) if o["kind"] == "NetworkPolicy"]
+    for where, template in templates.items():
+        labels = template["metadata"]["labels"]
+        own = {k: v for k, v in labels.items() if k not in proxy_labels}
+        # The helper adds the proxy's labels and nothing else: no app.kubernetes.io/name: aml-auth-proxy, and
+        # the subchart's commonLabels stay on the subchart's objects.
+        assert {k: labels[k] for k in proxy_labels} == proxy_labels, where
+        assert "aml-auth-proxy" not in own.values(), f"{where}: {labels}"
+        assert not PARENT_COMMON_LABELS.items() & labels.items(), f"{where}: {labels}"
+        for policy in chart_policies:
+            assert not selects(policy["spec"]["podSelector"].get("matchLabels", {}), labels), where
+        proxy = proxy_container(template["spec"])
+        assert ("restartPolicy" in proxy) is native, where
+    assert templates["StatefulSet/rel-feature-store"]["metadata"]["labels"]["app.kubernetes.io/name"] == "feature-store"
+    for obj in subchart_objects(objs):
+        assert PARENT_COMMON_LABELS.items() <= obj["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize(("kube_version", "native"), [("1.30.0", True), ("1.27.0", False)])
+def test_readme_job_stops_a_plain_container_proxy_with_quitquitquit(
+    parent_chart: Path, kube_version: str, native: bool
+) -> None:
+    objs = render_parent(parent_chart, kube_version=kube_version)
+    job = one(objs, "Job", "rel-batch-scoring")["spec"]["template"]["spec"]
+    assert job["restartPolicy"] in ("Never", "OnFailure")
+    (app,) = [c for c in job["containers"] if c["name"] != "aml-auth-proxy"]
+    script = " ".join(app.get("command", []) + app.get("args", []))
+    quit_call = f"curl -fsS -X POST http://127.0.0.1:{ADMIN_PORT}/quitquitquit"
+    if native:
+        # kubelet stops a native sidecar once the app has exited: nothing to call.
+        assert [c["name"] for c in job["initContainers"]] == ["aml-auth-proxy"]
+        assert quit_call not in script
+    else:
+        assert [c["name"] for c in job["containers"]] == ["aml-auth-proxy", app["name"]]
+        # A plain container runs until told to stop: the app asks the proxy to quit when it exits, however it exits.
+        assert re.search(r"trap '" + re.escape(quit_call) + r"[^']*' EXIT", script), script
+
+
+def test_your_own_network_policy_takes_the_proxys_rules_from_the_helpers(parent_chart: Path) -> None:
+    objs = render_parent(parent_chart, "--set", "aml-auth-proxy.events.enabled=true")
+    (policy,) = [o for o in find(objs, "NetworkPolicy") if o not in subchart_objects(objs)]
+    spec = policy["spec"]
+    app_labels = pod_templates(objs)["Deployment/rel-scoring-client"]["metadata"]["labels"]
+    assert selects(spec["podSelector"]["matchLabels"], app_labels)
+    # The proxy's admin rules: the subchart's `helm test` pod and Prometheus; your app's own ports stay yours.
+    assert admits_to_admin(spec, one(objs, "Pod")["metadata"]["labels"], NAMESPACE)
+    assert admits_to_admin(spec, PROMETHEUS, "monitoring")
+    assert [8000] in [[p["port"] for p in rule["ports"]] for rule in spec["ingress"]]
+    egress_ports = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
+    assert {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")} <= egress_ports  # events: the API server too
 
 
 @pytest.mark.parametrize(("kube_version", "native"), [("1.30.0", True), ("1.27.0", False)])

@@ -200,7 +200,8 @@ def test_the_example_config_pasted_under_config_renders_as_it_is(tmp_path: Path)
     result = helm_template(tmp_path, values_text)
     raw, settings = rendered_settings(result)
     example = yaml.safe_load(example_text)
-    assert raw == {**example, "kubernetes": {"events": False}}  # events comes from events.enabled
+    # events comes from events.enabled, and workers (unset in the example) from resources.limits.cpu (500m: 1)
+    assert raw == {**example, "kubernetes": {"events": False}, "workers": 1}
     assert [r.name for r in settings.routes] == [r["name"] for r in example["routes"]]
     assert settings.limits.max_body_bytes == example["limits"]["max_body_bytes"]
     assert "max_body_bytes: 104857600" in proxy_config(parse_manifests(result.stdout))  # never 1.048576e+08

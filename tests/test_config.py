@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import yaml
 from proxy.config.reader import load, parse
 from proxy.config.schema import ROUTE_LEAVES, TOP_LEAVES, env_name
 from proxy.config.settings import ConfigError
+from tests.support.tools import proxy_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +28,7 @@ GOOD = {
 }
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AML_AUTH_PROXY_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
-    )
+cli = proxy_cli
 
 
 def test_defaults_are_safe() -> None:

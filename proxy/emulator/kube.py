@@ -75,6 +75,15 @@ SERVER_VERSION: Obj = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
+
+
+def server_version(version: str) -> Obj:
+    """The /version answer of a server at `version` ("1.29.4"), in SERVER_VERSION's shape."""
+    major, minor = version.split(".")[:2]
+    git = f"v{version}-aml-auth-proxy-emulator"
+    return {**SERVER_VERSION, "major": major, "minor": minor, "gitVersion": git}
+
+
 _METHOD_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 _RESTART = "restart"
 
@@ -82,6 +91,7 @@ _RESTART = "restart"
 @dataclass(frozen=True, kw_only=True)
 class KubeOptions:
     bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL
+    version: Obj | None = None  # the /version answer (default SERVER_VERSION)
     # the admin restart call; set by the running server, absent for a bare app
     restart: Callable[[float, bool], Awaitable[None]] | None = None
 
@@ -123,10 +133,10 @@ def _group(group: str) -> Obj:
     return {"name": group, "versions": entries, "preferredVersion": entries[0]}
 
 
-def _discovery(parts: list[str], host: str) -> Obj | None:
+def _discovery(parts: list[str], host: str, version: Obj | None = None) -> Obj | None:
     groups = sorted({r.group for r in RESOURCES if r.group})
     if parts == ["version"]:
-        return SERVER_VERSION
+        return version or SERVER_VERSION
     if parts == ["api"]:
         cidrs = [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}]
         return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": cidrs}
@@ -218,7 +228,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     try:
         user = call["user"] = _user(request, store)
         parts = [p for p in request.path.split("/") if p]
-        found = _discovery(parts, request.host) if request.method == "GET" else None
+        version = request.app[_OPTIONS].version
+        found = _discovery(parts, request.host, version) if request.method == "GET" else None
         if found is not None:
             call["verb"] = "discovery"
             response: web.StreamResponse = _json(found)
@@ -657,8 +668,10 @@ async def start_kube_api(
     history_limit: int = 1000,
     bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
     directory: Path | None = None,
+    version: str | None = None,
 ) -> RunningKubeApi:
-    """Start the stand-in on `host:port` (0 = any free port); `rules=None` means RBAC off.
+    """Start the stand-in on `host:port` (0 = any free port); `rules=None` means RBAC off; `version` ("1.28.0")
+    is the Kubernetes version /version reports (default: SERVER_VERSION's).
 
     `directory` holds the kubeconfig and the TLS files; a temporary one (removed by `close()`) when None.
     """
@@ -670,9 +683,12 @@ async def start_kube_api(
     store = KubeStore(history_limit=history_limit, rules=rules)
     server: RunningKubeApi | None = None
     try:
-        options = KubeOptions(bookmark_interval=bookmark_interval)
+        answer = server_version(version) if version is not None else None
+        options = KubeOptions(bookmark_interval=bookmark_interval, version=answer)
         server = RunningKubeApi(store=store, options=options, host=host, directory=workdir, owns_directory=owns)
-        server._options = KubeOptions(bookmark_interval=bookmark_interval, restart=server._restart_later)
+        server._options = KubeOptions(
+            bookmark_interval=bookmark_interval, version=answer, restart=server._restart_later
+        )
         server.namespace = namespace
         server._port = port
         if tls:

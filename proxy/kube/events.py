@@ -13,7 +13,9 @@ each report and:
   reason and never reaches the caller.
 
 The involvedObject is the pod named by POD_NAME/POD_NAMESPACE, with its UID read once from the API (`get` on the
-pod; without that permission the Event names the pod without a UID).
+pod; without that permission the Event names the pod without a UID), unless a report names another object
+(`about`: the sidecar injector reports on the pods it reviews, in their namespace); buckets and aggregation are
+then per object.
 """
 
 from __future__ import annotations
@@ -43,16 +45,29 @@ OUTCOMES = ("created", "aggregated", "rate_limited", "dropped", "failed")
 
 
 @dataclass(frozen=True, slots=True)
+class About:
+    """The object an Event is about when it is not the recorder's own pod (its involvedObject)."""
+
+    kind: str
+    api_version: str
+    name: str
+    namespace: str
+    uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _Report:
     warning: bool
     reason: str
     message: str
     at: float
+    about: About | None = None
 
 
 @dataclass(slots=True)
 class _Sent:
     name: str
+    namespace: str
     count: int
     first: float
     last: float
@@ -76,17 +91,18 @@ class EventRecorder:
         self._clock = clock
         self._count = count
         self._queue: asyncio.Queue[_Report] = asyncio.Queue(QUEUE_SIZE)
-        self._buckets: dict[str, tuple[float, float]] = {}  # reason -> (tokens, at)
-        self._sent: OrderedDict[tuple[str, str, str], _Sent] = OrderedDict()
+        self._buckets: dict[tuple[About | None, str], tuple[float, float]] = {}  # (object, reason) -> (tokens, at)
+        self._sent: OrderedDict[tuple[About | None, str, str, str], _Sent] = OrderedDict()
         self._uid: str | None = None
         self._last_failure: str | None = None
         self._seq = 0
 
     # -- EventSink -----------------------------------------------------------------------------------------------
 
-    def emit(self, *, warning: bool, reason: str, message: str) -> None:
+    def emit(self, *, warning: bool, reason: str, message: str, about: About | None = None) -> None:
+        """Queue one report about the pod, or about `about` (in its namespace)."""
         try:
-            self._queue.put_nowait(_Report(warning, reason, message[:1024], self._clock.time()))
+            self._queue.put_nowait(_Report(warning, reason, message[:1024], self._clock.time(), about))
         except asyncio.QueueFull:
             self._count(reason, "dropped")
 
@@ -106,27 +122,28 @@ class EventRecorder:
         """Wait until every queued report is handled (tests)."""
         await self._queue.join()
 
-    def _allow(self, reason: str, now: float) -> bool:
-        tokens, at = self._buckets.get(reason, (float(BURST), now))
+    def _allow(self, about: About | None, reason: str, now: float) -> bool:
+        bucket = (about, reason)
+        tokens, at = self._buckets.get(bucket, (float(BURST), now))
         tokens = min(float(BURST), tokens + max(0.0, now - at) / REFILL_SECONDS)
         if tokens < 1.0:
-            self._buckets[reason] = (tokens, now)
+            self._buckets[bucket] = (tokens, now)
             return False
-        self._buckets[reason] = (tokens - 1.0, now)
+        self._buckets[bucket] = (tokens - 1.0, now)
         return True
 
     async def _send(self, report: _Report) -> None:
-        if not self._allow(report.reason, report.at):
+        if not self._allow(report.about, report.reason, report.at):
             self._count(report.reason, "rate_limited")
             return
         kind = "Warning" if report.warning else "Normal"
-        key = (report.reason, report.message, kind)
+        key = (report.about, report.reason, report.message, kind)
         sent = self._sent.get(key)
         core = await call(self._api.core)
         if sent is not None and report.at - sent.last <= WINDOW_SECONDS:
             body = {"count": sent.count + 1, "lastTimestamp": _iso(report.at)}
             try:
-                await call(core.patch_namespaced_event, sent.name, self._namespace, body)
+                await call(core.patch_namespaced_event, sent.name, sent.namespace, body)
             except Exception as exc:
                 if getattr(exc, "status", None) != 404:
                     raise
@@ -139,20 +156,24 @@ class EventRecorder:
                 return
         await self._create(core, report, kind, key)
 
-    async def _create(self, core: Any, report: _Report, kind: str, key: tuple[str, str, str]) -> None:
-        if self._uid is None:
-            try:
-                pod = await call(core.read_namespaced_pod, self._pod, self._namespace)
-                self._uid = pod.metadata.uid
-            except Exception as exc:  # no `get` on pods: name the pod without its UID
-                self._debug_once(api_error(exc, verb="get", what=f"Pod {self._namespace}/{self._pod}").reason)
+    async def _create(self, core: Any, report: _Report, kind: str, key: tuple[About | None, str, str, str]) -> None:
+        about = report.about
+        if about is None:
+            if self._uid is None:
+                try:
+                    pod = await call(core.read_namespaced_pod, self._pod, self._namespace)
+                    self._uid = pod.metadata.uid
+                except Exception as exc:  # no `get` on pods: name the pod without its UID
+                    self._debug_once(api_error(exc, verb="get", what=f"Pod {self._namespace}/{self._pod}").reason)
+            about = About(kind="Pod", api_version="v1", name=self._pod, namespace=self._namespace, uid=self._uid)
+        namespace = about.namespace
         self._seq += 1  # two reports in one clock tick (a manual clock) still get distinct names
-        name = f"{self._pod}.{int(report.at * 1e9) + self._seq:x}"
+        name = f"{about.name.rstrip('-.')}.{int(report.at * 1e9) + self._seq:x}"
         at = _time(report.at)
         event = k8s.CoreV1Event(
-            metadata=k8s.V1ObjectMeta(name=name, namespace=self._namespace),
+            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace),
             involved_object=k8s.V1ObjectReference(
-                kind="Pod", api_version="v1", name=self._pod, namespace=self._namespace, uid=self._uid
+                kind=about.kind, api_version=about.api_version, name=about.name, namespace=namespace, uid=about.uid
             ),
             reason=report.reason,
             message=report.message,
@@ -164,8 +185,8 @@ class EventRecorder:
             reporting_component=COMPONENT,
             reporting_instance=self._pod,
         )
-        await call(core.create_namespaced_event, self._namespace, event)
-        self._sent[key] = _Sent(name=name, count=1, first=report.at, last=report.at)
+        await call(core.create_namespaced_event, namespace, event)
+        self._sent[key] = _Sent(name=name, namespace=namespace, count=1, first=report.at, last=report.at)
         self._sent.move_to_end(key)
         while len(self._sent) > CACHE_SIZE:
             self._sent.popitem(last=False)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,3 +21,19 @@ def tool(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} is not installed: run `make tools` (scripts/install-tools.sh)")
     return found
+
+
+def proxy_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy ARGS` from the checkout, with this environment minus the AML_AUTH_PROXY_* and POD_*
+    variables a test session may carry (they would override a config file), plus `env`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AML_AUTH_PROXY_", "POD_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )

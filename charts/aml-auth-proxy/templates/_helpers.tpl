@@ -55,7 +55,11 @@ metrics Service, the PodMonitor and the NetworkPolicy select on it.
 aml-auth-proxy/instance: {{ include "aml-auth-proxy.fullname" . }}
 {{- end }}
 
-{{/* Labels for a pod that runs the proxy (add them to your own pod template in sidecar mode). */}}
+{{/*
+Labels for a pod that runs the proxy (add them to your own pod template in sidecar mode): the proxy's own
+label and workload identity's, nothing else. Never app.kubernetes.io/name or commonLabels: the pod is your app's,
+and its name and labels stay yours ("aml-auth-proxy.labels" and ".selectorLabels" are for the chart's objects).
+*/}}
 {{- define "aml-auth-proxy.podLabels" -}}
 {{ include "aml-auth-proxy.proxySelectorLabels" . }}
 {{- if .Values.workloadIdentity.enabled }}
@@ -172,16 +176,68 @@ watch, Events, a shared token) or serviceAccount.automountToken is set, else "fa
 
 {{/*
 The proxy's config file (docs/configuration.md): every key of `config` (values.schema.json admits only the
-proxy's own), with kubernetes.events from events.enabled. Numbers go through toYaml so they never print as 1e+06.
+proxy's own), with kubernetes.events from events.enabled and workers from "aml-auth-proxy.workers". Numbers go
+through toYaml so they never print as 1e+06.
 */}}
 {{- define "aml-auth-proxy.configFile" -}}
 {{- $c := .Values.config }}
 {{- $kube := deepCopy ($c.kubernetes | default dict) }}
 {{- $_ := set $kube "events" .Values.events.enabled }}
 {{- $doc := omit $c "kubernetes" }}
-{{- $_ := set $doc "kubernetes" $kube -}}
+{{- $_ := set $doc "kubernetes" $kube }}
+{{- $_ := set $doc "workers" (include "aml-auth-proxy.workers" . | int) -}}
 # aml-auth-proxy config, rendered by the Helm chart from `config` (docs/configuration.md).
 {{ toYaml $doc }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity as a plain number in its base unit, to compare two of them: "96Mi" -> 100663296 (bytes),
+"500m" -> 0.5 (cores), 2 -> 2. Takes (dict "value" V "key" "resources.limits.memory") and fails naming the key
+when V is not a quantity. Suffixes: Ki Mi Gi Ti Pi Ei (powers of 1024), k M G T P E (powers of 1000), m (1/1000),
+or a decimal exponent (129e6).
+*/}}
+{{- define "aml-auth-proxy.quantity" -}}
+{{- $q := toString .value | trim }}
+{{- $re := "^([0-9]+(?:[.][0-9]*)?|[.][0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m|[eE][-+]?[0-9]+)?$" }}
+{{- if not (regexMatch $re $q) }}
+{{- fail (printf "%s (%s) is not a Kubernetes quantity: write it as 256Mi, 1Gi, 500m or 2" .key (toString .value | quote)) }}
+{{- end }}
+{{- $n := regexReplaceAll $re $q "${1}" | float64 }}
+{{- $suffix := regexReplaceAll $re $q "${2}" }}
+{{- $binary := dict "Ki" 1 "Mi" 2 "Gi" 3 "Ti" 4 "Pi" 5 "Ei" 6 }}
+{{- $decimal := dict "k" 1 "M" 2 "G" 3 "T" 4 "P" 5 "E" 6 }}
+{{- if hasKey $binary $suffix }}
+{{- range until (index $binary $suffix) }}{{ $n = mulf $n 1024 }}{{ end }}
+{{- else if hasKey $decimal $suffix }}
+{{- range until (index $decimal $suffix) }}{{ $n = mulf $n 1000 }}{{ end }}
+{{- else if eq $suffix "m" }}
+{{- $n = divf $n 1000 }}
+{{- else if $suffix }}
+{{- $exp := substr 1 -1 $suffix }}
+{{- range until (atoi (trimPrefix "+" (trimPrefix "-" $exp))) }}
+{{- if hasPrefix "-" $exp }}{{ $n = divf $n 10 }}{{ else }}{{ $n = mulf $n 10 }}{{ end }}
+{{- end }}
+{{- end }}
+{{- printf "%f" $n }}
+{{- end }}
+
+{{/*
+`workers` of the rendered config: config.workers when the user set a number above 0; otherwise (unset, or 0 =
+auto) the CPU limit in cores rounded up (500m: 1, 1500m: 2), at least 1, at most 256; 1 without a CPU limit.
+The proxy's own auto would start one process per CPU of the node when there is no CPU limit, each 34-55 MiB,
+all under one memory limit.
+*/}}
+{{- define "aml-auth-proxy.workers" -}}
+{{- $set := int (.Values.config.workers | default 0) }}
+{{- $cpu := index ((.Values.resources | default dict).limits | default dict) "cpu" }}
+{{- if gt $set 0 }}
+{{- $set }}
+{{- else if kindIs "invalid" $cpu }}
+{{- 1 }}
+{{- else }}
+{{- $cores := include "aml-auth-proxy.quantity" (dict "value" $cpu "key" "resources.limits.cpu") | float64 }}
+{{- min 256 (max 1 (int (ceil $cores))) }}
+{{- end }}
 {{- end }}
 
 {{/* The ConfigMap's data; its sha256 is the checksum/config pod annotation. */}}
@@ -313,6 +369,75 @@ The proxy container: ONE list item for `containers:` (plain mode) or `initContai
     sizeLimit: 64Mi
 {{- end }}
 
+{{/*
+The admin port's ingress rule, one list item for a NetworkPolicy's `ingress:` (or nothing): from the release's
+own `helm test` pod (helmTest.enabled with metrics.service.enabled; it asks /readyz through the metrics Service
+from the release namespace) and from networkPolicy.ingress.adminFrom (the metrics scraper). Never a rule without
+`from`, which would admit every peer. kubelet probes are not subject to NetworkPolicies. The chart's standalone
+NetworkPolicy uses it; in sidecar mode, put it in your own policy for your pods (chart README).
+*/}}
+{{- define "aml-auth-proxy.networkPolicyIngress" -}}
+{{- $from := list }}
+{{- if and .Values.helmTest.enabled .Values.metrics.service.enabled }}
+{{- $testPod := include "aml-auth-proxy.selectorLabels" . | fromYaml }}
+{{- $_ := set $testPod "app.kubernetes.io/component" "test" }}
+{{- $from = append $from (dict "podSelector" (dict "matchLabels" $testPod)) }}
+{{- end }}
+{{- $from = concat $from (.Values.networkPolicy.ingress.adminFrom | default list) }}
+{{- if $from }}
+- ports:
+    - port: {{ int .Values.config.admin.port }}
+      protocol: TCP
+  from:
+    {{- toYaml $from | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The proxy's egress rules, list items for a NetworkPolicy's `egress:`: DNS (53, UDP and TCP) to
+networkPolicy.egress.dnsTo, HTTPS (networkPolicy.egress.httpsPorts) to AML, Entra ID and ARM anywhere, the
+Kubernetes API server (networkPolicy.egress.apiServer: ports, optional cidrs) when the pod uses the API (Secret
+watch, Events, a shared token, or serviceAccount.automountToken: see "aml-auth-proxy.kubeFeatures"), and
+networkPolicy.egress.extra as it is.
+*/}}
+{{- define "aml-auth-proxy.networkPolicyEgress" -}}
+{{- $eg := .Values.networkPolicy.egress }}
+{{- $api := $eg.apiServer | default dict -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with $eg.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- with $eg.httpsPorts }}
+- ports:
+    {{- range . }}
+    - port: {{ int . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- if and (include "aml-auth-proxy.kubeFeatures" . | fromJson).apiToken $api.ports }}
+- ports:
+    {{- range $api.ports }}
+    - port: {{ int . }}
+      protocol: TCP
+    {{- end }}
+  {{- with $api.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- with $eg.extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{/* Every `fail` on contradictory values, in one place. Renders nothing. */}}
 {{- define "aml-auth-proxy.validate" -}}
 {{- $v := .Values }}
@@ -347,6 +472,19 @@ The proxy container: ONE list item for `containers:` (plain mode) or `initContai
 {{- end }}
 {{- if has (toString $v.config.admin.host) (list "127.0.0.1" "localhost" "::1") }}
 {{- fail (printf "config.admin.host is %s: kubelet probes and Prometheus reach the admin port from outside the pod; use 0.0.0.0" $v.config.admin.host) }}
+{{- end }}
+{{- $requests := ($v.resources | default dict).requests | default dict }}
+{{- $limits := ($v.resources | default dict).limits | default dict }}
+{{- range $r := list "memory" "cpu" }}
+{{- $req := index $requests $r }}
+{{- $lim := index $limits $r }}
+{{- $reqN := 0.0 }}
+{{- $limN := 0.0 }}
+{{- if not (kindIs "invalid" $req) }}{{ $reqN = include "aml-auth-proxy.quantity" (dict "value" $req "key" (printf "resources.requests.%s" $r)) | float64 }}{{ end }}
+{{- if not (kindIs "invalid" $lim) }}{{ $limN = include "aml-auth-proxy.quantity" (dict "value" $lim "key" (printf "resources.limits.%s" $r)) | float64 }}{{ end }}
+{{- if and (not (kindIs "invalid" $req)) (not (kindIs "invalid" $lim)) (lt $limN $reqN) }}
+{{- fail (printf "resources.limits.%s (%v) is below resources.requests.%s (%v): the API server refuses a container whose limit is below its request; raise resources.limits.%s or lower resources.requests.%s" $r $lim $r $req $r $r) }}
+{{- end }}
 {{- end }}
 {{- if eq (int $v.config.admin.port) (int $v.config.listen.port) }}
 {{- fail (printf "config.admin.port and config.listen.port are both %d: the proxy and admin ports must differ" (int $v.config.admin.port)) }}
@@ -402,4 +540,80 @@ The proxy container: ONE list item for `containers:` (plain mode) or `initContai
 {{- fail "standalone.service.enabled is true but app.ports is empty: a Service needs ports; list the app's ports or set standalone.service.enabled: false" }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* ---- The sidecar injector (injector.enabled; templates/injector-*.yaml) ---------------------------------- */}}
+
+{{/* Name prefix of the injector's objects: <full name>-injector. */}}
+{{- define "aml-auth-proxy.injector.fullname" -}}
+{{- printf "%s-injector" (include "aml-auth-proxy.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of the injector's pods: never the proxy's (the app Service, the PDB and the NetworkPolicy
+select those). */}}
+{{- define "aml-auth-proxy.injector.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-injector" (include "aml-auth-proxy.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels on every object of the injector. */}}
+{{- define "aml-auth-proxy.injector.labels" -}}
+helm.sh/chart: {{ include "aml-auth-proxy.chart" . }}
+{{ include "aml-auth-proxy.injector.selectorLabels" . }}
+app.kubernetes.io/component: injector
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: aml-auth-proxy
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the webhook's serving certificate (tls.crt, tls.key, ca.crt), chart-made or cert-manager's. */}}
+{{- define "aml-auth-proxy.injector.tlsSecretName" -}}
+{{- printf "%s-tls" (include "aml-auth-proxy.injector.fullname" .) }}
+{{- end }}
+
+{{/* The DNS names the API server may use for the webhook Service, as a JSON list. */}}
+{{- define "aml-auth-proxy.injector.dnsNames" -}}
+{{- $svc := include "aml-auth-proxy.injector.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson }}
+{{- end }}
+
+{{/*
+The injector's sidecar template (the ConfigMap <injector>-template, key sidecar.yaml): the container and volumes of
+"aml-auth-proxy.sidecar" and "aml-auth-proxy.volumes", rendered twice, with sidecar.native forced to "true" and
+to "false". One source for the container spec: the injector only substitutes what is per pod (the config
+ConfigMap's name, the Secret's name or no Secret, resources, image). Rendered with:
+- events.enabled true, so POD_NAME and POD_NAMESPACE are always in the env (harmless when the pod's config turns
+  no Kubernetes feature on);
+- a placeholder Secret (no items), so the Secret volume and its mount are there to rename or drop;
+- for "native", Kubernetes 1.29 when the release is rendered for an older cluster (the injector then picks
+  "plain" anyway, from the API server's version).
+*/}}
+{{- define "aml-auth-proxy.injector.sidecarTemplate" -}}
+{{- $values := deepCopy .Values }}
+{{- $_ := set $values.events "enabled" true }}
+{{- $_ := set $values.secrets "existingSecret" "aml-auth-proxy-injector-placeholder" }}
+{{- $_ := set $values.secrets "create" false }}
+{{- $_ := set $values.secrets "data" dict }}
+{{- $_ := set $values.secrets "items" list }}
+{{- $doc := dict }}
+{{- range $mode := list "native" "plain" }}
+{{- $v := deepCopy $values }}
+{{- $_ := set $v.sidecar "native" (eq $mode "native" | toString) }}
+{{- $caps := $.Capabilities }}
+{{- if and (eq $mode "native") (not (semverCompare ">=1.28.0-0" $.Capabilities.KubeVersion.Version)) }}
+{{- $kube := dict "Version" "v1.29.0" "GitVersion" "v1.29.0" "Major" "1" "Minor" "29" }}
+{{- $caps = dict "KubeVersion" $kube "APIVersions" $.Capabilities.APIVersions "HelmVersion" $.Capabilities.HelmVersion }}
+{{- end }}
+{{- $ctx := dict "Values" $v "Capabilities" $caps "Release" $.Release "Chart" $.Chart "Template" $.Template "Files" $.Files }}
+{{- $container := include "aml-auth-proxy.sidecar" $ctx | fromYamlArray | first }}
+{{- $volumes := include "aml-auth-proxy.volumes" $ctx | fromYamlArray }}
+{{- $_ := set $doc $mode (dict "container" $container "volumes" $volumes) }}
+{{- end }}
+{{- toYaml $doc }}
 {{- end }}
