@@ -3,7 +3,7 @@ POST /refresh?route=NAME, and POST /quitquitquit (the graceful shutdown SIGTERM 
 Job whose proxy is a plain container: kubelet stops only native sidecars by itself).
 
 It runs on the proxy's own HTTP/1.1 server (proxy/server.py), like the proxy port, so the proxy process does not
-load aiohttp's web framework for four fixed paths. Nothing here is per-request data or secret: readiness reasons
+load aiohttp's web framework for five fixed paths. Nothing here is per-request data or secret: readiness reasons
 name routes, slots and file problems only; errors are JSON with a request id.
 """
 

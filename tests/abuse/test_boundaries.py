@@ -161,7 +161,7 @@ async def test_the_admin_port_shows_no_secret_and_no_per_request_data(two_routes
     assert json.loads(bodies[1])["ready"] is True
 
 
-async def test_the_admin_port_answers_its_four_paths_and_json_errors_for_anything_else(two_routes: Any) -> None:
+async def test_the_admin_port_answers_its_five_paths_and_json_errors_for_anything_else(two_routes: Any) -> None:
     admin = two_routes.admin_port
     async with aiohttp.ClientSession() as client:
         async with client.head(f"http://127.0.0.1:{admin}/healthz") as r:
@@ -172,7 +172,7 @@ async def test_the_admin_port_answers_its_four_paths_and_json_errors_for_anythin
         async with client.get(f"http://127.0.0.1:{admin}/nope?x=1") as r:
             body = await r.json()
             assert r.status == 404 and body["error"] == "not found"
-            assert body["paths"] == ["/healthz", "/metrics", "/readyz", "/refresh"]
+            assert body["paths"] == ["/healthz", "/metrics", "/quitquitquit", "/readyz", "/refresh"]
             assert body["request_id"] == r.headers["x-request-id"]
         async with client.get(f"http://127.0.0.1:{admin}/refresh?route=a") as r:
             body = await r.json()

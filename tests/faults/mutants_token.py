@@ -152,7 +152,7 @@ MUTANTS = [
         new="        if False:\n",
         tests=(
             "tests/abuse/test_boundaries.py::"
-            "test_the_admin_port_answers_its_four_paths_and_json_errors_for_anything_else",
+            "test_the_admin_port_answers_its_five_paths_and_json_errors_for_anything_else",
         ),
     ),
     Mutant(
