@@ -363,7 +363,16 @@ class ProxyHandler:
         self.in_flight -= 1
         status, sent, upstream_s = outcome
         elapsed = time.perf_counter() - start
-        rt.metrics.request_done(request.method, status, elapsed)
+        # Time to first byte: a streamed answer's head was written at head_at; a whole answer in one write just
+        # now (its ttfb is the total); no answer at all (the caller went away first): none (-1).
+        head_at = request.head_at
+        if head_at:
+            ttfb = head_at - start
+        elif request.answered and status != 499:
+            ttfb = elapsed
+        else:
+            ttfb = -1.0
+        rt.metrics.request_done(request.method, status, elapsed, ttfb)
         if self.access_log is not None:
             content = request.content  # a chunked upload has no Content-Length: its bytes as received
             self.access_log.request(
@@ -378,6 +387,7 @@ class ProxyHandler:
                 else content.received,
                 bytes_out=sent,
                 upstream_seconds=upstream_s,
+                ttfb_seconds=ttfb,
             )
 
     def _start(
@@ -604,13 +614,19 @@ class ProxyHandler:
         headers = downstream_response_headers(upstream.raw_headers, rid=rid)
         status = upstream.status
         has_body = request.method != "HEAD" and status not in (204, 304)
-        try:
-            await request.start(status, headers, reason=upstream.reason, body=has_body, length=upstream.has_length)
-        except ConnectionError:
-            upstream.close()
-            return self._client_gone(rt, rid, "response body")
+        # A caller that hangs up while the relay waits for the upstream's next piece (an event stream's pause) is
+        # noticed at once: the lost connection cancels this task, and the upstream request is closed below.
+        conn = request.protocol
+        task = asyncio.current_task()
+        conn.on_lost = task.cancel if task is not None else None
         sent = 0
         try:
+            try:
+                await request.start(status, headers, reason=upstream.reason, body=has_body, length=upstream.has_length)
+            except ConnectionError:
+                upstream.close()
+                return self._client_gone(rt, rid, "response body")
+            # Each piece goes to the caller as it arrives: read_chunk returns what came, write does not wait for more.
             while True:
                 chunk = await upstream.read_chunk()
                 if not chunk:
@@ -628,6 +644,15 @@ class ProxyHandler:
             upstream.close()
             request.abort()
             return 502, sent, waited
+        except asyncio.CancelledError:
+            if task is None or conn.transport is not None:
+                raise  # not the caller's hang-up
+            task.uncancel()
+            self._client_gone(rt, rid, "response body")
+            upstream.close()
+            return 499, sent, waited
+        finally:
+            conn.on_lost = None
         return status, sent, waited
 
     def _refused(self, request: Request, refused: Refused, rid: str) -> _Outcome:

@@ -172,18 +172,22 @@ class AccessLog:
         bytes_in: int | None,
         bytes_out: int,
         upstream_seconds: float,
+        ttfb_seconds: float = -1.0,
     ) -> None:
-        """One request's line; strings are JSON-escaped (a caller chooses the path and the request id)."""
+        """One request's line; strings are JSON-escaped (a caller chooses the path and the request id).
+        `ttfb_seconds`: from the request's start to its answer's head written to the caller (negative: no answer
+        was written, logged as null)."""
         # Times with a fixed 3 decimals: one float formatting each, where round() then repr() took three. They are
         # formatted apart from the line: compiled, an f-string with a format spec becomes a str.format() call that
         # parses the whole template on every line; without one it is a single concatenation.
         ts = format(time.time(), ".3f")
         duration_ms = format(seconds * 1000, ".3f")
         upstream_ms = format(upstream_seconds * 1000, ".3f")
+        ttfb_ms = "null" if ttfb_seconds < 0 else format(ttfb_seconds * 1000, ".3f")
         line = (
             f'{{"ts":{ts},"level":"info","logger":"aml_auth_proxy.access","event":"access",'
             f'"route":{_json_str(route)},"method":{_json_str(method)},"path":{_json_str(path)},"status":{status},'
-            f'"duration_ms":{duration_ms},"request_id":{_json_str(request_id)},'
+            f'"duration_ms":{duration_ms},"ttfb_ms":{ttfb_ms},"request_id":{_json_str(request_id)},'
             f'"bytes_in":{"null" if bytes_in is None else bytes_in},"bytes_out":{bytes_out},'
             f'"upstream_ms":{upstream_ms}}}'
         )

@@ -41,7 +41,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        # requests_total and request_duration_seconds: counted per route in plain numbers (RequestCounts).
+        # requests_total, request_duration_seconds and time_to_first_byte_seconds: counted per route in plain
+        # numbers (RequestCounts).
         self._request_counts: dict[str, RequestCounts] = {}
         r.register(_RequestFamilies(self._request_counts))
         self.in_flight = Gauge(f"{NS}_requests_in_flight", "Requests being handled now.", ("route",), registry=r)
@@ -82,6 +83,12 @@ class Metrics:
         self.share_transitions = Counter(f"{NS}_share_transitions", "Changes of share role.", ("route",), registry=r)
         self.route_ready = Gauge(
             f"{NS}_route_ready", "1 when the route has a usable credential.", ("route",), registry=r
+        )
+        self.credential_last_success = Gauge(
+            f"{NS}_credential_last_success_timestamp_seconds",
+            "When the route's credential was last fetched (token kinds) or loaded (keys) successfully; 0 = never.",
+            ("route",),
+            registry=r,
         )
         self.rejected = Counter(
             f"{NS}_rejected_requests", "Requests the proxy refused itself, by reason.", ("reason",), registry=r
@@ -180,37 +187,45 @@ class Metrics:
 
 
 class RequestCounts:
-    """One route's answered requests: a count per (method, status code) and the duration histogram's buckets.
+    """One route's answered requests: a count per (method, status code), the duration histogram's buckets and the
+    time-to-first-byte histogram's.
 
-    The request path adds to plain ints and a float here; `_RequestFamilies` turns them into the
-    `requests_total` and `request_duration_seconds` families when the registry is collected. prometheus-client's
-    Counter and Histogram took a lock and made several Python calls per request for the same numbers. Everything
-    that touches these runs on the event loop's thread (the request path, /metrics, a worker's snapshot).
+    The request path adds to plain ints and floats here; `_RequestFamilies` turns them into the `requests_total`,
+    `request_duration_seconds` and `time_to_first_byte_seconds` families when the registry is collected.
+    prometheus-client's Counter and Histogram took a lock and made several Python calls per request for the same
+    numbers. Everything that touches these runs on the event loop's thread (the request path, /metrics, a worker's
+    snapshot).
     """
 
-    __slots__ = ("buckets", "counts", "total_seconds")
+    __slots__ = ("buckets", "counts", "total_seconds", "ttfb_buckets", "ttfb_seconds")
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, int], int] = {}
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.total_seconds = 0.0
+        self.ttfb_buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.ttfb_seconds = 0.0
 
-    def add(self, method: str, status: int, seconds: float) -> None:
+    def add(self, method: str, status: int, seconds: float, ttfb: float = -1.0) -> None:
+        """`ttfb` < 0: no answer head reached the caller (it went away first), so no time to first byte."""
         key = (method if method in METHODS else "other", status)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
         # bisect_left: a duration equal to a bound counts in that bucket (le), as prometheus-client's Histogram.
         self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.total_seconds += seconds
+        if ttfb >= 0:
+            self.ttfb_buckets[bisect_left(DURATION_BUCKETS, ttfb)] += 1
+            self.ttfb_seconds += ttfb
 
 
 class _RequestFamilies(Collector):
-    """The two request families of every route, built from RequestCounts at collection time."""
+    """The request families of every route, built from RequestCounts at collection time."""
 
     def __init__(self, routes: dict[str, RequestCounts]) -> None:
         self._routes = routes
 
-    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily]:
         return (
             CounterMetricFamily(
                 f"{NS}_requests",
@@ -222,24 +237,36 @@ class _RequestFamilies(Collector):
                 "Time from request start to the last response byte.",
                 labels=("route",),
             ),
+            HistogramMetricFamily(
+                f"{NS}_time_to_first_byte_seconds",
+                "Time from request start to the answer's head written to the caller.",
+                labels=("route",),
+            ),
         )
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        requests, duration = self._families()
+        requests, duration, ttfb = self._families()
         for route, c in self._routes.items():
             for (method, status), n in sorted(c.counts.items()):
                 requests.add_metric((route, method, str(status)), float(n))
-            cumulative: list[tuple[str, float]] = []
-            running = 0
-            for bound, n in zip(_DURATION_LE, c.buckets, strict=True):
-                running += n
-                cumulative.append((bound, float(running)))
-            duration.add_metric((route,), cumulative, c.total_seconds)
+            duration.add_metric((route,), _cumulative(c.buckets), c.total_seconds)
+            ttfb.add_metric((route,), _cumulative(c.ttfb_buckets), c.ttfb_seconds)
         yield requests
         yield duration
+        yield ttfb
+
+
+def _cumulative(buckets: list[int]) -> list[tuple[str, float]]:
+    """A histogram's buckets as the exposition has them: cumulative counts per upper bound."""
+    cumulative: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip(_DURATION_LE, buckets, strict=True):
+        running += n
+        cumulative.append((bound, float(running)))
+    return cumulative
 
 
 @dataclass(eq=False, kw_only=True)
@@ -264,6 +291,7 @@ class RouteMetrics:
         self.retries = m.retries.labels(self.route)
         self.disconnects = m.client_disconnects.labels(self.route)
         self.ready = m.route_ready.labels(self.route)
+        self.last_success = m.credential_last_success.labels(self.route)
         if self.kind == "key":
             return  # key files are not fetched: no token series for this route
         self._refresh_duration = {
@@ -284,8 +312,8 @@ class RouteMetrics:
         self.token_next_refresh.set(next_refresh_at)
         self.token_failures.set(failures)
 
-    def request_done(self, method: str, status: int, seconds: float) -> None:
-        self.requests.add(method, status, seconds)
+    def request_done(self, method: str, status: int, seconds: float, ttfb: float = -1.0) -> None:
+        self.requests.add(method, status, seconds, ttfb)
 
 
 def histogram_quantile(text: str, metric: str, labels: dict[str, str], q: float) -> float | None:

@@ -289,6 +289,7 @@ class Refresher:
         self._reasons.clear()
         self._not_before = -math.inf
         self._last_success = now
+        m.last_success.set(now)
         self._next_at = self._schedule(token, now)
         m.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=0)
         if self.on_fetched is not None:

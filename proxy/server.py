@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -214,6 +215,7 @@ class Request:
         "answered",
         "content",
         "content_length",
+        "head_at",
         "headers",
         "keep_alive",
         "method",
@@ -242,6 +244,7 @@ class Request:
         self.content = content
         self.keep_alive = keep_alive
         self.answered = False  # the answer's head was written (or the connection is gone)
+        self.head_at = 0.0  # time.perf_counter() when a streamed answer's head was written (0: not streamed)
         self._chunked = False
 
     @property
@@ -300,6 +303,7 @@ class Request:
         if close:
             conn.closing = True
         conn.write(_head(status, reason, headers, _framing(self, close, extra)))
+        self.head_at = time.perf_counter()
         await conn.drain()
 
     async def write(self, data: bytes) -> None:
@@ -393,6 +397,9 @@ class HttpConnection(asyncio.Protocol):
         self._write_stalled_since = 0.0  # when the transport's buffer last passed its high-water mark
         self._caller_done = False  # the caller half-closed its side
         self._drain: asyncio.Future[None] | None = None
+        # Called once when the connection is lost: a streamed answer's relay uses it to stop waiting for the
+        # upstream (proxy/forwarding.py), so a caller that hangs up between two events closes the upstream request.
+        self.on_lost: Callable[[], object] | None = None
         # the request being parsed
         self._in_head = True
         self._room = server.head_room  # raw bytes the head being parsed may still take
@@ -429,6 +436,10 @@ class HttpConnection(asyncio.Protocol):
                 item.content.fail(gone)
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(gone)
+        on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost()
         self.server.forget(self)
 
     def pause_writing(self) -> None:

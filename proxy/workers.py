@@ -76,6 +76,7 @@ MERGED_FAMILIES = frozenset(
     for name in (
         "requests",
         "request_duration_seconds",
+        "time_to_first_byte_seconds",
         "requests_in_flight",
         "upstream_errors",
         "upstream_auth_failures",

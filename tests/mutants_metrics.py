@@ -15,8 +15,8 @@ MUTANTS = [
     Mutant(
         name="histogram buckets exposed per bucket, not cumulative",
         path="proxy/metrics.py",
-        old="                running += n\n",
-        new="                running = n\n",
+        old="        running += n\n",
+        new="        running = n\n",
         tests=(_T,),
     ),
     Mutant(

@@ -446,6 +446,7 @@ async def test_access_log_line_per_request_without_credentials(proxy: Any) -> No
     assert fields["path"] == "/q"  # no query string: it may carry secrets
     assert abs(fields["ts"] - time.time()) < 60 and re.fullmatch(r'.*"ts":\d+\.\d{3},.*', lines[0])
     assert 0 <= fields["upstream_ms"] <= fields["duration_ms"] < 60_000
+    assert fields["ttfb_ms"] == fields["duration_ms"]  # a whole answer: its head and body went out in one write
 
 
 class CountingStream(io.StringIO):

@@ -99,6 +99,10 @@ async def test_kubelet_symlink_swap_is_picked_up_and_bad_updates_keep_the_last_g
     assert provider.readiness() == (True, "ok")
     assert not provider.reload()  # nothing changed: a stat, no read
     assert reloads(metrics, "success") == 1 and reloads(metrics, "unchanged") == 0
+    loaded_at = metrics.registry.get_sample_value(
+        "aml_auth_proxy_credential_last_success_timestamp_seconds", {"route": "r"}
+    )
+    assert loaded_at is not None and 0 <= time.time() - loaded_at < 60  # the last successful load
 
     write_secret_dir(root, {"primary": second + "\n"})
     assert not provider.reload()  # written just now: maybe half written, so not yet

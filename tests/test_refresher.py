@@ -538,3 +538,17 @@ async def test_token_expired_marks_when_503s_begin_and_token_restored_says_how_l
     loud = [getattr(r, "event", None) for _, r in records.got if r.levelno >= logging.WARNING]
     assert loud == ["token_refresh_failed", "token_refresh_failed", "token_expired"]
     assert len(source.calls) == 11  # start-up, 8 failures, the recovery, one renewal on schedule
+
+
+async def test_the_last_successful_refresh_time_is_a_gauge_that_failures_leave_alone() -> None:
+    name = "aml_auth_proxy_credential_last_success_timestamp_seconds"
+    clock, _source, refresher, metrics = await started(lifetime=5, refresh_after=3, rng=itertools.repeat(0.5))
+    first = sample(metrics, name, route="r")
+    assert first == clock.time() > 0  # the first fetch, at start
+    _source.script = [TransientError("HTTP 503")]
+    async with running(refresher):
+        await clock.advance(3.01)  # the scheduled refresh fails
+        assert sample(metrics, name, route="r") == first
+        await clock.advance(1.5)  # the retry succeeds
+        assert refresher.readiness() == (True, "ok")
+        assert first + 3 < sample(metrics, name, route="r") <= clock.time()

@@ -215,6 +215,7 @@ async def test_three_processes_share_the_port_and_one_token_fetch_per_refresh(en
         assert len(names) == len(set(names))  # merged into the primary's families, none exposed twice
         assert sample(text, "aml_auth_proxy_requests_total", route="ep", method="POST", code="200") == sent
         assert sample(text, "aml_auth_proxy_request_duration_seconds_count", route="ep") == sent
+        assert sample(text, "aml_auth_proxy_time_to_first_byte_seconds_count", route="ep") == sent
         assert sample(text, "aml_auth_proxy_token_refreshes_total", route="ep", outcome="success") == 3
         for c in conns:
             c.close()

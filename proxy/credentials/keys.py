@@ -91,6 +91,7 @@ class KeyPair:
 
     def _set_key(self, slot: str, key: str) -> bool:
         """Install a validated key; True when it is new."""
+        self._metrics.last_success.set(time.time())  # a successful load, new key or not
         if self._keys.get(slot) == key:
             self._metrics.reloads["unchanged"].inc()
             return False

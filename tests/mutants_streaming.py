@@ -1,0 +1,58 @@
+"""Weakenings of streamed answers and of the time-to-first-byte and credential telemetry (run by `make mutants`)."""
+
+from tests.mutation import Mutant
+
+FWD = "proxy/forwarding.py"
+_T = "tests/test_streaming.py::"
+
+MUTANTS = [
+    Mutant(
+        name="a streamed answer buffered whole before the caller gets any of it",
+        path=FWD,
+        old="                chunk = await upstream.read_chunk()\n",
+        new="                chunk = await upstream.read()\n",
+        tests=(_T + "test_each_event_reaches_the_caller_before_the_upstream_sends_the_next",),
+    ),
+    Mutant(
+        name="a caller's hang-up during an event stream's pause leaves the upstream request open",
+        path=FWD,
+        old="        conn.on_lost = task.cancel if task is not None else None\n",
+        new="        conn.on_lost = None\n",
+        tests=(_T + "test_a_caller_that_resets_during_a_pause_closes_the_upstream_request_at_once",),
+    ),
+    Mutant(
+        name="time to first byte of a streamed answer not recorded (taken as the whole duration)",
+        path="proxy/server.py",
+        old="        self.head_at = time.perf_counter()\n",
+        new="",
+        tests=(_T + "test_each_event_reaches_the_caller_before_the_upstream_sends_the_next",),
+    ),
+    Mutant(
+        name="time to first byte never counted in the histogram",
+        path="proxy/metrics.py",
+        old="            self.ttfb_buckets[bisect_left(DURATION_BUCKETS, ttfb)] += 1\n",
+        new="            pass\n",
+        tests=(_T + "test_a_whole_answer_has_its_time_to_first_byte_equal_to_its_duration",),
+    ),
+    Mutant(
+        name="time to first byte missing from the workers' merged metrics",
+        path="proxy/workers.py",
+        old='        "time_to_first_byte_seconds",\n',
+        new="",
+        tests=("tests/test_workers.py::test_three_processes_share_the_port_and_one_token_fetch_per_refresh",),
+    ),
+    Mutant(
+        name="the last successful refresh time not set",
+        path="proxy/refresher.py",
+        old="        m.last_success.set(now)\n",
+        new="",
+        tests=("tests/test_refresher.py::test_the_last_successful_refresh_time_is_a_gauge_that_failures_leave_alone",),
+    ),
+    Mutant(
+        name="the last successful key load time not set",
+        path="proxy/credentials/keys.py",
+        old="        self._metrics.last_success.set(time.time())  # a successful load, new key or not\n",
+        new="",
+        tests=("tests/test_keys.py::test_kubelet_symlink_swap_is_picked_up_and_bad_updates_keep_the_last_good_key",),
+    ),
+]
