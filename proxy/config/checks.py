@@ -3,12 +3,20 @@ template, which keys go together, and the share timing rule. Each problem names 
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from typing import Any
 
 from yarl import URL
 
-from proxy.config.settings import AML_KEYS, IDENTITY_TYPES, KEY_FILE, SHARED_TYPES, placeholder_for
+from proxy.config.settings import (
+    AML_KEYS,
+    AZURE_PROXY_MIN_IDENTITY,
+    IDENTITY_TYPES,
+    KEY_FILE,
+    SHARED_TYPES,
+    placeholder_for,
+)
 
 _SECRET_KEY_RE = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -100,9 +108,50 @@ def check_route(values: dict[str, Any], where: str, problems: Problems) -> URL |
         for key in ("auth.identity.client_secret_file", "auth.identity.tenant_id", "auth.identity.client_id"):
             if values.get(key) is None and not (key.endswith("_file") and secret_ref is not None):
                 problems.add(f"{where}{key}", "is required with auth.identity.type 'client_secret'")
+    if auth_type in IDENTITY_TYPES and values.get("auth.identity.azure_proxy") is True:
+        _check_azure_proxy(identity_type, f"{where}auth.identity.azure_proxy", problems)
     if auth_type in SHARED_TYPES:
         _check_share(values, where, problems)
     return url
+
+
+def installed_azure_identity() -> str | None:
+    """The installed azure-identity's version, read from its package metadata (azure-identity is not imported:
+    check-config stays light); None when it is not installed."""
+    try:
+        return importlib.metadata.version("azure-identity")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string ("1.27.0b1" -> (1, 27, 0))."""
+    numbers: list[int] = []
+    for part in version.split(".")[:3]:
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits[0]))
+        if digits[0] != part:
+            break
+    return tuple(numbers)
+
+
+def _check_azure_proxy(identity_type: Any, where: str, problems: Problems) -> None:
+    """auth.identity.azure_proxy: workload identity only, and an azure-identity that knows enable_azure_proxy
+    (older ones take the keyword silently and would go to Entra ID directly, where an identity binding has no
+    federated credential)."""
+    if identity_type != "workload":
+        problems.add(where, f"is used only with auth.identity.type 'workload' (not {identity_type!r})")
+        return
+    version = installed_azure_identity()
+    needed = ".".join(map(str, AZURE_PROXY_MIN_IDENTITY))
+    if version is None or _release(version) < AZURE_PROXY_MIN_IDENTITY:
+        problems.add(
+            where,
+            f"true needs azure-identity >= {needed} (WorkloadIdentityCredential's enable_azure_proxy); installed: "
+            f"{version or 'none'}; upgrade azure-identity or set it to false",
+        )
 
 
 def _check_share(values: dict[str, Any], where: str, problems: Problems) -> None:

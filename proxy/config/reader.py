@@ -355,6 +355,7 @@ def _build_auth(values: dict[str, Any]) -> AuthConfig:
                 token_file=values["auth.identity.token_file"],
                 client_secret_file=values["auth.identity.client_secret_file"],
                 client_secret_ref=_secret_ref(values, "auth.identity.client_secret_ref"),
+                azure_proxy=values["auth.identity.azure_proxy"],
             )
         elif f.name == "refresh":
             built[f.name] = RefreshPolicy(

@@ -436,6 +436,16 @@ ROUTE_LEAVES: tuple[Leaf, ...] = (
         auth_types=IDENTITY_TYPES,
     ),
     Leaf(
+        "auth.identity.azure_proxy",
+        "bool",
+        False,
+        "workload: get Entra tokens through the AKS identity-binding token proxy that the workload identity webhook "
+        "names in AZURE_KUBERNETES_TOKEN_PROXY, AZURE_KUBERNETES_SNI_NAME and AZURE_KUBERNETES_CA_FILE "
+        "(azure-identity's `enable_azure_proxy`; needs azure-identity >= 1.27.0 and loads aiohttp, about 10 MiB).",
+        see="[AKS identity bindings](#aks-identity-bindings)",
+        auth_types=IDENTITY_TYPES,
+    ),
+    Leaf(
         "auth.refresh.margin_seconds",
         "float",
         0.0,

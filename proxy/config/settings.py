@@ -43,6 +43,8 @@ ARM_API_VERSION = "2025-12-01"
 V1_SCOPE = "https://management.core.windows.net//.default"
 V2_SCOPE = "https://management.azure.com/.default"
 AML_SCOPE = "https://ml.azure.com/.default"
+# AKS identity bindings: azure-identity's WorkloadIdentityCredential(enable_azure_proxy=True) came in 1.27.0.
+AZURE_PROXY_MIN_IDENTITY = (1, 27, 0)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -107,6 +109,7 @@ class Identity:
     token_file: str | None
     client_secret_file: str | None
     client_secret_ref: SecretRef | None
+    azure_proxy: bool  # workload: AKS identity bindings (azure-identity's enable_azure_proxy)
 
 
 @dataclass(frozen=True, kw_only=True)

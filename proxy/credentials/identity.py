@@ -6,7 +6,9 @@ at the configured authority and CA, and classifies failures as transient or perm
 
 Its HTTP calls go through azure-core's AsyncioRequestsTransport (requests, run in the loop's thread pool) rather
 than its default aiohttp transport: msal, which azure-identity always loads, already loads requests, while
-aiohttp would add about 10 MiB to every process with an Azure identity for a few calls an hour.
+aiohttp would add about 10 MiB to every process with an Azure identity for a few calls an hour. The exception is
+`auth.identity.azure_proxy` (AKS identity bindings): azure-identity then brings its own transport, aiohttp when it
+is installed, imported only by a credential built with the switch on.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ class AzureIdentity:
             kwargs["client_id"] = c.client_id
         if c.token_file:
             kwargs["token_file_path"] = c.token_file
+        if c.azure_proxy:
+            # AKS identity bindings: with AZURE_KUBERNETES_TOKEN_PROXY set, azure-identity replaces the transport
+            # with its own (aiohttp, else requests) that sends the token request to that proxy with the SNI name
+            # and CA of AZURE_KUBERNETES_SNI_NAME and AZURE_KUBERNETES_CA_FILE/_DATA; it takes the timeouts from
+            # these keywords. The config check made sure the installed azure-identity knows the keyword.
+            kwargs["enable_azure_proxy"] = True
+            kwargs["connection_timeout"] = self._timeout
+            kwargs["read_timeout"] = self._timeout
         try:
             return WorkloadIdentityCredential(**kwargs)
         except ValueError as exc:  # a missing AZURE_* variable; the message names it
