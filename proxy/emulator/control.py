@@ -11,6 +11,10 @@ v2 (ARM):  POST .../workspaces/{ws}/onlineEndpoints/{name}/listKeys | regenerate
                (its deployments, which azure-ai-ml's online_endpoints.get lists)
            GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{region}
                /mfeOperationResults/{id}?api-version=...   (the Location of a regenerateKeys)
+Azure OpenAI (ARM, Microsoft.CognitiveServices):
+           POST /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/accounts/{name}
+               /listKeys | regenerateKey ?api-version=...   (an openai service's key1/key2; regenerateKey takes
+               {"keyName": "Key1" | "Key2"} and answers both keys, the new one live at once)
 Admin:     /_emulator/faults, /_emulator/latency, /_emulator/clock, /_emulator/calls, /_emulator/services,
            /_emulator/mlserver/revoke-all (no auth: loopback dev tool)
            POST /_emulator/faults takes {target, action, service, region, status, retry_after, seconds, count};
@@ -50,6 +54,7 @@ _PROVIDER = "providers/Microsoft.MachineLearningServices"
 V1_WORKSPACE = "/modelmanagement/v1.0/subscriptions/{sub}/resourceGroups/{rg}/" + _PROVIDER + "/workspaces/{ws}"
 V2_WORKSPACE = "/subscriptions/{sub}/resourceGroups/{rg}/" + _PROVIDER + "/workspaces/{ws}"
 V2_OPERATION = "/subscriptions/{sub}/" + _PROVIDER + "/locations/{region}/mfeOperationResults/{op}"
+OPENAI_ACCOUNT = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/accounts/{name}"
 
 STATE = web.AppKey("emulator_control_state", EmulatorState)
 BASE_URL: web.AppKey[BaseUrl] = web.AppKey("emulator_control_base_url")
@@ -82,6 +87,7 @@ def create_control_app(
     app.router.add_get(V2_WORKSPACE + "/onlineEndpoints/{name}/deployments/{deployment}", _v2_deployment_object)
     app.router.add_post(V2_WORKSPACE + "/onlineEndpoints/{name}/{action}", _v2_endpoint_action)
     app.router.add_get(V2_OPERATION, _v2_operation)
+    app.router.add_post(OPENAI_ACCOUNT + "/{action}", _openai_account_action)
     app.router.add_get("/_emulator/faults", _list_faults)
     app.router.add_post("/_emulator/faults", _add_fault)
     app.router.add_delete("/_emulator/faults", _clear_faults)
@@ -663,6 +669,44 @@ async def _v2_operation(request: web.Request) -> web.StreamResponse:
         return web.Response(status=200)
 
     return await _serve_operation(request, "v2", done)
+
+
+# -- Azure OpenAI accounts (Microsoft.CognitiveServices) ---------------------------------------------------------
+
+_OPENAI_KEY_NAMES: dict[str, KeyType] = {"key1": "Primary", "key2": "Secondary"}
+
+
+async def _openai_account_action(request: web.Request) -> web.StreamResponse:
+    """listKeys and regenerateKey of an openai service, as ARM answers them for a Cognitive Services account."""
+    denied = _check_call(request, "v2")
+    if denied is not None:
+        return denied
+    info = request.match_info
+    state = request.app[STATE]
+    service = state.services.get(info["name"])
+    if (
+        service is None
+        or service.api != "openai"
+        or service.subscription.lower() != info["sub"].lower()
+        or service.resource_group.lower() != info["rg"].lower()
+    ):
+        return _not_found("v2", f"Account {info['name']!r}")
+    action = info["action"].lower()
+    if action not in ("listkeys", "regeneratekey"):
+        return _not_found("v2", f"Action {info['action']!r}")
+
+    async def work() -> web.Response:
+        current = state.services[service.name]
+        if action == "regeneratekey":
+            body = await _read_object(request)
+            key_name = body.get("keyName") if isinstance(body, dict) else None
+            key_type = _OPENAI_KEY_NAMES.get(key_name.lower()) if isinstance(key_name, str) else None
+            if key_type is None:
+                return v2_error(400, "InvalidRequestContent", "keyName must be 'Key1' or 'Key2'.")
+            current = state.regenerate_key(service.name, key_type)
+        return web.json_response({"key1": current.primary_key, "key2": current.secondary_key})
+
+    return await _serve(request, "v2", service, work)
 
 
 # -- admin API ---------------------------------------------------------------------------------------------------

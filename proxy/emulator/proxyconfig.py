@@ -7,6 +7,8 @@ served at `/<service>` on the proxy and uses the credential kind the service tak
     aml_token, v1 service  -> `aml-service-token` through the emulator's v1 control plane (MMS)
     aml_token, v2 endpoint -> `aml-endpoint-token` through its ARM control plane
     aad_token, v2 endpoint -> `aad`, an Entra ID token for https://ml.azure.com
+    openai resource        -> two routes: `/<service>` with `key` sent as `api-key: <key>`, and
+                              `/<service>-entra` with `aad` for https://cognitiveservices.azure.com/.default
     ML Server              -> `mlserver`, as its first user, from <secrets>/_mlserver/{username,password}
 
 Token routes sign in to the Entra ID stand-in as the client-secret app DEV_CLIENT, whose secret (new each run)
@@ -37,6 +39,8 @@ ENTRA_DIR = "_entra"
 MLSERVER_DIR = "_mlserver"
 PROXY_PORT: int = top_default("listen.port")
 ADMIN_PORT: int = top_default("admin.port")
+OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
+OPENAI_ENTRA_SUFFIX = "-entra"
 
 
 def route_name(service: str) -> str:
@@ -71,6 +75,7 @@ def build_proxy_config(
     upstream_tls = {"ca_file": emulator.ca_file} if cfg.tls and emulator.ca_file else None
     routes: list[dict[str, Any]] = []
     for sc in cfg.services:
+        extra: list[dict[str, Any]] = []
         name = route_name(sc.name)
         route: dict[str, Any] = {
             "name": name,
@@ -95,6 +100,19 @@ def build_proxy_config(
                 "primary_file": str(keys / "primary"),
                 "secondary_file": str(keys / "secondary"),
             }
+            if sc.api == "openai":
+                route["auth"].update({"header": "api-key", "template": "{key}"})
+                entra_name = route_name(sc.name[: 63 - len(OPENAI_ENTRA_SUFFIX)]) + OPENAI_ENTRA_SUFFIX
+                entra_route = {**route, "name": entra_name, "match": "/" + quote(entra_name)}
+                if upstream_tls:
+                    entra_route["tls"] = dict(upstream_tls)  # a copy: YAML would write a shared one as an alias
+                entra_route["auth"] = {
+                    "type": "aad",
+                    "scope": OPENAI_SCOPE,
+                    "ca_file": emulator.ca_file,
+                    "identity": dict(identity),
+                }
+                extra.append(entra_route)
         elif sc.auth_mode == "aad_token":
             route["auth"] = {"type": "aad", "ca_file": emulator.ca_file, "identity": dict(identity)}
         elif sc.api == "v1":
@@ -103,6 +121,7 @@ def build_proxy_config(
             arm = emulator.control_url
             route["auth"] = {"type": "aml-endpoint-token", "endpoint": sc.name, "arm_url": arm, **plane}
         routes.append(route)
+        routes.extend(extra)
     if cfg.mlserver is not None and emulator.mlserver_url is not None:
         user, password = next(iter(cfg.mlserver.users.items()))
         ml_dir = secrets_dir / MLSERVER_DIR

@@ -20,24 +20,29 @@ Config (YAML file or dict); only `services[].name` and `services[].deployments` 
       backend: echo                          # or an http(s) URL
     services:
       - name: demo
-        api: v1                              # v1 (AKS web service) | v2 (online endpoint); default v1
+        api: v1                              # v1 (AKS web service) | v2 (online endpoint) | openai (an Azure
+                                             # OpenAI resource, proxy/emulator/aoai.py); default v1
         region: eastus                       # default eastus
         subscription: 00000000-0000-0000-0000-000000000000   # this is the default
         resource_group: rg                   # default rg
         workspace: ws                        # default ws
-        auth_mode: key                       # key | aml_token | aad_token (v2 only)
+        auth_mode: key                       # key | aml_token | aad_token (v2 only); openai: none (it takes
+                                             # keys and Entra tokens for https://cognitiveservices.azure.com)
         token_lifetime_seconds: 3600         # aml_token: lifetime of an issued token
         token_refresh_after_seconds: 1800    # aml_token: refreshAfter = issue time + this; default half the lifetime
         primary_key: ...                     # optional; random when absent
         secondary_key: ...                   # optional; random when absent
-        deployments: {blue: "http://127.0.0.1:5001"}   # or "echo": the built-in echo backend
+        deployments: {blue: "http://127.0.0.1:5001"}   # or "echo": the built-in echo backend; openai:
+                                             # deployment name -> model name, default {gpt-4o-mini: gpt-4o-mini}
         default_deployment: blue             # optional when there is exactly one deployment
-        scoring_port: 0                      # v2 only: the endpoint's own listener (one host per endpoint)
+        scoring_port: 0                      # v2 and openai: the service's own listener (one host each)
+        stream_delay_seconds: 0.05           # openai only: the pause between two events of a streamed answer
     listen: {host: 127.0.0.1, scoring_port: 0, control_port: 0, entra_port: 0, imds_port: 0, mlserver_port: 0}
     keys_dir: ./aml-keys                    # optional: mirror keys to <keys_dir>/<service>/{primary,secondary}
 
-v1 services are scored at `<scoring_url>/api/v1/service/<name>/...`; each v2 service gets its own listener
-(`RunningEmulator.service_urls`). This module is the only one that binds sockets or reads the config file.
+v1 services are scored at `<scoring_url>/api/v1/service/<name>/...`; each v2 and openai service gets its own
+listener (`RunningEmulator.service_urls`; an openai one serves `/openai/v1/chat/completions`). This module is
+the only one that binds sockets or reads the config file.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
 from proxy.config.settings import ConfigError
+from proxy.emulator.aoai import create_openai_app
 from proxy.emulator.control import create_control_app
 from proxy.emulator.echo import create_echo_app
 from proxy.emulator.entra import create_entra_app, create_imds_app
@@ -81,8 +87,11 @@ from proxy.emulator.secretdir import write_secret_dir
 from proxy.emulator.state import (
     API_KINDS,
     AUTH_MODES,
+    DEFAULT_STREAM_DELAY_SECONDS,
     DEFAULT_TOKEN_LIFETIME,
     MAX_CLOCK_OFFSET_SECONDS,
+    MAX_STREAM_DELAY_SECONDS,
+    ApiKind,
     AuthMode,
     EmulatorState,
     Service,
@@ -128,8 +137,11 @@ _SERVICE_KEYS = frozenset(
         "scoring_port",
         "token_lifetime_seconds",
         "token_refresh_after_seconds",
+        "stream_delay_seconds",
     }
 )
+DEFAULT_OPENAI_DEPLOYMENTS = {"gpt-4o-mini": "gpt-4o-mini"}
+_API_KINDS: dict[str, ApiKind] = {"v1": "v1", "v2": "v2", "openai": "openai"}
 _AUTH_MODES: dict[str, AuthMode] = {"key": "key", "aml_token": "aml_token", "aad_token": "aad_token"}
 _LISTEN_KEYS = frozenset({"host", "scoring_port", "control_port", "entra_port", "imds_port", "mlserver_port"})
 _ENTRA_KEYS = frozenset({"tenant", "token_lifetime_seconds", "clients", "federated", "managed_identities"})
@@ -152,6 +164,7 @@ class ServiceConfig:
     scoring_port: int = 0
     token_lifetime_seconds: int = DEFAULT_TOKEN_LIFETIME
     token_refresh_after_seconds: int | None = None
+    stream_delay_seconds: float = DEFAULT_STREAM_DELAY_SECONDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,8 +364,23 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
     auth_mode = raw.get("auth_mode", "key")
     if auth_mode not in AUTH_MODES:
         problems.append(f"{where}.auth_mode: must be one of {', '.join(AUTH_MODES)}, got {auth_mode!r}")
+    elif api == "openai" and "auth_mode" in raw:
+        problems.append(f"{where}.auth_mode: an openai service takes keys and Entra tokens alike; leave it out")
     elif auth_mode == "aad_token" and api != "v2":
         problems.append(f"{where}.auth_mode: aad_token is only for v2 online endpoints (api: v2), got api {api!r}")
+    stream_delay = raw.get("stream_delay_seconds", DEFAULT_STREAM_DELAY_SECONDS)
+    if api != "openai" and "stream_delay_seconds" in raw:
+        problems.append(f"{where}.stream_delay_seconds: only for openai services")
+    elif (
+        isinstance(stream_delay, bool)
+        or not isinstance(stream_delay, int | float)
+        or not 0 <= stream_delay <= MAX_STREAM_DELAY_SECONDS
+    ):
+        problems.append(
+            f"{where}.stream_delay_seconds: must be a number of seconds from 0 to {MAX_STREAM_DELAY_SECONDS:.0f}, "
+            f"got {stream_delay!r}"
+        )
+        stream_delay = DEFAULT_STREAM_DELAY_SECONDS
     lifetime = _seconds(
         problems, f"{where}.token_lifetime_seconds", raw.get("token_lifetime_seconds"), DEFAULT_TOKEN_LIFETIME
     )
@@ -375,8 +403,12 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
             value = None
         keys[key_name] = value
     deployments = raw.get("deployments")
+    if api == "openai" and deployments is None:
+        deployments = DEFAULT_OPENAI_DEPLOYMENTS
     clean: dict[str, str] = {}
-    if not isinstance(deployments, Mapping) or not deployments:
+    if api == "openai":
+        clean = _openai_deployments(problems, where, deployments)
+    elif not isinstance(deployments, Mapping) or not deployments:
         problems.append(f"{where}.deployments: required, a mapping of deployment name to backend URL or 'echo'")
     else:
         for dep_name, backend in deployments.items():
@@ -388,7 +420,7 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
                 clean[dep_name] = backend
     default = raw.get("default_deployment")
     if default is None:
-        if len(clean) == 1:
+        if len(clean) == 1 or (api == "openai" and clean):
             default = next(iter(clean))
         elif clean:
             problems.append(f"{where}.default_deployment: required when there is more than one deployment")
@@ -397,8 +429,8 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
     scoring_port = raw.get("scoring_port", 0)
     if not _is_port(scoring_port):
         problems.append(f"{where}.scoring_port: must be an integer port from 0 to 65535, got {scoring_port!r}")
-    elif scoring_port and api != "v2":
-        problems.append(f"{where}.scoring_port: only v2 services have their own listener")
+    elif scoring_port and api == "v1":
+        problems.append(f"{where}.scoring_port: only v2 and openai services have their own listener")
     if len(problems) > start:
         return None
     return ServiceConfig(
@@ -416,7 +448,24 @@ def _parse_service(index: int, raw: Any, problems: list[str]) -> ServiceConfig |
         scoring_port=scoring_port,
         token_lifetime_seconds=lifetime,
         token_refresh_after_seconds=refresh_after,
+        stream_delay_seconds=float(stream_delay),
     )
+
+
+def _openai_deployments(problems: list[str], where: str, deployments: Any) -> dict[str, str]:
+    """An openai service's deployments: deployment name -> model name (both non-empty, no '/' in the name)."""
+    if not isinstance(deployments, Mapping) or not deployments:
+        problems.append(f"{where}.deployments: a mapping of deployment name to model name")
+        return {}
+    clean: dict[str, str] = {}
+    for dep_name, model in deployments.items():
+        if not isinstance(dep_name, str) or not dep_name or "/" in dep_name:
+            problems.append(f"{where}.deployments: deployment names must be non-empty strings without '/'")
+        elif not isinstance(model, str) or not model:
+            problems.append(f"{where}.deployments.{dep_name}: must be a model name, got {model!r}")
+        else:
+            clean[dep_name] = model
+    return clean
 
 
 def parse_config(raw: Any) -> EmulatorConfig:
@@ -716,7 +765,9 @@ async def _start(
         if cfg.tls:
             ssl_context = entra_context
 
-    needs_echo = any(backend == ECHO_BACKEND for s in cfg.services for backend in s.deployments.values())
+    needs_echo = any(
+        backend == ECHO_BACKEND for s in cfg.services if s.api != "openai" for backend in s.deployments.values()
+    )
     needs_echo = needs_echo or (cfg.mlserver is not None and cfg.mlserver.backend == ECHO_BACKEND)
     if needs_echo:
         runner, emulator.echo_url = await _serve_app(create_echo_app(), host="127.0.0.1", port=0, ssl_context=None)
@@ -725,13 +776,13 @@ async def _start(
     services = []
     for sc in cfg.services:
         deployments = {
-            name: (emulator.echo_url or "") if backend == ECHO_BACKEND else backend
+            name: (emulator.echo_url or "") if backend == ECHO_BACKEND and sc.api != "openai" else backend
             for name, backend in sc.deployments.items()
         }
         services.append(
             Service(
                 name=sc.name,
-                api="v2" if sc.api == "v2" else "v1",
+                api=_API_KINDS[sc.api],
                 region=sc.region,
                 subscription=sc.subscription,
                 resource_group=sc.resource_group,
@@ -743,6 +794,7 @@ async def _start(
                 secondary_key=sc.secondary_key if sc.secondary_key is not None else new_key(),
                 token_lifetime_seconds=sc.token_lifetime_seconds,
                 token_refresh_after_seconds=sc.token_refresh_after_seconds,
+                stream_delay_seconds=sc.stream_delay_seconds,
             )
         )
     tokens = cfg.control_plane_tokens or (f"dev-control-plane-{secrets.token_urlsafe(16)}",)
@@ -798,8 +850,13 @@ async def _start(
         if sc.api == "v1":
             emulator.service_urls[sc.name] = f"{emulator.scoring_url}/api/v1/service/{sc.name}"
             continue
+        app = (
+            create_openai_app(state, service=sc.name)
+            if sc.api == "openai"
+            else create_scoring_app(state, default_service=sc.name)
+        )
         runner, url = await _serve_app(
-            create_scoring_app(state, default_service=sc.name),
+            app,
             host=cfg.host,
             port=sc.scoring_port,
             ssl_context=ssl_context,

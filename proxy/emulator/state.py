@@ -28,13 +28,15 @@ from typing import Any, Literal, get_args
 from proxy.emulator.identities import EntraDirectory, MLServerSessions
 from proxy.emulator.tokens import (
     ML_AUDIENCES,
+    OPENAI_AUDIENCES,
     WORKLOAD_IDENTITY_AUDIENCE,
     SigningKeys,
     TokenRejected,
     aml_audience,
 )
 
-ApiKind = Literal["v1", "v2"]
+# openai: an Azure OpenAI / Foundry resource (proxy/emulator/aoai.py), its deployments naming models.
+ApiKind = Literal["v1", "v2", "openai"]
 # key: the service's keys; aml_token: tokens from the AML token operation; aad_token: Entra ID tokens (v2 only).
 AuthMode = Literal["key", "aml_token", "aad_token"]
 KeyType = Literal["Primary", "Secondary"]
@@ -65,6 +67,8 @@ MAX_OPERATIONS = 1000  # finished operations kept for polling; older ones are fo
 MAX_FAULT_SECONDS = 3600.0
 MAX_CLOCK_OFFSET_SECONDS = 366 * 24 * 3600.0
 DEFAULT_TOKEN_LIFETIME = 3600
+DEFAULT_STREAM_DELAY_SECONDS = 0.05  # openai: the pause between two server-sent events of a streamed answer
+MAX_STREAM_DELAY_SECONDS = 10.0
 SERVICE_ACCOUNT_TOKEN_LIFETIME = 3600
 # The issuer of the emulator's service-account tokens, in the place of an AKS cluster's OIDC issuer URL.
 SERVICE_ACCOUNT_ISSUER = "https://oidc.emulator.invalid/aml-auth-proxy/"
@@ -82,7 +86,8 @@ def new_key() -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Service:
-    """One AML scoring service: a v1 AKS web service or a v2 online endpoint."""
+    """One AML scoring service (a v1 AKS web service or a v2 online endpoint) or an Azure OpenAI resource (api
+    openai: `deployments` maps each deployment name to its model name, and it takes keys and Entra tokens alike)."""
 
     name: str
     api: ApiKind
@@ -97,6 +102,7 @@ class Service:
     secondary_key: str = field(default_factory=new_key, repr=False)
     token_lifetime_seconds: int = DEFAULT_TOKEN_LIFETIME
     token_refresh_after_seconds: int | None = None  # None: half the lifetime
+    stream_delay_seconds: float = DEFAULT_STREAM_DELAY_SECONDS  # openai only
 
     def __post_init__(self) -> None:
         if self.api not in API_KINDS:
@@ -115,6 +121,13 @@ class Service:
             raise ValueError(
                 f"service {self.name!r}: token_refresh_after_seconds must be an integer from 0 to "
                 f"token_lifetime_seconds ({lifetime})"
+            )
+        if self.api == "openai" and self.auth_mode != "key":
+            raise ValueError(f"service {self.name!r}: an openai service takes keys and Entra tokens; no auth_mode")
+        delay = self.stream_delay_seconds
+        if isinstance(delay, bool) or not _finite_between(delay, 0.0, MAX_STREAM_DELAY_SECONDS):
+            raise ValueError(
+                f"service {self.name!r}: stream_delay_seconds must be a number from 0 to {MAX_STREAM_DELAY_SECONDS}"
             )
         if not self.deployments:
             raise ValueError(f"service {self.name!r}: needs at least one deployment")
@@ -168,6 +181,7 @@ class Service:
             "default_deployment": self.default_deployment,
             "token_lifetime_seconds": self.token_lifetime_seconds,
             "token_refresh_after_seconds": self.refresh_after_seconds,
+            **({"stream_delay_seconds": self.stream_delay_seconds} if self.api == "openai" else {}),
         }
 
 
@@ -281,6 +295,9 @@ class EmulatorState:
         self.entra_token_calls: Counter[str] = Counter()  # Entra token endpoint and IMDS, per client id
         self.mlserver_calls: Counter[str] = Counter()  # per operation: login, refresh, revoke, forward
         self.mlserver_revoked: list[str] = []  # SHA-256 hex of each revoked refresh token, never the token
+        # openai: the credential headers (lower-case names, never values) of the last call per service, so a test
+        # can tell which one a client or the proxy sent.
+        self.openai_credential_headers: dict[str, tuple[str, ...]] = {}
 
     # -- clock -----------------------------------------------------------------------------------------------
 
@@ -343,6 +360,10 @@ class EmulatorState:
             refresh_after=refresh_after,
             expiry_on=expiry_on,
         )
+
+    def check_openai_token(self, presented: str) -> None:
+        """Raise TokenRejected unless `presented` is an Entra stand-in token for Azure OpenAI (or Foundry)."""
+        self.accepts_entra_token(presented, audiences=OPENAI_AUDIENCES)
 
     def check_scoring_token(self, service: Service, presented: str) -> None:
         """Raise TokenRejected unless `presented` opens `service` (an aml_token or aad_token service)."""

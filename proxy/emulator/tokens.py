@@ -33,6 +33,16 @@ ARM_AUDIENCES = frozenset(
 )
 # What a managed online endpoint with auth_mode aad_token accepts.
 ML_AUDIENCES = frozenset({"https://ml.azure.com", "https://ml.azure.com/"})
+# What Azure OpenAI's data plane accepts: Cognitive Services, and on a Foundry resource its own audience too
+# (scopes https://cognitiveservices.azure.com/.default and https://ai.azure.com/.default).
+OPENAI_AUDIENCES = frozenset(
+    {
+        "https://cognitiveservices.azure.com",
+        "https://cognitiveservices.azure.com/",
+        "https://ai.azure.com",
+        "https://ai.azure.com/",
+    }
+)
 # The audience Entra ID requires in a federated (workload identity) client assertion.
 WORKLOAD_IDENTITY_AUDIENCE = "api://AzureADTokenExchange"
 DEFAULT_SCOPE_SUFFIX = "/.default"
