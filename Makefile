@@ -18,7 +18,7 @@ OPENAI_VERSION := 3.60.0
 SDK_ENV := AZUREML_CORE_PYTHON=$(abspath $(AZUREML_CORE_VENV))/bin/python AZURE_AI_ML_PYTHON=$(abspath $(AZURE_AI_ML_VENV))/bin/python \
 	OPENAI_PYTHON=$(abspath $(OPENAI_VENV))/bin/python
 
-.PHONY: install tools compiled test lint demo bench bench-injector bench-ab bench-hostile mutants fuzz clean
+.PHONY: install venvs tools compiled test lint demo bench bench-injector bench-streaming bench-ab bench-hostile mutants fuzz clean
 
 # The editable install is pure Python; `compiled` then builds the request path's C extensions in place.
 $(BIN)/.installed: pyproject.toml setup.py
@@ -74,8 +74,12 @@ $(TOOLS)/bin/.installed: scripts/install-tools.sh
 
 tools: $(TOOLS)/bin/.installed
 
-install: $(BIN)/.installed $(COMPILED_STAMP) $(AMLVENV)/.installed $(AZUREML_CORE_VENV)/.installed \
-	$(AZURE_AI_ML_VENV)/.installed $(OPENAI_VENV)/.installed $(TOOLS)/bin/.installed
+install: $(BIN)/.installed $(COMPILED_STAMP) venvs $(TOOLS)/bin/.installed
+
+# The four venvs of our own test clients install side by side (pip into separate folders; no apt, no shared state).
+venvs:
+	@$(MAKE) --no-print-directory -j4 $(AMLVENV)/.installed $(AZUREML_CORE_VENV)/.installed \
+		$(AZURE_AI_ML_VENV)/.installed $(OPENAI_VENV)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check proxy tests bench scripts setup.py
@@ -95,11 +99,17 @@ demo: $(BIN)/.installed $(AMLVENV)/.installed
 bench: install
 	scripts/install-bench-tools.sh >/dev/null && PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(MAKE) --no-print-directory bench-injector
+	$(MAKE) --no-print-directory bench-streaming
 
 # The sidecar injector on one core: reviews per second and p99 latency (bench/injector.py; docs/performance.md,
 # "Injector"). Loopback only, about 25 s; exits 1 below 200 reviews/s or at a p99 of 20 ms or more.
 bench-injector: install
 	PATH="$(abspath $(TOOLS))/bin:$$PATH" $(BIN)/python -m bench.injector $(INJECTOR_ARGS)
+
+# What the proxy adds to each event of a streamed answer (bench/streaming.py; docs/performance.md, "Streamed
+# answers"): 20 streams at a time, direct and through the proxy, interleaved. Loopback only, about 10 s.
+bench-streaming: install
+	$(BIN)/python -m bench.streaming $(STREAMING_ARGS)
 
 # Interleaved before/after runs of the request path against commit BEFORE (bench/ab.py): CPU per request.
 BEFORE ?= HEAD~1
