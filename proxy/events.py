@@ -5,6 +5,7 @@ Kubernetes client."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 TOKEN_REFRESH_FAILING = "TokenRefreshFailing"
@@ -21,6 +22,18 @@ EVENT_REASONS = (
     SECRET_UNAVAILABLE,
     CREDENTIAL_TASK_FAILED,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class About:
+    """The object an Event is about when it is not the reporting pod itself (its involvedObject): the sidecar
+    injector reports on the controller of a pod it refused (proxy/injector/)."""
+
+    kind: str
+    api_version: str
+    name: str
+    namespace: str
+    uid: str | None = None
 
 
 class EventSink(Protocol):

@@ -20,7 +20,7 @@ from proxy.clock import Clock
 from proxy.config.settings import Kubernetes
 from proxy.injector.mutate import Decision, supports_native_sidecars
 from proxy.kube.client import KubeApi, api_error, backoff_delay, call
-from proxy.kube.events import About, EventRecorder
+from proxy.kube.events import EventRecorder
 from proxy.logs import event
 
 log = logging.getLogger("aml_auth_proxy.injector")
@@ -96,11 +96,4 @@ def report(events: EventRecorder, decision: Decision, *, deny_invalid: bool) -> 
         return
     consequence = "the pod is refused (failurePolicy Fail)" if deny_invalid else "the pod starts without it"
     message = f"aml-auth-proxy was not injected into pod {decision.pod}: {'; '.join(decision.problems)}; {consequence}"
-    about = About(
-        kind=subject.kind,
-        api_version=subject.api_version,
-        name=subject.name,
-        namespace=subject.namespace,
-        uid=subject.uid,
-    )
-    events.emit(warning=True, reason=REASON, message=message, about=about)
+    events.emit(warning=True, reason=REASON, message=message, about=subject)

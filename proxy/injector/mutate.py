@@ -33,6 +33,8 @@ from typing import Any, Final
 
 import yaml
 
+from proxy.events import About
+
 PREFIX: Final = "aml-auth-proxy.io/"
 LABEL: Final = PREFIX + "inject"  # the label the webhook's objectSelector matches, "true"
 INJECT: Final = PREFIX + "inject"  # the annotation: "false" opts out
@@ -253,18 +255,6 @@ def _append(ops: list[Obj], spec: Mapping[str, Any], key: str, items: Sequence[O
 
 
 @dataclass(frozen=True)
-class Subject:
-    """What an Event about a refused pod is about: the pod's controller (a ReplicaSet, a Job, ...), where
-    `kubectl describe` shows it next to the controller's own FailedCreate, or the pod itself when it has none."""
-
-    kind: str
-    api_version: str
-    name: str
-    namespace: str
-    uid: str | None = None
-
-
-@dataclass(frozen=True)
 class Decision:
     outcome: str  # injected, skipped or denied (OUTCOMES; "error" is the server's, for a review it cannot answer)
     review: Obj  # the AdmissionReview to answer with
@@ -273,7 +263,7 @@ class Decision:
     pod: str = ""  # the pod's name, or its generateName followed by "*"
     mode: str | None = None  # native or plain, when injected
     problems: tuple[str, ...] = ()
-    subject: Subject | None = None
+    subject: About | None = None  # the pod's controller, or the pod: where an Event about a refusal goes
     dry_run: bool = False
 
 
@@ -381,18 +371,18 @@ def _pod_name(meta: Obj) -> str:
     return f"{meta.get('generateName') or ''}*"
 
 
-def _subject(meta: Obj, namespace: str, name: str) -> Subject:
+def _subject(meta: Obj, namespace: str, name: str) -> About:
     owners = [o for o in meta.get("ownerReferences") or () if isinstance(o, dict) and o.get("name") and o.get("kind")]
     owner = next((o for o in owners if o.get("controller") is True), owners[0] if owners else None)
     if owner is not None:
-        return Subject(
+        return About(
             kind=str(owner["kind"]),
             api_version=str(owner.get("apiVersion") or "v1"),
             name=str(owner["name"]),
             namespace=namespace,
             uid=str(owner["uid"]) if owner.get("uid") else None,
         )
-    return Subject(kind="Pod", api_version="v1", name=name.rstrip("*") or "unnamed", namespace=namespace)
+    return About(kind="Pod", api_version="v1", name=name.rstrip("*") or "unnamed", namespace=namespace)
 
 
 def _denial(name: str, namespace: str, problems: Sequence[str]) -> str:

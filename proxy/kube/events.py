@@ -31,6 +31,7 @@ from typing import Any
 import kubernetes.client as k8s
 
 from proxy.clock import Clock
+from proxy.events import About
 from proxy.kube.client import KubeApi, api_error, call
 
 log = logging.getLogger("aml_auth_proxy.kube.events")
@@ -42,17 +43,6 @@ WINDOW_SECONDS = 600.0
 QUEUE_SIZE = 100
 CACHE_SIZE = 4096  # aggregation keys remembered (least recently used dropped)
 OUTCOMES = ("created", "aggregated", "rate_limited", "dropped", "failed")
-
-
-@dataclass(frozen=True, slots=True)
-class About:
-    """The object an Event is about when it is not the recorder's own pod (its involvedObject)."""
-
-    kind: str
-    api_version: str
-    name: str
-    namespace: str
-    uid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
