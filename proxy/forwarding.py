@@ -615,10 +615,13 @@ class ProxyHandler:
         status = upstream.status
         has_body = request.method != "HEAD" and status not in (204, 304)
         # A caller that hangs up while the relay waits for the upstream's next piece (an event stream's pause) is
-        # noticed at once: the lost connection cancels this task, and the upstream request is closed below.
+        # noticed at once: the hang-up cancels this task, and the upstream request is closed below.
         conn = request.protocol
         task = asyncio.current_task()
-        conn.on_lost = task.cancel if task is not None else None
+        assert task is not None
+        if not conn.watch_hang_up(task.cancel, endless=has_body and not upstream.has_length):
+            upstream.close()
+            return self._client_gone(rt, rid, "response head")
         sent = 0
         try:
             try:
@@ -645,14 +648,14 @@ class ProxyHandler:
             request.abort()
             return 502, sent, waited
         except asyncio.CancelledError:
-            if task is None or conn.transport is not None:
+            if not conn.hung_up:
                 raise  # not the caller's hang-up
             task.uncancel()
             self._client_gone(rt, rid, "response body")
             upstream.close()
             return 499, sent, waited
         finally:
-            conn.on_lost = None
+            conn.unwatch_hang_up()
         return status, sent, waited
 
     def _refused(self, request: Request, refused: Refused, rid: str) -> _Outcome:

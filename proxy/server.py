@@ -395,11 +395,13 @@ class HttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._write_stalled_since = 0.0  # when the transport's buffer last passed its high-water mark
-        self._caller_done = False  # the caller half-closed its side
+        self.caller_done = False  # the caller half-closed its side
         self._drain: asyncio.Future[None] | None = None
-        # Called once when the connection is lost: a streamed answer's relay uses it to stop waiting for the
-        # upstream (proxy/forwarding.py), so a caller that hangs up between two events closes the upstream request.
+        # Called once when the caller hangs up: a streamed answer's relay uses it to stop waiting for the upstream
+        # (proxy/forwarding.py), so a caller that hangs up between two events closes the upstream request.
         self.on_lost: Callable[[], object] | None = None
+        self._fin_hangs_up = False  # the answer being relayed has no end of its own: a FIN is a hang-up
+        self.hung_up = False  # the caller is gone: the connection was lost, or it sent a FIN during such an answer
         # the request being parsed
         self._in_head = True
         self._room = server.head_room  # raw bytes the head being parsed may still take
@@ -425,6 +427,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        self.hung_up = True
         self.closing = True
         self._stop_parsing = True
         if self._timer is not None:
@@ -436,11 +439,14 @@ class HttpConnection(asyncio.Protocol):
                 item.content.fail(gone)
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(gone)
+        self._call_on_lost()
+        self.server.forget(self)
+
+    def _call_on_lost(self) -> None:
         on_lost = self.on_lost
         if on_lost is not None:
             self.on_lost = None
             on_lost()
-        self.server.forget(self)
 
     def pause_writing(self) -> None:
         """The caller's buffer passed its high-water mark: no further request is read or answered until it drains
@@ -458,16 +464,36 @@ class HttpConnection(asyncio.Protocol):
         if self._current is None and self._queue:
             self._dispatch()
 
+    def watch_hang_up(self, on_lost: Callable[[], object], *, endless: bool) -> bool:
+        """Call `on_lost` once if the caller hangs up while the current request's answer is relayed; False if it
+        already has. With `endless` (an answer with no length: an event stream), a FIN with nothing pipelined after
+        this request is a hang-up, not a half-close: the answer has no end of its own, and the caller's absence
+        would only show at a write, which a silent upstream may not make for minutes."""
+        if self.hung_up or (endless and self.caller_done and len(self._queue) == 1):
+            return False
+        self.on_lost = on_lost
+        self._fin_hangs_up = endless
+        return True
+
+    def unwatch_hang_up(self) -> None:
+        self.on_lost = None
+        self._fin_hangs_up = False
+
     def eof_received(self) -> bool:
         if not self._queue or self._lingering >= 0:
             return False  # nothing to answer: close
         # The caller half-closed: every request parsed whole is still answered, in order, and the connection closes
         # after the last (finished); a body cut short fails its reader.
-        self._caller_done = True
+        self.caller_done = True
         self._stop_parsing = True
         body = self._body
         if body is not None:
             body.fail(CallerGone("the caller closed the connection"))
+        if self._fin_hangs_up and len(self._queue) == 1:
+            self.hung_up = True  # ...except during an answer without an end (watch_hang_up)
+            self.closing = True
+            self._call_on_lost()
+            return False  # the transport closes
         return True
 
     def data_received(self, data: bytes | memoryview) -> None:
@@ -748,7 +774,7 @@ class HttpConnection(asyncio.Protocol):
             self.update_reading()
         if queue:
             self._dispatch()
-        elif self._caller_done:
+        elif self.caller_done:
             self._close(linger=False)
         else:
             self._idle_since = self.loop.time()
@@ -805,7 +831,7 @@ class HttpConnection(asyncio.Protocol):
         if transport is None:
             return
         self._queue.clear()  # nothing parsed after the last answer is served (_dispatch may be looping over it)
-        if linger and not self._caller_done and transport.can_write_eof():
+        if linger and not self.caller_done and transport.can_write_eof():
             self._lingering = 0
             self._stop_parsing = True
             if self._reading_paused:

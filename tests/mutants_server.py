@@ -112,8 +112,8 @@ MUTANTS = [
     Mutant(
         name="a caller's half-close drops the pipelined requests after the one being answered",
         path=SRV,
-        old="        self._caller_done = True\n        self._stop_parsing = True\n",
-        new="        self._caller_done = True\n        self._stop_parsing = True\n        self.closing = True\n",
+        old="        self.caller_done = True\n        self._stop_parsing = True\n",
+        new="        self.caller_done = True\n        self._stop_parsing = True\n        self.closing = True\n",
         tests=(_T + "test_a_caller_that_half_closes_after_pipelining_gets_every_answer_then_the_close",),
     ),
 ]

@@ -16,8 +16,8 @@ MUTANTS = [
     Mutant(
         name="a caller's hang-up during an event stream's pause leaves the upstream request open",
         path=FWD,
-        old="        conn.on_lost = task.cancel if task is not None else None\n",
-        new="        conn.on_lost = None\n",
+        old="        if not conn.watch_hang_up(task.cancel, endless=has_body and not upstream.has_length):\n",
+        new="        if not conn.watch_hang_up(lambda: None, endless=has_body and not upstream.has_length):\n",
         tests=(_T + "test_a_caller_that_resets_during_a_pause_closes_the_upstream_request_at_once",),
     ),
     Mutant(
@@ -54,5 +54,37 @@ MUTANTS = [
         old="        self._metrics.last_success.set(time.time())  # a successful load, new key or not\n",
         new="",
         tests=("tests/test_keys.py::test_kubelet_symlink_swap_is_picked_up_and_bad_updates_keep_the_last_good_key",),
+    ),
+]
+
+_FIN = "        if self._fin_hangs_up and len(self._queue) == 1:\n"
+MUTANTS += [
+    Mutant(
+        name="a caller's FIN during an event stream's pause taken as a half-close (the upstream request stays open)",
+        path="proxy/server.py",
+        old=_FIN,
+        new="        if False:\n",
+        tests=(_T + "test_a_caller_that_half_closes_during_a_pause_closes_the_upstream_request_at_once",),
+    ),
+    Mutant(
+        name="a caller's FIN during an event stream taken as a hang-up though a request is pipelined after it",
+        path="proxy/server.py",
+        old=_FIN,
+        new="        if self._fin_hangs_up:\n",
+        tests=(_T + "test_a_half_closed_caller_gets_a_streamed_answer_whole_when_it_pipelined_a_request_after_it",),
+    ),
+    Mutant(
+        name="a caller's FIN before a streamed answer starts ignored (the answer goes to a caller that is gone)",
+        path="proxy/server.py",
+        old="        if self.hung_up or (endless and self.caller_done and len(self._queue) == 1):\n",
+        new="        if self.hung_up:\n",
+        tests=(_T + "test_a_caller_that_half_closes_before_a_streamed_answer_starts_gets_none",),
+    ),
+    Mutant(
+        name="a caller's FIN taken as a hang-up during an answer with a length",
+        path=FWD,
+        old="        if not conn.watch_hang_up(task.cancel, endless=has_body and not upstream.has_length):\n",
+        new="        if not conn.watch_hang_up(task.cancel, endless=has_body):\n",
+        tests=(_T + "test_a_half_closed_caller_still_gets_a_whole_answer_with_a_length",),
     ),
 ]

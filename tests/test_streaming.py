@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.logs import AccessLog
@@ -220,3 +221,131 @@ async def test_a_caller_that_closes_mid_stream_closes_the_upstream_request(
         assert await read_event(resp.content) == b"data: 0\n\n"
         resp.close()  # the caller goes away mid-stream
     await hung_up(svc, upstream, "c")
+
+
+async def test_a_caller_that_half_closes_during_a_pause_closes_the_upstream_request_at_once(
+    serve: Serve, make_proxy: ProxyFactory, key_dir: KeyDir
+) -> None:
+    # A FIN (shutdown of the caller's sending side, or an ordinary close that has nothing to reset) while the
+    # upstream is silent: an answer without an end of its own takes it as the caller's hang-up, as nginx does.
+    upstream = PausingUpstream(every=None)
+    svc = await make_proxy({"name": "f", "upstream": await serve(upstream.app()), "auth": key_dir(new_key("p"))})
+    reader, writer = await start_stream(svc.proxy_port)
+    writer.write_eof()
+    await hung_up(svc, upstream, "f")
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""  # and the caller's connection is closed
+    writer.close()
+
+
+class GatedUpstream:
+    """Answers GET /{name}: the first piece of its answer at once, the rest once `gate` is set. /stream is an event
+    stream (chunked, no length), /sized has a Content-Length."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.set()
+        sized = request.match_info["name"] == "sized"
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain" if sized else "text/event-stream"})
+        if sized:
+            resp.content_length = 20
+        else:
+            resp.enable_chunked_encoding()
+        try:
+            await asyncio.wait_for(self.gate.wait(), WAIT) if request.query.get("hold") else None
+            await resp.prepare(request)
+            await resp.write(b"first part")
+            await asyncio.wait_for(self.gate.wait(), WAIT)
+            await resp.write(b"last part!")
+            await resp.write_eof()
+        except (ConnectionError, TimeoutError):
+            self.closed.set()
+        return resp
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{name}", self.handle)
+        return app
+
+
+class GatedCall:
+    """A proxy in front of a GatedUpstream, and a caller connection to it."""
+
+    def __init__(self, svc: Any, upstream: GatedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.svc, self.upstream, self.reader, self.writer = svc, upstream, reader, writer
+
+    async def half_close(self) -> None:
+        """Shut the caller's sending side, wait until the proxy has read the FIN, then let the upstream go on."""
+        self.writer.write_eof()
+        for _ in range(500):  # bounded: 5 s
+            if any(c.caller_done for c in self.svc._proxy_server.connections):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the proxy never saw the caller's FIN")
+        self.upstream.gate.set()
+
+    async def rest(self) -> bytes:
+        """All the caller gets until the proxy closes the connection."""
+        got = await asyncio.wait_for(self.reader.read(), WAIT)
+        self.writer.close()
+        return got
+
+    def disconnects(self) -> float:
+        return metric(self.svc, "aml_auth_proxy_client_disconnects_total", route="g")
+
+
+@pytest.fixture
+async def gated(serve: Serve, make_proxy: ProxyFactory, key_dir: KeyDir) -> Callable[[bytes], Awaitable[GatedCall]]:
+    async def call(requests: bytes) -> GatedCall:
+        upstream = GatedUpstream()
+        svc = await make_proxy({"name": "g", "upstream": await serve(upstream.app()), "auth": key_dir(new_key("p"))})
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.proxy_port)
+        writer.write(requests)
+        return GatedCall(svc, upstream, reader, writer)
+
+    return call
+
+
+Gated = Callable[[bytes], Awaitable[GatedCall]]
+
+
+async def test_a_caller_that_half_closes_before_a_streamed_answer_starts_gets_none(gated: Gated) -> None:
+    call = await gated(b"GET /stream?hold=1 HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    await asyncio.wait_for(call.upstream.arrived.wait(), WAIT)
+    await call.half_close()  # the head and the first event now come, to a caller that is gone
+    assert await call.rest() == b""
+    pool = call.svc.routes[0].pool
+    for _ in range(500):  # bounded: 5 s
+        if call.disconnects() and pool.open == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.open == 0 and pool.idle == 0
+    assert metric(call.svc, "aml_auth_proxy_requests_total", route="g", method="GET", code="499") == 1
+
+
+async def test_a_half_closed_caller_still_gets_a_whole_answer_with_a_length(gated: Gated) -> None:
+    # A FIN is a half-close (every answer the caller asked for still comes, then the connection closes) except
+    # during an answer without a length with nothing pipelined after it.
+    call = await gated(b"GET /sized HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    assert b"Content-Length: 20" in await asyncio.wait_for(call.reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert await asyncio.wait_for(call.reader.readexactly(10), WAIT) == b"first part"
+    await call.half_close()
+    assert await call.rest() == b"last part!"  # the rest, then the close
+    assert call.disconnects() == 0
+
+
+async def test_a_half_closed_caller_gets_a_streamed_answer_whole_when_it_pipelined_a_request_after_it(
+    gated: Gated,
+) -> None:
+    call = await gated(b"GET /stream HTTP/1.1\r\nHost: proxy\r\n\r\nGET /sized HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in await asyncio.wait_for(call.reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert await asyncio.wait_for(call.reader.readuntil(b"first part\r\n"), WAIT) == b"a\r\nfirst part\r\n"
+    await call.half_close()
+    rest = await call.rest()  # the stream's end, the second answer whole, the close
+    assert rest.startswith(b"a\r\nlast part!\r\n0\r\n\r\nHTTP/1.1 200 ")
+    assert rest.endswith(b"\r\n\r\nfirst partlast part!")
+    assert call.disconnects() == 0

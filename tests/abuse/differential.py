@@ -1392,9 +1392,10 @@ class Caller:
     def _sample(self) -> None:
         self.peak_rss = max(self.peak_rss, rss_bytes())
 
-    def ask(self, request: bytes, method: bytes, seconds: float) -> tuple[Answer, str, bytes]:
+    def ask(self, request: bytes, method: bytes, seconds: float, fin: str = "") -> tuple[Answer, str, bytes]:
         """Send `request`, read its answer; returns it, how the exchange ended ("answer", "eof", "reset",
-        "too long" or "deadline") and any bytes after the answer."""
+        "too long" or "deadline") and any bytes after the answer. `fin`: half-close the connection once the request
+        is sent ("request") or once the answer's head is in ("head")."""
         if self.sock is None:
             self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=seconds)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1406,6 +1407,10 @@ class Caller:
             sock.sendall(request)
             sock.setblocking(False)
             while time.monotonic() < limit:
+                if fin == "request" or (fin == "head" and b"\r\n\r\n" in buf):
+                    with contextlib.suppress(OSError):  # the proxy may have closed the connection already
+                        sock.shutdown(socket.SHUT_WR)
+                    fin = ""
                 chunk = _poll(sock, self._sample)
                 if chunk is None:
                     continue
@@ -1418,6 +1423,9 @@ class Caller:
                     self.close()
                     return read_answer(bytes(buf), method, eof=False)[0], "too long", b""
                 answer, rest = read_answer(bytes(buf), method, eof=False)
+                if fin and answer.complete:  # the head came with the whole answer: the half-close follows it
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
                 if answer.complete or answer.error:
                     if answer.error or rest or b"close" in _tokens(answer.headers, b"connection"):
                         self.close()
@@ -1427,3 +1435,20 @@ class Caller:
             return read_answer(bytes(buf), method, eof=True)[0], "reset", b""
         self.close()
         return read_answer(bytes(buf), method, eof=False)[0], "deadline", b""
+
+    def closed_within(self, seconds: float) -> bool:
+        """The proxy closes the connection (sending nothing more) within `seconds`."""
+        sock = self.sock
+        if sock is None:
+            return True
+        limit = time.monotonic() + seconds
+        try:
+            while time.monotonic() < limit:  # bounded by the deadline
+                chunk = _poll(sock, self._sample)
+                if chunk is not None:
+                    return not chunk
+        except ConnectionResetError:
+            return True
+        finally:
+            self.close()
+        return False

@@ -47,6 +47,7 @@ from tests.abuse.differential import (
     Caller,
     Rig,
     Script,
+    Verdict,
     check_caller_case,
     check_pool,
     check_upstream_answer,
@@ -492,6 +493,7 @@ class Exchange:
 @dataclass
 class UpstreamCase:
     exchanges: list[Exchange]
+    fin: str = ""  # the caller half-closes after the last request ("request") or its answer's head ("head")
 
 
 UPSTREAM_FLOOD = 8 << 20
@@ -697,7 +699,16 @@ def classic_exchanges(draw: st.DrawFn) -> Exchange:
 @st.composite
 def upstream_cases(draw: st.DrawFn) -> UpstreamCase:
     one = st.one_of(exchanges(), exchanges(), exchanges(), classic_exchanges())
-    return UpstreamCase(draw(st.lists(one, min_size=1, max_size=3)))
+    fin = draw(st.sampled_from(["", "", "", "", "request", "head"]))
+    return UpstreamCase(draw(st.lists(one, min_size=1, max_size=3)), fin)
+
+
+def endless(method: str, verdict: Verdict) -> bool:
+    """The proxy relays the answer as one without an end of its own (no Content-Length): a FIN from the caller
+    during it is a hang-up (README), not a half-close."""
+    if method == "HEAD" or verdict.status in (204, 304):
+        return False
+    return not any(n.lower() == b"content-length" for n, _ in verdict.headers)
 
 
 def run_upstream_case(rig: Rig, case: UpstreamCase) -> None:
@@ -729,19 +740,30 @@ def run_upstream_case(rig: Rig, case: UpstreamCase) -> None:
     caller = Caller(rig.script_port)
     problems: list[str] = []
     try:
-        for cid, ex, verdict in plans:
+        for n, (cid, ex, verdict) in enumerate(plans, 1):
             request = f"{ex.method} /up/{cid} HTTP/1.1\r\nHost: fuzz\r\nX-Case: {cid}\r\n".encode()
             request += b"Content-Length: %d\r\n\r\n" % len(ex.body) + ex.body if ex.body else b"\r\n"
+            fin = case.fin if n == len(plans) else ""
             started = time.monotonic()
             reused = caller.sock is not None
-            answer, ended, rest = caller.ask(request, ex.method.encode(), TOTAL_TIMEOUT + 2)
+            answer, ended, rest = caller.ask(request, ex.method.encode(), TOTAL_TIMEOUT + 2, fin)
             if reused and not answer.raw and ended in ("eof", "reset"):
                 # The proxy had closed the kept-alive connection: a client retries on a new one (RFC 9112 9.3.1).
                 rig.scripts[cid + "r"] = rig.scripts[cid]
                 request = request.replace(cid.encode(), cid.encode() + b"r")
-                answer, ended, rest = caller.ask(request, ex.method.encode(), TOTAL_TIMEOUT + 2)
+                answer, ended, rest = caller.ask(request, ex.method.encode(), TOTAL_TIMEOUT + 2, fin)
             elapsed = time.monotonic() - started
-            problems += check_upstream_answer(cid, ex.method.encode(), verdict, answer, ex.plain)
+            # Listed exception: a caller's FIN during an answer without a length is its hang-up (the proxy may cut
+            # the answer or give none); with a length it is a half-close, and the whole answer still comes.
+            plain = ex.plain and not (fin and endless(ex.method, verdict))
+            problems += check_upstream_answer(cid, ex.method.encode(), verdict, answer, plain)
+            if fin and ended == "answer" and not caller.closed_within(2):
+                problems.append(f"{cid}: the caller half-closed, and the connection stayed open after the answer")
+            if fin:
+                kind = "no length" if endless(ex.method, verdict) else "a length or no body"
+                tally(
+                    f"upstream: caller FIN after the {fin}, answer with {kind}: {'whole' if answer.complete else 'cut'}"
+                )
             if ended == "too long":
                 problems.append(f"{cid}: the answer ran past {CALLER_HOLDS} bytes: {answer.raw[:200]!r}")
             if ended == "deadline":
