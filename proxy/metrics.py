@@ -86,7 +86,8 @@ class Metrics:
         )
         self.credential_last_success = Gauge(
             f"{NS}_credential_last_success_timestamp_seconds",
-            "When the route's credential was last fetched (token kinds) or loaded (keys) successfully; 0 = never.",
+            "When the route's credential was last fetched or adopted (token kinds) or loaded (keys) successfully;"
+            " 0 = never.",
             ("route",),
             registry=r,
         )

@@ -95,7 +95,6 @@ class Refresher:
         self._reasons: set[tuple[str, str]] = set()  # failure reasons logged in this run of failures
         self._next_at = 0.0
         self._last_attempt = -1e18
-        self._last_success = -1e18
         self._failures = 0
         self._last_outcome = "none"
         self._last_reason = ""
@@ -212,6 +211,9 @@ class Refresher:
             return "the shared credential contains control characters or spaces"
         if token.expires_at is None or token.expires_at <= now:
             return "the shared token has expired"
+        current = self._token
+        if current is None or current.value != token.value:
+            self._metrics.last_success.set(now)  # a follower's credential is as fresh as the last new token it got
         self._install(token)
         self._metrics.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=self._failures)
         return None
@@ -288,7 +290,6 @@ class Refresher:
         self._last_reason = ""
         self._reasons.clear()
         self._not_before = -math.inf
-        self._last_success = now
         m.last_success.set(now)
         self._next_at = self._schedule(token, now)
         m.token_state(expires_at=token.expires_at, next_refresh_at=self._next_at, failures=0)

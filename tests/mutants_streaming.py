@@ -88,3 +88,23 @@ MUTANTS += [
         tests=(_T + "test_a_half_closed_caller_still_gets_a_whole_answer_with_a_length",),
     ),
 ]
+MUTANTS += [
+    Mutant(
+        name="a share follower's last success time not set when it adopts a new token",
+        path="proxy/refresher.py",
+        old="        if current is None or current.value != token.value:\n",
+        new="        if False:\n",
+        tests=(
+            "tests/test_refresher.py::test_a_share_followers_last_success_is_when_it_adopted_a_new_token_not_a_repeat",
+        ),
+    ),
+    Mutant(
+        name="a share follower's last success time set again for a token it already holds",
+        path="proxy/refresher.py",
+        old="        if current is None or current.value != token.value:\n",
+        new="        if True:\n",
+        tests=(
+            "tests/test_refresher.py::test_a_share_followers_last_success_is_when_it_adopted_a_new_token_not_a_repeat",
+        ),
+    ),
+]

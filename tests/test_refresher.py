@@ -540,6 +540,23 @@ async def test_token_expired_marks_when_503s_begin_and_token_restored_says_how_l
     assert len(source.calls) == 11  # start-up, 8 failures, the recovery, one renewal on schedule
 
 
+async def test_a_share_followers_last_success_is_when_it_adopted_a_new_token_not_a_repeat() -> None:
+    # A follower never fetches on schedule: its credential is as fresh as the last new token it adopted from the
+    # leader, and an alert on the credential's age must not fire on every follower.
+    name = "aml_auth_proxy_credential_last_success_timestamp_seconds"
+    clock, _source, refresher, metrics = await started(lifetime=50, refresh_after=30)
+    refresher.pause()
+    await clock.advance(20)
+    shared = Token(value="from-the-leader", expires_at=clock.time() + 50, refresh_at=clock.time() + 30)
+    assert refresher.adopt(shared) is None
+    adopted_at = clock.time()
+    assert sample(metrics, name, route="r") == adopted_at
+    await clock.advance(5)
+    again = Token(value="from-the-leader", expires_at=shared.expires_at, refresh_at=shared.refresh_at)
+    assert refresher.adopt(again) is None  # the same token seen again (a relist): no fresher than before
+    assert sample(metrics, name, route="r") == adopted_at
+
+
 async def test_the_last_successful_refresh_time_is_a_gauge_that_failures_leave_alone() -> None:
     name = "aml_auth_proxy_credential_last_success_timestamp_seconds"
     clock, _source, refresher, metrics = await started(lifetime=5, refresh_after=3, rng=itertools.repeat(0.5))
