@@ -156,3 +156,13 @@ MUTANTS = [
         tests=(f"{CHART}::test_the_template_has_what_any_pods_config_may_need",),
     ),
 ]
+
+MUTANTS += [
+    Mutant(
+        name="injector: a review whose body stops coming holds its handler without a bound",
+        path="proxy/injector/server.py",
+        old="            body = await asyncio.wait_for(request.read(), self.read_timeout_seconds)\n",
+        new="            body = await request.read()\n",
+        tests=(f"{RULES}::test_a_review_whose_body_stops_coming_gets_408_as_json_and_the_injector_serves_on",),
+    ),
+]

@@ -6,6 +6,7 @@ container it adds is the chart's own template (rendered by helm) with only the p
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -349,6 +350,28 @@ async def test_bad_reviews_get_400_and_oversized_ones_413_as_json(native: Runnin
         assert status == 413 and "over 1048576 bytes" in body["error"]
     # Still serving.
     assert patch_of(await native.review(admission_review(deployment_pod())))
+
+
+async def test_a_review_whose_body_stops_coming_gets_408_as_json_and_the_injector_serves_on(
+    template_file: Path, tmp_path: Path
+) -> None:
+    # The API server gives up after the webhook's timeoutSeconds; a caller that stops mid-body holds a handler no
+    # longer than the read timeout (10 s in production, 0.2 s here).
+    async with running_injector(template_file, tmp_path / "pki", read_timeout_seconds=0.2) as running:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", running.server.port, ssl=running.pki.client_context(), server_hostname="localhost"
+        )
+        writer.write(
+            b"POST /mutate HTTP/1.1\r\nHost: injector\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"kind": "Adm'
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408 ") and b"application/json" in head
+        length = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")).split(b":")[1])
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+        assert body == {"error": "the body was not read within 0.2 s"}
+        writer.close()
+        assert patch_of(await running.review(admission_review(deployment_pod())))
 
 
 async def test_the_answer_is_for_the_request_it_was_asked(native: Running) -> None:

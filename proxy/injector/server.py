@@ -186,8 +186,10 @@ class InjectorServer:
         *,
         metrics: InjectorMetrics,
         on_decision: Callable[[Decision], None] = lambda decision: None,
+        read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
     ) -> None:
         self.settings = settings
+        self.read_timeout_seconds = read_timeout_seconds
         self.certificate = certificate
         self.metrics = metrics
         self._on_decision = on_decision
@@ -226,11 +228,11 @@ class InjectorServer:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return self._error(413, f"the body is over {MAX_BODY_BYTES} bytes")
         try:
-            body = await asyncio.wait_for(request.read(), READ_TIMEOUT_SECONDS)
+            body = await asyncio.wait_for(request.read(), self.read_timeout_seconds)
         except web.HTTPRequestEntityTooLarge:
             return self._error(413, f"the body is over {MAX_BODY_BYTES} bytes")
         except TimeoutError:
-            return self._error(408, f"the body was not read within {READ_TIMEOUT_SECONDS:g} s")
+            return self._error(408, f"the body was not read within {self.read_timeout_seconds:g} s")
         started = time.perf_counter()
         s = self.settings
         if s.native is None:

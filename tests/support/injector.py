@@ -374,6 +374,7 @@ async def running_injector(
     on_decision: Any = None,
     admin: bool = False,
     poll_seconds: float = 5.0,
+    read_timeout_seconds: float | None = None,
 ) -> AsyncIterator[Running]:
     """The injector in this process over TLS on 127.0.0.1, and a client session that trusts its CA."""
     pki = make_pki(directory)
@@ -381,7 +382,9 @@ async def running_injector(
     certificate = Certificate(str(pki.cert_file), str(pki.key_file), metrics=metrics, poll_seconds=poll_seconds)
     assert certificate.load()
     settings = Settings(SidecarTemplate.load(template_file), own_namespace, deny_invalid, native)
-    kw = {"on_decision": on_decision} if on_decision is not None else {}
+    kw: dict[str, Any] = {"on_decision": on_decision} if on_decision is not None else {}
+    if read_timeout_seconds is not None:
+        kw["read_timeout_seconds"] = read_timeout_seconds
     server = InjectorServer(settings, certificate, metrics=metrics, **kw)
     await server.start("127.0.0.1", 0, admin=("127.0.0.1", 0) if admin else None)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context()))
