@@ -166,3 +166,29 @@ MUTANTS += [
         tests=(f"{RULES}::test_a_review_whose_body_stops_coming_gets_408_as_json_and_the_injector_serves_on",),
     ),
 ]
+
+_POLICY = "charts/aml-auth-proxy/templates/injector-networkpolicy.yaml"
+_POLICY_TEST = f"{CHART}::test_the_injectors_network_policy_opens_its_two_ports_and_reaches_only_dns_and_the_api_server"
+MUTANTS += [
+    Mutant(
+        name="injector NetworkPolicy: the webhook port is not the one the API server calls",
+        path=_POLICY,
+        old="        - port: {{ int $i.port }}\n",
+        new="        - port: {{ int $i.metricsPort }}\n",
+        tests=(_POLICY_TEST,),
+    ),
+    Mutant(
+        name="injector NetworkPolicy: networkPolicy.ingress.webhookFrom ignored",
+        path=_POLICY,
+        old="      {{- with $np.ingress.webhookFrom }}\n",
+        new="      {{- with list }}\n",
+        tests=(_POLICY_TEST,),
+    ),
+    Mutant(
+        name="injector NetworkPolicy: no egress to the API server (Events and the version fail)",
+        path=_POLICY,
+        old='    {{- include "aml-auth-proxy.networkPolicyApiServer" . | nindent 4 }}\n',
+        new="",
+        tests=(_POLICY_TEST,),
+    ),
+]

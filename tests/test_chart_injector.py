@@ -389,6 +389,52 @@ def test_the_injectors_pods_are_never_selected_as_proxy_or_app_pods() -> None:
         assert not all(injector_labels.get(k) == v for k, v in selector.items()), obj["metadata"]["name"]
 
 
+SCRAPER = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+API_SERVER_CIDR = [{"ipBlock": {"cidr": "10.224.0.0/16"}}]
+
+
+@pytest.mark.parametrize("webhook_from", [[], API_SERVER_CIDR], ids=["any peer", "a CIDR"])
+def test_the_injectors_network_policy_opens_its_two_ports_and_reaches_only_dns_and_the_api_server(
+    webhook_from: list[Obj],
+) -> None:
+    objs = render_chart(
+        merged(
+            {
+                "standalone": {"enabled": True, "replicas": 1},
+                "app": {"image": "x:1", "ports": [{"name": "http", "containerPort": 8000}]},
+                "networkPolicy": {"enabled": True, "ingress": {"adminFrom": SCRAPER, "webhookFrom": webhook_from}},
+            }
+        )
+    )
+    validate_all(objs)
+    injector_labels = one(objs, "Deployment", NAME)["spec"]["template"]["metadata"]["labels"]
+    policy = one(objs, "NetworkPolicy", NAME)["spec"]
+    # It selects the injector's pods, and the proxy's policy does not.
+    assert policy["podSelector"]["matchLabels"] == one(objs, "Deployment", NAME)["spec"]["selector"]["matchLabels"]
+    (proxy_policy,) = [o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] != NAME]
+    proxy_selector = proxy_policy["spec"]["podSelector"]["matchLabels"]
+    assert not all(injector_labels.get(k) == v for k, v in proxy_selector.items())
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    webhook_rule: Obj = {"ports": [{"port": 8443, "protocol": "TCP"}]}
+    if webhook_from:
+        webhook_rule["from"] = webhook_from
+    assert policy["ingress"] == [webhook_rule, {"ports": [{"port": 9090, "protocol": "TCP"}], "from": SCRAPER}]
+    # The webhook's own port is the one the Service sends the API server's calls to.
+    service_port = one(objs, "Service", NAME)["spec"]["ports"][0]
+    container = one(objs, "Deployment", NAME)["spec"]["template"]["spec"]["containers"][0]
+    (https,) = [p for p in container["ports"] if p["name"] == service_port["targetPort"]]
+    assert https["containerPort"] == 8443
+    # Egress: DNS and the API server (Events, its version); not HTTPS to anywhere else, which it never calls.
+    assert policy["egress"] == [
+        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+        {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]},
+    ]
+
+
+def test_the_injector_has_no_network_policy_unless_network_policies_are_on(objs: list[Obj]) -> None:
+    assert not [o for o in objs if o["kind"] == "NetworkPolicy"]
+
+
 def test_rbac_is_events_only(objs: list[Obj]) -> None:
     role = one(objs, "ClusterRole", NAME)
     assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}]

@@ -402,16 +402,7 @@ networkPolicy.egress.extra as it is.
 */}}
 {{- define "aml-auth-proxy.networkPolicyEgress" -}}
 {{- $eg := .Values.networkPolicy.egress }}
-{{- $api := $eg.apiServer | default dict -}}
-- ports:
-    - port: 53
-      protocol: UDP
-    - port: 53
-      protocol: TCP
-  {{- with $eg.dnsTo }}
-  to:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+{{- include "aml-auth-proxy.networkPolicyDns" . }}
 {{- with $eg.httpsPorts }}
 - ports:
     {{- range . }}
@@ -419,9 +410,34 @@ networkPolicy.egress.extra as it is.
       protocol: TCP
     {{- end }}
 {{- end }}
-{{- if and (include "aml-auth-proxy.kubeFeatures" . | fromJson).apiToken $api.ports }}
+{{- if (include "aml-auth-proxy.kubeFeatures" . | fromJson).apiToken }}
+{{- include "aml-auth-proxy.networkPolicyApiServer" . }}
+{{- end }}
+{{- with $eg.extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Egress to DNS (53, UDP and TCP) to networkPolicy.egress.dnsTo: a list item. */}}
+{{- define "aml-auth-proxy.networkPolicyDns" -}}
 - ports:
-    {{- range $api.ports }}
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with .Values.networkPolicy.egress.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Egress to the Kubernetes API server (networkPolicy.egress.apiServer: ports, optional cidrs): a list item,
+or nothing without ports. */}}
+{{- define "aml-auth-proxy.networkPolicyApiServer" -}}
+{{- $api := .Values.networkPolicy.egress.apiServer | default dict }}
+{{- with $api.ports }}
+- ports:
+    {{- range . }}
     - port: {{ int . }}
       protocol: TCP
     {{- end }}
@@ -432,9 +448,6 @@ networkPolicy.egress.extra as it is.
         cidr: {{ . }}
     {{- end }}
   {{- end }}
-{{- end }}
-{{- with $eg.extra }}
-{{ toYaml . }}
 {{- end }}
 {{- end }}
 
