@@ -399,7 +399,7 @@ class HttpConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         # Called once when the caller hangs up: a streamed answer's relay uses it to stop waiting for the upstream
         # (proxy/forwarding.py), so a caller that hangs up between two events closes the upstream request.
-        self.on_lost: Callable[[], object] | None = None
+        self._on_lost: Callable[[], object] | None = None
         self._fin_hangs_up = False  # the answer being relayed has no end of its own: a FIN is a hang-up
         self.hung_up = False  # the caller is gone: the connection was lost, or it sent a FIN during such an answer
         # the request being parsed
@@ -443,9 +443,9 @@ class HttpConnection(asyncio.Protocol):
         self.server.forget(self)
 
     def _call_on_lost(self) -> None:
-        on_lost = self.on_lost
+        on_lost = self._on_lost
         if on_lost is not None:
-            self.on_lost = None
+            self._on_lost = None
             on_lost()
 
     def pause_writing(self) -> None:
@@ -471,12 +471,12 @@ class HttpConnection(asyncio.Protocol):
         would only show at a write, which a silent upstream may not make for minutes."""
         if self.hung_up or (endless and self.caller_done and len(self._queue) == 1):
             return False
-        self.on_lost = on_lost
+        self._on_lost = on_lost
         self._fin_hangs_up = endless
         return True
 
     def unwatch_hang_up(self) -> None:
-        self.on_lost = None
+        self._on_lost = None
         self._fin_hangs_up = False
 
     def eof_received(self) -> bool:
