@@ -192,3 +192,23 @@ MUTANTS += [
         tests=(_POLICY_TEST,),
     ),
 ]
+
+_WEBHOOK_NS_TEST = (
+    f"{CHART}::test_a_namespace_selector_narrows_the_webhook_to_a_releases_namespaces_and_keeps_the_exclusions"
+)
+MUTANTS += [
+    Mutant(
+        name="injector webhook: injector.namespaceSelector.matchLabels ignored",
+        path=WEBHOOK,
+        old="      {{- with $i.namespaceSelector.matchLabels }}\n",
+        new="      {{- with list }}\n",
+        tests=(_WEBHOOK_NS_TEST,),
+    ),
+    Mutant(
+        name="injector webhook: injector.namespaceSelector.matchExpressions ignored",
+        path=WEBHOOK,
+        old="        {{- with $i.namespaceSelector.matchExpressions }}\n",
+        new="        {{- with list }}\n",
+        tests=(_WEBHOOK_NS_TEST,),
+    ),
+]

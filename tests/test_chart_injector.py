@@ -170,6 +170,57 @@ def test_the_webhook_asks_only_for_labelled_pods_outside_kube_system_and_its_own
     )
 
 
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions, all ANDed) against a namespace's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        held = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not held:
+            return False
+    return True
+
+
+def namespace(name: str, **labels: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name, **labels}
+
+
+def test_a_namespace_selector_narrows_the_webhook_to_a_releases_namespaces_and_keeps_the_exclusions() -> None:
+    # Two releases with an injector each in one cluster: each serves its own teams' namespaces.
+    mine = {
+        "matchLabels": {"team": "scoring"},
+        "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}],
+    }
+    objs = render_chart(merged({"injector": {"enabled": True, "namespaceSelector": mine}}))
+    validate_all(objs)
+    hook = webhook(objs)["namespaceSelector"]
+    assert selects(hook, namespace("scoring-prod", team="scoring", env="prod"))
+    assert selects(hook, namespace("scoring", team="scoring"))
+    assert not selects(hook, namespace("scoring-dev", team="scoring", env="dev"))
+    assert not selects(hook, namespace("billing", team="billing"))
+    # The built-in exclusions hold whatever the selector says.
+    assert not selects(hook, namespace("kube-system", team="scoring"))
+    assert not selects(hook, namespace(RELEASE_NAMESPACE, team="scoring"))
+    # Without a selector: every namespace but those two.
+    default = webhook(render_chart(CHART_VALUES))["namespaceSelector"]
+    assert selects(default, namespace("billing", team="billing")) and selects(default, namespace("scoring-dev"))
+    assert not selects(default, namespace("kube-system")) and not selects(default, namespace(RELEASE_NAMESPACE))
+
+
+def test_a_misspelt_namespace_selector_is_refused_by_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(merged({"injector": {"enabled": True, "namespaceSelector": {"matchLabel": {}}}})))
+    result = helm("template", RELEASE, str(CHART), "-f", str(path))
+    assert result.returncode != 0 and "values don't meet the specifications of the schema" in result.stderr
+    assert "matchLabel" in result.stderr
+
+
 def test_failure_policy_and_timeout_come_from_values_and_reach_the_injector() -> None:
     objs = render_chart(merged({"injector": {"enabled": True, "failurePolicy": "Ignore", "timeoutSeconds": 2}}))
     hook = webhook(objs)
